@@ -1,0 +1,87 @@
+// The kernel interface: raw pointers and sizes, no torch headers, so that the
+// CUDA translation units compile with nvcc alone. The torch-facing code in
+// ops.cpp checks the tensors, picks the memory layout, allocates the outputs
+// and calls one of the two backends declared here.
+//
+// Layout contract: every "big" tensor (recon, target, log_scale, gradients)
+// holds each sample as one dense block of `numel_per_sample` elements, sample b
+// starting at element b * numel_per_sample, and all big tensors of one call
+// share the same element order inside a sample. Per-sample results and
+// upstream gradients are dense [batch] vectors in the accumulation type:
+// float for float16/bfloat16/float32 inputs, double for float64.
+#pragma once
+
+#include <cstdint>
+
+#include "vae_math.h"
+
+namespace fusedvae {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// A reconstruction problem: recon x, target t and, for the heteroscedastic
+// Gaussian only, a log-scale s shaped like x (otherwise null).
+struct ReconProblem {
+  const void* recon;
+  const void* target;
+  const void* log_scale;
+  DType dtype;            // of recon and log_scale
+  bool target_is_uint8;   // target holds pixels read as value / 255; else of `dtype`
+  int64_t batch;
+  int64_t numel_per_sample;
+  math::Likelihood likelihood;
+};
+
+// A diagonal-Gaussian posterior: mu and logvar, both dense [batch, latent].
+struct KlProblem {
+  const void* mu;
+  const void* logvar;
+  DType dtype;
+  int64_t batch;
+  int64_t latent_dim;
+};
+
+// Elementwise continuous-Bernoulli log-normaliser over `numel` dense values.
+struct CbProblem {
+  const void* logits;
+  DType dtype;
+  int64_t numel;
+};
+
+namespace cpu {
+// rec[b] = Σ_i ℓ(x_bi, t_bi).
+void recon_loss_forward(const ReconProblem& p, void* rec);
+// grad_recon = grad_rec[b] · ∂ℓ/∂x (dtype of recon); grad_log_scale likewise
+// for the Gaussian (ignored otherwise, may be null).
+void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
+                         void* grad_log_scale);
+// per_dim == false: kl[b] = Σ_j kl_bj (accumulation type, [batch]);
+// per_dim == true:  kl[b, j] (accumulation type, [batch, latent]).
+void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl);
+// grad is [batch] (per_dim == false) or [batch, latent]; grads are of `dtype`.
+void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
+                          void* grad_logvar);
+// out (of `dtype`) = log C(logits); grad_logits = grad · d log C / dη.
+void cb_log_normalizer_forward(const CbProblem& p, void* out);
+void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits);
+}  // namespace cpu
+
+namespace cuda {
+// Same contracts as the CPU functions; `stream` is a cudaStream_t. Nothing here
+// synchronises with the host.
+void recon_loss_forward(const ReconProblem& p, void* rec, void* workspace, void* stream);
+void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
+                         void* grad_log_scale, void* stream);
+void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl, void* workspace,
+                         void* stream);
+void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
+                          void* grad_logvar, void* stream);
+void cb_log_normalizer_forward(const CbProblem& p, void* out, void* stream);
+void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits,
+                                void* stream);
+// Bytes of scratch the reductions need (per-block partial sums).
+int64_t recon_loss_workspace_bytes(const ReconProblem& p, int device);
+int64_t gaussian_kl_workspace_bytes(const KlProblem& p, int device);
+}  // namespace cuda
+
+}  // namespace fusedvae

@@ -1,0 +1,313 @@
+// Per-element math of the VAE objective: the one definition shared by the CPU
+// and CUDA kernels.
+//
+// Every formula is a template over an "ops policy" O that supplies the
+// primitive operations on a value type O::V (exp, log1p, select, ...).
+// `ScalarOps<float>` / `ScalarOps<double>` below serve the CUDA kernels and the
+// scalar paths; the CPU kernels instantiate the same formulas with a policy over
+// at::vec::Vectorized (cpu/vec_ops.h). Branches are written as selects so that
+// the vector instantiation computes exactly what the scalar one does.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FUSEDVAE_HD __host__ __device__ __forceinline__
+#else
+#define FUSEDVAE_HD inline
+#endif
+
+namespace fusedvae {
+namespace math {
+
+// Which per-element loss a reconstruction kernel computes.
+enum class Likelihood : int {
+  kBernoulliLogits = 0,          // x = logits
+  kBernoulliProbs = 1,           // x = probabilities
+  kContinuousBernoulliLogits = 2,
+  kContinuousBernoulliProbs = 3,
+  kSquaredError = 4,             // (x - t)^2; scalar-σ Gaussians are closed form on top
+  kGaussian = 5,                 // heteroscedastic: a log-scale per element
+};
+
+// Scalar policy. The float overloads call the single-precision libm functions
+// so host and device code round the same way.
+template <typename T>
+struct ScalarOps;
+
+template <>
+struct ScalarOps<float> {
+  using Scalar = float;
+  using V = float;
+  using Mask = bool;
+  static FUSEDVAE_HD V splat(double c) { return static_cast<float>(c); }
+  static FUSEDVAE_HD V exp(V x) { return expf(x); }
+  static FUSEDVAE_HD V expm1(V x) { return expm1f(x); }
+  static FUSEDVAE_HD V log(V x) { return logf(x); }
+  static FUSEDVAE_HD V log1p(V x) { return log1pf(x); }
+  static FUSEDVAE_HD V tanh(V x) { return tanhf(x); }
+  static FUSEDVAE_HD V sinh(V x) { return sinhf(x); }
+  static FUSEDVAE_HD V abs(V x) { return fabsf(x); }
+  static FUSEDVAE_HD Mask lt(V a, V b) { return a < b; }
+  static FUSEDVAE_HD Mask ge(V a, V b) { return a >= b; }
+  static FUSEDVAE_HD Mask gt(V a, V b) { return a > b; }
+  static FUSEDVAE_HD V select(Mask m, V a, V b) { return m ? a : b; }
+};
+
+template <>
+struct ScalarOps<double> {
+  using Scalar = double;
+  using V = double;
+  using Mask = bool;
+  static FUSEDVAE_HD V splat(double c) { return c; }
+  static FUSEDVAE_HD V exp(V x) { return ::exp(x); }
+  static FUSEDVAE_HD V expm1(V x) { return ::expm1(x); }
+  static FUSEDVAE_HD V log(V x) { return ::log(x); }
+  static FUSEDVAE_HD V log1p(V x) { return ::log1p(x); }
+  static FUSEDVAE_HD V tanh(V x) { return ::tanh(x); }
+  static FUSEDVAE_HD V sinh(V x) { return ::sinh(x); }
+  static FUSEDVAE_HD V abs(V x) { return ::fabs(x); }
+  static FUSEDVAE_HD Mask lt(V a, V b) { return a < b; }
+  static FUSEDVAE_HD Mask ge(V a, V b) { return a >= b; }
+  static FUSEDVAE_HD Mask gt(V a, V b) { return a > b; }
+  static FUSEDVAE_HD V select(Mask m, V a, V b) { return m ? a : b; }
+};
+
+// PyTorch's binary_cross_entropy clamps each log at -100 and divides its
+// gradient by max(p(1-p), 1e-12); the probability paths follow both conventions.
+constexpr double kLogClampMin = -100.0;
+constexpr double kBceGradEps = 1e-12;
+
+// Below this |logit| the continuous-Bernoulli normaliser and its derivative use
+// their Taylor series (8 terms). Above it the closed forms lose a few ulps; below
+// it 1/η - 1/sinh(η) cancels, with a relative error of about 12·eps/η². The
+// bound balances that against the truncation of the series: 1.0 for float
+// (truncation 2e-8), 0.35 for double (both sides near 1e-14).
+// tests/test_cb_normalizer.py measures the result against mpmath.
+template <class O>
+constexpr double cb_series_bound() {
+  return sizeof(typename O::Scalar) == sizeof(double) ? 0.35 : 1.0;
+}
+
+// ---------------------------------------------------------------- Bernoulli --
+
+// max(x, 0) - t*x + log1p(exp(-|x|)): finite for every finite logit x.
+template <class O>
+FUSEDVAE_HD typename O::V bce_logits_loss(typename O::V x, typename O::V t) {
+  using V = typename O::V;
+  const V zero = O::splat(0.0);
+  const V exp_neg_abs = O::exp(zero - O::abs(x));
+  return O::select(O::gt(x, zero), x, zero) - t * x + O::log1p(exp_neg_abs);
+}
+
+// sigmoid(x), from the same exp(-|x|) the loss uses, exact on both tails.
+template <class O>
+FUSEDVAE_HD typename O::V sigmoid(typename O::V x) {
+  using V = typename O::V;
+  const V zero = O::splat(0.0);
+  const V one = O::splat(1.0);
+  const V exp_neg_abs = O::exp(zero - O::abs(x));
+  const V inv = one / (one + exp_neg_abs);
+  return O::select(O::ge(x, zero), inv, exp_neg_abs * inv);
+}
+
+// d/dx of bce_logits_loss.
+template <class O>
+FUSEDVAE_HD typename O::V bce_logits_grad(typename O::V x, typename O::V t) {
+  return sigmoid<O>(x) - t;
+}
+
+// log(p) and log(1 - p), each clamped at -100 (PyTorch's BCE convention).
+template <class O>
+FUSEDVAE_HD typename O::V clamped_log(typename O::V p) {
+  using V = typename O::V;
+  const V lo = O::splat(kLogClampMin);
+  const V log_p = O::log(p);
+  // Written so that NaN propagates: a NaN compares false and is kept.
+  return O::select(O::lt(log_p, lo), lo, log_p);
+}
+template <class O>
+FUSEDVAE_HD typename O::V clamped_log1m(typename O::V p) {
+  using V = typename O::V;
+  const V lo = O::splat(kLogClampMin);
+  const V log_1mp = O::log1p(O::splat(0.0) - p);
+  return O::select(O::lt(log_1mp, lo), lo, log_1mp);
+}
+
+// -(t*log p + (1-t)*log(1-p)), logs clamped at -100.
+template <class O>
+FUSEDVAE_HD typename O::V bce_probs_loss(typename O::V p, typename O::V t) {
+  const typename O::V one = O::splat(1.0);
+  return (t - one) * clamped_log1m<O>(p) - t * clamped_log<O>(p);
+}
+
+// (p - t) / max(p(1-p), 1e-12), as torch.nn.functional.binary_cross_entropy.
+template <class O>
+FUSEDVAE_HD typename O::V bce_probs_grad(typename O::V p, typename O::V t) {
+  using V = typename O::V;
+  const V eps = O::splat(kBceGradEps);
+  const V var = (O::splat(1.0) - p) * p;
+  return (p - t) / O::select(O::lt(var, eps), eps, var);
+}
+
+// ------------------------------------------------- continuous Bernoulli ------
+// Loaiza-Ganem & Cunningham 2019: p(t|η) = C(η) exp(BCE-likelihood), with
+// C(η) = η / tanh(η/2) and C(0) = 2.
+
+// log C(η). Series: log 2 + Σ_n (2^{2n}-2)|B_2n| η^{2n} / (2n (2n)!), alternating.
+template <class O>
+FUSEDVAE_HD typename O::V cb_log_normalizer(typename O::V eta) {
+  using V = typename O::V;
+  const V a = O::abs(eta);
+  const V a2 = a * a;
+  V series = O::splat(1.5659479531834029189e-8);
+  series = series * a2 + O::splat(-1.8027895356488830916e-7);
+  series = series * a2 + O::splat(2.1336045641601197157e-6);
+  series = series * a2 + O::splat(-2.6248346560846560847e-5);
+  series = series * a2 + O::splat(3.4171075837742504409e-4);
+  series = series * a2 + O::splat(-4.8611111111111111111e-3);
+  series = series * a2 + O::splat(8.3333333333333333333e-2);
+  series = series * a2 + O::splat(0.69314718055994530942);
+  // a / tanh(a/2) is >= 2 and carries only the rounding of tanh and one
+  // division, so its log is accurate to a few ulps for every a >= 1.
+  const V closed = O::log(a / O::tanh(a * O::splat(0.5)));
+  return O::select(O::lt(a, O::splat(cb_series_bound<O>())), series, closed);
+}
+
+// d log C / dη = 1/η - 1/sinh(η). Series: Σ_n (-1)^{n+1} (2^{2n}-2)|B_2n| η^{2n-1}/(2n)!.
+// For large |η| sinh overflows to inf and the derivative is exactly 1/η.
+template <class O>
+FUSEDVAE_HD typename O::V cb_log_normalizer_grad(typename O::V eta) {
+  using V = typename O::V;
+  const V a2 = eta * eta;
+  V series = O::splat(-2.2213930853920414559e-8);
+  series = series * a2 + O::splat(2.1923271344567640864e-7);
+  series = series * a2 + O::splat(-2.1633474427786597099e-6);
+  series = series * a2 + O::splat(2.1336045641601197157e-5);
+  series = series * a2 + O::splat(-2.0998677248677248677e-4);
+  series = series * a2 + O::splat(2.0502645502645502646e-3);
+  series = series * a2 + O::splat(-1.9444444444444444444e-2);
+  series = series * a2 + O::splat(1.6666666666666666667e-1);
+  series = series * eta;
+  const V one = O::splat(1.0);
+  const V closed = one / eta - one / O::sinh(eta);
+  return O::select(O::lt(O::abs(eta), O::splat(cb_series_bound<O>())), series, closed);
+}
+
+template <class O>
+FUSEDVAE_HD typename O::V cb_logits_loss(typename O::V eta, typename O::V t) {
+  return bce_logits_loss<O>(eta, t) - cb_log_normalizer<O>(eta);
+}
+
+template <class O>
+FUSEDVAE_HD typename O::V cb_logits_grad(typename O::V eta, typename O::V t) {
+  return bce_logits_grad<O>(eta, t) - cb_log_normalizer_grad<O>(eta);
+}
+
+// With probabilities p the natural parameter is η = log p - log(1-p), both logs
+// clamped at -100 like the BCE term, so η stays in [-100, 100].
+template <class O>
+FUSEDVAE_HD typename O::V cb_probs_loss(typename O::V p, typename O::V t) {
+  const typename O::V eta = clamped_log<O>(p) - clamped_log1m<O>(p);
+  return bce_probs_loss<O>(p, t) - cb_log_normalizer<O>(eta);
+}
+
+// dη/dp = 1/p + 1/(1-p), each term zero where its log is clamped.
+template <class O>
+FUSEDVAE_HD typename O::V cb_probs_grad(typename O::V p, typename O::V t) {
+  using V = typename O::V;
+  const V zero = O::splat(0.0);
+  const V one = O::splat(1.0);
+  const V lo = O::splat(kLogClampMin);
+  const V log_p = O::log(p);
+  const V log_1mp = O::log1p(zero - p);
+  const V eta = clamped_log<O>(p) - clamped_log1m<O>(p);
+  const V deta_dp = O::select(O::lt(log_p, lo), zero, one / p) +
+      O::select(O::lt(log_1mp, lo), zero, one / (one - p));
+  return bce_probs_grad<O>(p, t) - cb_log_normalizer_grad<O>(eta) * deta_dp;
+}
+
+// ----------------------------------------------------------------- Gaussian --
+
+template <class O>
+FUSEDVAE_HD typename O::V squared_error(typename O::V x, typename O::V t) {
+  const typename O::V diff = x - t;
+  return diff * diff;
+}
+
+template <class O>
+FUSEDVAE_HD typename O::V squared_error_grad(typename O::V x, typename O::V t) {
+  return O::splat(2.0) * (x - t);
+}
+
+constexpr double kHalfLog2Pi = 0.91893853320467274178;
+
+// Negative log density of N(t; x, σ²), σ = exp(s):
+// ((x - t)/σ)²/2 + s + log(2π)/2. z = (x - t)·exp(-s) overflows only when σ
+// does, so the loss is inf exactly where it should be.
+template <class O>
+FUSEDVAE_HD typename O::V gaussian_loss(typename O::V x, typename O::V t, typename O::V s) {
+  const typename O::V z = (x - t) * O::exp(O::splat(0.0) - s);
+  return O::splat(0.5) * z * z + s + O::splat(kHalfLog2Pi);
+}
+
+// ∂/∂x = (x - t)/σ², ∂/∂s = 1 - ((x - t)/σ)².
+template <class O>
+FUSEDVAE_HD void gaussian_grad(typename O::V x, typename O::V t, typename O::V s,
+                               typename O::V* grad_x, typename O::V* grad_s) {
+  const typename O::V inv_sigma = O::exp(O::splat(0.0) - s);
+  const typename O::V z = (x - t) * inv_sigma;
+  *grad_x = z * inv_sigma;
+  *grad_s = O::splat(1.0) - z * z;
+}
+
+// -------------------------------------------------------------------- KL -----
+// KL(N(μ, exp(lv)) || N(0, 1)) per latent dimension (Kingma & Welling 2014,
+// App. B): ½(μ² + exp(lv) - 1 - lv). expm1 keeps it accurate near lv = 0.
+template <class O>
+FUSEDVAE_HD typename O::V kl_per_dim(typename O::V mu, typename O::V logvar) {
+  return O::splat(0.5) * (mu * mu + O::expm1(logvar) - logvar);
+}
+
+// ∂/∂μ = μ, ∂/∂lv = ½(exp(lv) - 1).
+template <class O>
+FUSEDVAE_HD typename O::V kl_grad_logvar(typename O::V logvar) {
+  return O::splat(0.5) * O::expm1(logvar);
+}
+
+// ------------------------------------------------------------- dispatch -----
+
+template <Likelihood L, class O>
+FUSEDVAE_HD typename O::V recon_loss(typename O::V x, typename O::V t) {
+  if constexpr (L == Likelihood::kBernoulliLogits) {
+    return bce_logits_loss<O>(x, t);
+  } else if constexpr (L == Likelihood::kBernoulliProbs) {
+    return bce_probs_loss<O>(x, t);
+  } else if constexpr (L == Likelihood::kContinuousBernoulliLogits) {
+    return cb_logits_loss<O>(x, t);
+  } else if constexpr (L == Likelihood::kContinuousBernoulliProbs) {
+    return cb_probs_loss<O>(x, t);
+  } else {
+    static_assert(L == Likelihood::kSquaredError, "two-input likelihoods only");
+    return squared_error<O>(x, t);
+  }
+}
+
+template <Likelihood L, class O>
+FUSEDVAE_HD typename O::V recon_loss_grad(typename O::V x, typename O::V t) {
+  if constexpr (L == Likelihood::kBernoulliLogits) {
+    return bce_logits_grad<O>(x, t);
+  } else if constexpr (L == Likelihood::kBernoulliProbs) {
+    return bce_probs_grad<O>(x, t);
+  } else if constexpr (L == Likelihood::kContinuousBernoulliLogits) {
+    return cb_logits_grad<O>(x, t);
+  } else if constexpr (L == Likelihood::kContinuousBernoulliProbs) {
+    return cb_probs_grad<O>(x, t);
+  } else {
+    static_assert(L == Likelihood::kSquaredError, "two-input likelihoods only");
+    return squared_error_grad<O>(x, t);
+  }
+}
+
+}  // namespace math
+}  // namespace fusedvae

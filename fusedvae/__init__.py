@@ -1,0 +1,30 @@
+"""fusedvae: the VAE training objective in one fused forward and one fused backward.
+
+Public API:
+    vae_loss, VAELoss, VAELossOutput, continuous_bernoulli_log_normalizer,
+    normalized_beta, unnormalized_beta; ``fusedvae.reference`` holds the
+    pure-PyTorch definition every fused path is tested against.
+"""
+from . import reference
+from ._ops import has_cuda_kernels
+from .functional import (
+    VAELossOutput,
+    continuous_bernoulli_log_normalizer,
+    normalized_beta,
+    unnormalized_beta,
+    vae_loss,
+)
+from .modules import VAELoss
+
+__all__ = [
+    "VAELoss",
+    "VAELossOutput",
+    "continuous_bernoulli_log_normalizer",
+    "has_cuda_kernels",
+    "normalized_beta",
+    "reference",
+    "unnormalized_beta",
+    "vae_loss",
+]
+
+__version__ = "0.1.0"

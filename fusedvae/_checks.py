@@ -1,0 +1,176 @@
+"""Argument checks shared by :func:`fusedvae.vae_loss` and the reference.
+
+Every error names the argument and says what was expected. Nothing here syncs
+with the device unless ``validate=True`` asked for the range checks.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+LIKELIHOODS = ("bernoulli", "cbernoulli", "gaussian")
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# Lower soft clip on log σ for log_scale="optimal" (σ-VAE, Rybkin et al. 2021).
+OPTIMAL_LOG_SCALE_MIN = -6.0
+
+Beta = Union[float, Tensor]
+LogScale = Union[None, float, str, Tensor]
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32/float16/bfloat16 accumulate in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_tensor(value, name: str) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_float_tensor(value, name: str) -> None:
+    _check_tensor(value, name)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, float64, float16 or bfloat16), "
+            f"got dtype {value.dtype}"
+        )
+    if value.dim() < 1:
+        raise ValueError(f"{name} must have shape [batch, ...], got a 0-d tensor")
+
+
+def _check_device(value: Tensor, name: str, recon: Tensor) -> None:
+    if value.device != recon.device:
+        raise ValueError(f"{name} must be on the device of recon ({recon.device}), got {value.device}")
+
+
+def _is_real_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_scalar_tensor(value: Tensor, name: str, recon: Tensor) -> None:
+    if value.dim() != 0:
+        raise ValueError(f"{name} must be a float or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device != recon.device and value.device.type != "cpu":
+        raise ValueError(f"{name} must be on the device of recon ({recon.device}) or the CPU, got {value.device}")
+
+
+def check_vae_loss_args(
+    recon: Tensor,
+    target: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    likelihood: str,
+    logits: bool,
+    beta: Beta,
+    reduction: str,
+    log_scale: LogScale,
+    free_bits: float,
+    validate: bool,
+) -> None:
+    """Raise TypeError/ValueError for any argument vae_loss cannot take."""
+    _check_float_tensor(recon, "recon")
+    _check_tensor(target, "target")
+    if not (target.dtype.is_floating_point or target.dtype == torch.uint8):
+        raise TypeError(f"target must be a floating-point or uint8 tensor, got dtype {target.dtype}")
+    if target.shape != recon.shape:
+        raise ValueError(
+            f"target must have the shape of recon {tuple(recon.shape)}, got {tuple(target.shape)}"
+        )
+    _check_device(target, "target", recon)
+    if target.requires_grad:
+        raise ValueError(
+            "target must not require grad: the loss has no gradient with respect to target "
+            "(call target.detach())"
+        )
+    _check_float_tensor(mu, "mu")
+    _check_float_tensor(logvar, "logvar")
+    if mu.shape[0] != recon.shape[0]:
+        raise ValueError(
+            f"mu must have the batch size of recon ({recon.shape[0]}), got shape {tuple(mu.shape)}"
+        )
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    _check_device(mu, "mu", recon)
+    _check_device(logvar, "logvar", recon)
+
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if not isinstance(logits, bool):
+        raise TypeError(f"logits must be a bool, got {type(logits).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+    if isinstance(beta, Tensor):
+        _check_scalar_tensor(beta, "beta", recon)
+    elif _is_real_number(beta):
+        if not (math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    else:
+        raise TypeError(f"beta must be a float or a 0-d tensor, got {type(beta).__name__}")
+
+    if not _is_real_number(free_bits):
+        raise TypeError(f"free_bits must be a float, got {type(free_bits).__name__}")
+    if not (math.isfinite(free_bits) and free_bits >= 0):
+        raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension), got {free_bits}")
+
+    _check_log_scale(log_scale, likelihood, recon)
+
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
+    if validate:
+        _check_ranges(recon, target, likelihood, logits)
+
+
+def _check_log_scale(log_scale: LogScale, likelihood: str, recon: Tensor) -> None:
+    if likelihood != "gaussian":
+        if log_scale is not None:
+            raise ValueError(f"log_scale is only used with likelihood='gaussian', got likelihood={likelihood!r}")
+        return
+    if log_scale is None or isinstance(log_scale, str):
+        if isinstance(log_scale, str) and log_scale != "optimal":
+            raise ValueError(f"log_scale must be a float, a tensor or 'optimal', got {log_scale!r}")
+        return
+    if _is_real_number(log_scale):
+        if not math.isfinite(log_scale):
+            raise ValueError(f"log_scale must be finite, got {log_scale}")
+        return
+    if not isinstance(log_scale, Tensor):
+        raise TypeError(f"log_scale must be a float, a tensor or 'optimal', got {type(log_scale).__name__}")
+    if not log_scale.dtype.is_floating_point:
+        raise TypeError(f"log_scale must be a floating-point tensor, got dtype {log_scale.dtype}")
+    if log_scale.dim() == 0:
+        _check_scalar_tensor(log_scale, "log_scale", recon)
+        return
+    _check_device(log_scale, "log_scale", recon)
+    try:
+        shape = torch.broadcast_shapes(log_scale.shape, recon.shape)
+    except RuntimeError:
+        shape = None
+    if shape != recon.shape:
+        raise ValueError(
+            f"log_scale must be a 0-d tensor or broadcastable to the shape of recon "
+            f"{tuple(recon.shape)}, got shape {tuple(log_scale.shape)}"
+        )
+
+
+def _check_ranges(recon: Tensor, target: Tensor, likelihood: str, logits: bool) -> None:
+    """validate=True: the Bernoulli likelihoods need data (and probabilities) in [0, 1]."""
+    if likelihood not in ("bernoulli", "cbernoulli"):
+        return
+    if target.dtype != torch.uint8 and not bool(((target >= 0) & (target <= 1)).all()):
+        raise ValueError(f"target must lie in [0, 1] for likelihood={likelihood!r} (found values outside, or NaN)")
+    if not logits and not bool(((recon >= 0) & (recon <= 1)).all()):
+        raise ValueError("recon must hold probabilities in [0, 1] when logits=False (found values outside, or NaN)")
+
+
+def per_sample_size(t: Tensor) -> int:
+    """Elements of one sample: the product of every dimension after the first."""
+    return math.prod(t.shape[1:])

@@ -1,0 +1,76 @@
+"""nn.Module form of the fused loss, in the style of torch.nn's losses."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ._checks import Beta, LogScale
+from .functional import VAELossOutput, vae_loss
+
+
+class VAELoss(nn.Module):
+    r"""The VAE objective as a module: ``VAELoss(**options)(recon, target, mu, logvar)``.
+
+    Takes the keyword options of :func:`fusedvae.vae_loss` and stores them as
+    attributes, so a schedule may set ``loss_fn.beta`` between steps. A tensor
+    ``beta`` is a buffer and a tensor ``log_scale`` a parameter or buffer as
+    given, so both follow :meth:`~torch.nn.Module.to`; an ``nn.Parameter``
+    ``log_scale`` (a learned decoder variance) is seen by optimizers of this module.
+
+    Shape:
+        - recon, target: ``[B, ...]``
+        - mu, logvar: ``[B, ...]``
+        - Output: :class:`fusedvae.VAELossOutput` ``(loss, rec, kl)``; ``rec`` and ``kl``
+          are ``[B]``, ``loss`` is ``[]`` or ``[B]`` for ``reduction='none'``.
+
+    Example::
+
+        >>> loss_fn = fusedvae.VAELoss(beta=4.0, reduction="batchmean")
+        >>> loss, rec, kl = loss_fn(recon_logits, images, mu, logvar)
+    """
+
+    def __init__(
+        self,
+        *,
+        likelihood: str = "bernoulli",
+        logits: bool = True,
+        beta: Beta = 1.0,
+        reduction: str = "batchmean",
+        log_scale: LogScale = None,
+        free_bits: float = 0.0,
+        validate: bool = False,
+    ) -> None:
+        super().__init__()
+        self.likelihood = likelihood
+        self.logits = logits
+        self.reduction = reduction
+        self.free_bits = free_bits
+        self.validate = validate
+        if isinstance(beta, Tensor):
+            self.register_buffer("beta", beta)
+        else:
+            self.beta = beta
+        if isinstance(log_scale, Tensor) and not isinstance(log_scale, nn.Parameter):
+            self.register_buffer("log_scale", log_scale)
+        else:
+            self.log_scale = log_scale
+
+    def forward(self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> VAELossOutput:
+        return vae_loss(
+            recon,
+            target,
+            mu,
+            logvar,
+            likelihood=self.likelihood,
+            logits=self.logits,
+            beta=self.beta,
+            reduction=self.reduction,
+            log_scale=self.log_scale,
+            free_bits=self.free_bits,
+            validate=self.validate,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"likelihood={self.likelihood!r}, logits={self.logits}, reduction={self.reduction!r}, "
+            f"free_bits={self.free_bits}"
+        )
