@@ -65,6 +65,15 @@ def _extension():
     )
 
 
+def _write_build_info(with_cuda: bool) -> None:
+    # Lets the tests assert that an installation meant to have CUDA kernels has them.
+    with open(os.path.join(HERE, "fusedvae", "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py: how this copy of fusedvae._C was built."""\n')
+        f.write(f"WITH_CUDA = {with_cuda}\n")
+
+
+_write_build_info(_want_cuda())
+
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

@@ -2,6 +2,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/ScalarType.h>
 
 #include <vector>
@@ -176,6 +177,7 @@ struct KlInputs {
 Tensor recon_loss(const Backend& backend, const Tensor& recon, const Tensor& target,
                   const std::optional<Tensor>& log_scale, c10::string_view likelihood,
                   bool logits) {
+  const c10::OptionalDeviceGuard guard(recon.device());
   ReconInputs in(recon, target, log_scale, likelihood, logits);
   Tensor rec = at::empty({in.problem.batch},
                          recon.options().dtype(accumulate_type(recon.scalar_type())));
@@ -187,6 +189,7 @@ std::tuple<Tensor, Tensor> recon_loss_backward(const Backend& backend, const Ten
                                                const Tensor& recon, const Tensor& target,
                                                const std::optional<Tensor>& log_scale,
                                                c10::string_view likelihood, bool logits) {
+  const c10::OptionalDeviceGuard guard(recon.device());
   ReconInputs in(recon, target, log_scale, likelihood, logits);
   const Tensor grad_rec = per_sample_vector(grad, "grad", in.problem.batch,
                                             accumulate_type(recon.scalar_type()), recon);
@@ -204,6 +207,7 @@ std::tuple<Tensor, Tensor> recon_loss_backward(const Backend& backend, const Ten
 }
 
 Tensor gaussian_kl(const Backend& backend, const Tensor& mu, const Tensor& logvar, bool per_dim) {
+  const c10::OptionalDeviceGuard guard(mu.device());
   KlInputs in(mu, logvar);
   const auto options = mu.options().dtype(accumulate_type(mu.scalar_type()));
   Tensor kl = per_dim ? at::empty(mu.sizes(), options) : at::empty({in.problem.batch}, options);
@@ -213,6 +217,7 @@ Tensor gaussian_kl(const Backend& backend, const Tensor& mu, const Tensor& logva
 
 std::tuple<Tensor, Tensor> gaussian_kl_backward(const Backend& backend, const Tensor& grad,
                                                 const Tensor& mu, const Tensor& logvar) {
+  const c10::OptionalDeviceGuard guard(mu.device());
   KlInputs in(mu, logvar);
   const at::ScalarType acc = accumulate_type(mu.scalar_type());
   check_same_device(grad, "grad", mu, "mu");
@@ -229,6 +234,7 @@ std::tuple<Tensor, Tensor> gaussian_kl_backward(const Backend& backend, const Te
 }
 
 Tensor cb_log_normalizer(const Backend& backend, const Tensor& logits) {
+  const c10::OptionalDeviceGuard guard(logits.device());
   const DType dtype = to_dtype(logits, "logits");
   const Tensor x = logits.is_non_overlapping_and_dense() ? logits : logits.contiguous();
   Output out(logits, x);
@@ -238,6 +244,7 @@ Tensor cb_log_normalizer(const Backend& backend, const Tensor& logits) {
 
 Tensor cb_log_normalizer_backward(const Backend& backend, const Tensor& grad,
                                   const Tensor& logits) {
+  const c10::OptionalDeviceGuard guard(logits.device());
   const DType dtype = to_dtype(logits, "logits");
   check_same_shape(grad, "grad", logits, "logits");
   check_same_device(grad, "grad", logits, "logits");
