@@ -1,0 +1,470 @@
+"""CPU benchmark: the fused VAE loss against eager PyTorch and torch.compile.
+
+What is measured, per case (a data shape ``[B, C, H, W]``, a latent size ``Z``
+and a target dtype): one training step of the loss alone, forward and
+``loss.backward()``, with ``recon``, ``mu`` and ``logvar`` requiring grad and
+their ``.grad`` set to ``None`` before each step (outside the timed region).
+The objective is the Bernoulli-logits negative ELBO with the closed-form KL,
+``mean_b(rec_b + beta * kl_b)``, computed three ways on the same tensors:
+
+- ``eager``: what a user writes in eager PyTorch (:func:`eager_loss`);
+- ``compiled``: the same function under ``torch.compile`` (inductor, default
+  mode, shapes specialised as in a fixed-shape training loop);
+- ``fused``: ``fusedvae.vae_loss(...).loss``.
+
+The three methods are interleaved across repeats (the order rotates every
+repeat) so that drift in machine load hits all of them alike; the reported
+time is the median over repeats. Before timing, the three losses and the
+gradients they give are checked to agree; a mismatch raises.
+
+Peak memory: one extra forward+backward per method runs under
+``torch.profiler`` with ``profile_memory=True``; the CPU allocator reports
+every allocation and free to it, and the peak of the running sum, in time
+order, is the most memory the step held at once beyond what existed before it
+(the inputs). It includes the gradients left in ``.grad`` at the end (a
+``recon.grad`` as large as ``recon`` is unavoidable). It counts only memory
+that goes through PyTorch's CPU allocator (tensors, including those the
+extension and inductor's generated code allocate), not the stacks or scratch
+that kernels allocate by other means.
+
+Run ``python -m fusedvae bench [--quick] [--repeats N]``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fusedvae
+
+__all__ = [
+    "DEFAULT_CASES",
+    "QUICK_CASES",
+    "METHODS",
+    "add_arguments",
+    "case_name",
+    "check_agreement",
+    "clear_grads",
+    "compiled_loss",
+    "eager_loss",
+    "fused_loss",
+    "machine_info",
+    "main",
+    "make_inputs",
+    "peak_memory_bytes",
+    "run_case",
+    "step",
+]
+
+# (shape, latent_dim, target_dtype)
+Case = Tuple[Tuple[int, ...], int, str]
+
+DEFAULT_CASES: List[Case] = [
+    ((64, 3, 64, 64), 128, "float32"),
+    ((64, 3, 64, 64), 128, "uint8"),
+    ((16, 3, 256, 256), 512, "float32"),
+    ((16, 3, 256, 256), 512, "uint8"),
+]
+QUICK_CASES: List[Case] = [
+    ((8, 3, 32, 32), 32, "float32"),
+    ((8, 3, 32, 32), 32, "uint8"),
+]
+DEFAULT_REPEATS = 30
+QUICK_REPEATS = 10
+DEFAULT_WARMUP = 3
+TARGET_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
+RTOL = 1e-4
+
+
+# ------------------------------------------------------------------ methods --
+
+
+def eager_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float = 1.0) -> Tensor:
+    """The objective as a user writes it in eager PyTorch (Bernoulli logits + closed-form KL)."""
+    if target.dtype == torch.uint8:
+        target = target.float() / 255
+    rec = F.binary_cross_entropy_with_logits(recon, target, reduction="none").flatten(1).sum(1)
+    kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+    return (rec + beta * kl).mean()
+
+
+_COMPILED: Optional[Callable[..., Tensor]] = None
+
+
+def _get_compiled() -> Callable[..., Tensor]:
+    # Created once per process; torch.compile then specialises (and caches) one
+    # graph per shape and target dtype. dynamic=False: a training loop sees one
+    # shape, so this is the code a user gets; the default automatic-dynamic
+    # behaviour would instead recompile every case after the first with
+    # symbolic shapes, which is not what a fixed-shape user runs.
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(eager_loss, dynamic=False)
+    return _COMPILED
+
+
+def compiled_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float = 1.0) -> Tensor:
+    """:func:`eager_loss` under ``torch.compile`` (inductor), compiled lazily, once per shape/dtype."""
+    return _get_compiled()(recon, target, mu, logvar, beta)
+
+
+def fused_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float = 1.0) -> Tensor:
+    """``fusedvae.vae_loss(...).loss`` (Bernoulli logits, batchmean)."""
+    return fusedvae.vae_loss(recon, target, mu, logvar, beta=beta).loss
+
+
+METHODS: Dict[str, Callable[..., Tensor]] = {
+    "eager": eager_loss,
+    "compiled": compiled_loss,
+    "fused": fused_loss,
+}
+
+
+# --------------------------------------------------------------- utilities --
+
+
+def case_name(shape: Sequence[int], latent_dim: int, target_dtype: str) -> str:
+    """``B64x3x64x64-Z128-uint8``: usable as a pytest id and a table row."""
+    b, *rest = shape
+    return f"B{b}x" + "x".join(str(s) for s in rest) + f"-Z{latent_dim}-{target_dtype}"
+
+
+def make_inputs(
+    shape: Sequence[int], latent_dim: int, target_dtype: str = "float32", seed: int = 0
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Decoder logits, a target in [0, 1] (or uint8 pixels), mu and logvar ``[B, Z]``.
+
+    ``recon``, ``mu`` and ``logvar`` require grad; ``target`` does not.
+    """
+    if target_dtype not in TARGET_DTYPES:
+        raise ValueError(f"target_dtype must be one of {sorted(TARGET_DTYPES)}, got {target_dtype!r}")
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(int(s) for s in shape)
+    batch = shape[0]
+    recon = (2.0 * torch.randn(shape, generator=g)).requires_grad_()
+    if target_dtype == "uint8":
+        target = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    else:
+        target = torch.rand(shape, generator=g)
+    mu = torch.randn(batch, latent_dim, generator=g).requires_grad_()
+    logvar = (0.5 * torch.randn(batch, latent_dim, generator=g)).requires_grad_()
+    return recon, target, mu, logvar
+
+
+def clear_grads(inputs: Sequence[Tensor]) -> None:
+    """Set ``.grad = None`` on every input that requires grad."""
+    for t in inputs:
+        if t.requires_grad:
+            t.grad = None
+
+
+def step(fn: Callable[..., Tensor], recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor,
+         beta: float = 1.0) -> Tensor:
+    """One forward+backward of ``fn``; returns the (detached) loss."""
+    loss = fn(recon, target, mu, logvar, beta)
+    loss.backward()
+    return loss.detach()
+
+
+def check_agreement(
+    inputs: Sequence[Tensor], beta: float = 1.0, rtol: float = RTOL,
+    methods: Optional[Dict[str, Callable[..., Tensor]]] = None,
+) -> Dict[str, float]:
+    """Run every method once; raise ``AssertionError`` unless losses and gradients agree.
+
+    Losses must agree to ``rtol``; gradients to ``rtol`` relative to each
+    element plus ``rtol`` times the largest reference gradient in absolute terms.
+    Returns the losses by method. Leaves the grads of ``inputs`` cleared.
+    """
+    methods = METHODS if methods is None else methods
+    recon, target, mu, logvar = inputs
+    losses: Dict[str, Tensor] = {}
+    grads: Dict[str, List[Tensor]] = {}
+    for name, fn in methods.items():
+        clear_grads(inputs)
+        losses[name] = step(fn, recon, target, mu, logvar, beta)
+        grads[name] = [t.grad.detach().clone() for t in (recon, mu, logvar)]
+    clear_grads(inputs)
+    ref_name = next(iter(methods))
+    ref = losses[ref_name]
+    problems = []
+    for name, value in losses.items():
+        if not torch.isfinite(value):
+            problems.append(f"{name} loss is not finite: {value.item()}")
+        elif not torch.allclose(value, ref, rtol=rtol, atol=0.0):
+            problems.append(
+                f"{name} loss {value.item():.8g} != {ref_name} loss {ref.item():.8g} (rtol {rtol:g})"
+            )
+        for label, g, g_ref in zip(("recon", "mu", "logvar"), grads[name], grads[ref_name]):
+            atol = rtol * float(g_ref.abs().max())
+            if not torch.allclose(g, g_ref, rtol=rtol, atol=atol):
+                err = float((g - g_ref).abs().max())
+                problems.append(f"{name} grad of {label} differs from {ref_name} (max abs diff {err:.3g})")
+    if problems:
+        raise AssertionError("benchmark methods disagree: " + "; ".join(problems))
+    return {name: float(v) for name, v in losses.items()}
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence fd 2 (kineto prints start/stop lines there from C++)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory_bytes(fn: Callable[..., Tensor], inputs: Sequence[Tensor], beta: float = 1.0) -> int:
+    """Peak bytes held by one forward+backward of ``fn`` beyond what existed before it.
+
+    Uses ``torch.profiler`` with ``profile_memory=True``: the CPU allocator
+    reports each allocation (+bytes) and free (-bytes); the running sum of
+    those events in time order peaks at the step's peak extra memory. The
+    caller should have run ``fn`` once already on these shapes (compilation).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    recon, target, mu, logvar = inputs
+    clear_grads(inputs)
+    gc.collect()
+    with _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss = step(fn, recon, target, mu, logvar, beta)
+            del loss
+            clear_grads(inputs)  # frees the grads inside the window; the peak already saw them
+    events = [
+        (e.start_ns(), i, e.nbytes())
+        for i, e in enumerate(prof.profiler.kineto_results.events())
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    events.sort()
+    current = peak = 0
+    for _, _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info() -> Dict[str, object]:
+    """Threads, CPU model, core count and versions, for the report header."""
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "torch": torch.__version__,
+        "fusedvae": getattr(fusedvae, "__version__", "?"),
+        "python": platform.python_version(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+# --------------------------------------------------------------- the bench --
+
+
+def run_case(
+    shape: Sequence[int] = (64, 3, 64, 64),
+    latent_dim: int = 128,
+    target_dtype: str = "float32",
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    beta: float = 1.0,
+    memory: bool = True,
+    seed: int = 0,
+) -> Dict[str, object]:
+    """Time forward+backward of eager, compiled and fused on the same data.
+
+    Returns a dict with ``case``, ``ms`` (median ms per step by method),
+    ``ratio`` (``eager/fused``, ``compiled/fused``), ``times_ms`` (every
+    sample), ``first_call_s`` (the first call per method, which for
+    ``compiled`` includes compilation unless already cached), ``loss``,
+    ``input_bytes`` and ``memory`` (per method ``peak_bytes``, ``peak_mb`` and
+    ``x_input``, the peak over ``input_bytes``; ``None`` with ``memory=False``).
+    Raises ``AssertionError`` if the methods' losses or gradients disagree.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    inputs = make_inputs(shape, latent_dim, target_dtype, seed=seed)
+    recon, target, mu, logvar = inputs
+    names = list(METHODS)
+
+    first_call_s: Dict[str, float] = {}
+    for name in names:  # first call: compiles the compiled method for this shape/dtype
+        clear_grads(inputs)
+        t0 = time.perf_counter()
+        step(METHODS[name], recon, target, mu, logvar, beta)
+        first_call_s[name] = time.perf_counter() - t0
+    losses = check_agreement(inputs, beta)
+    for _ in range(warmup):
+        for name in names:
+            clear_grads(inputs)
+            step(METHODS[name], recon, target, mu, logvar, beta)
+
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                fn = METHODS[name]
+                clear_grads(inputs)
+                t0 = time.perf_counter()
+                step(fn, recon, target, mu, logvar, beta)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    clear_grads(inputs)
+
+    ms = {name: statistics.median(v) for name, v in times.items()}
+    input_bytes = sum(t.numel() * t.element_size() for t in inputs)
+    mem = None
+    if memory:
+        mem = {}
+        for name in names:
+            peak = peak_memory_bytes(METHODS[name], inputs, beta)
+            mem[name] = {"peak_bytes": peak, "peak_mb": peak / 2**20, "x_input": peak / input_bytes}
+    return {
+        "case": case_name(shape, latent_dim, target_dtype),
+        "shape": tuple(shape),
+        "latent_dim": latent_dim,
+        "target_dtype": target_dtype,
+        "repeats": repeats,
+        "warmup": warmup,
+        "ms": ms,
+        "ratio": {"eager/fused": ms["eager"] / ms["fused"], "compiled/fused": ms["compiled"] / ms["fused"]},
+        "times_ms": times,
+        "first_call_s": first_call_s,
+        "loss": losses,
+        "input_bytes": input_bytes,
+        "memory": mem,
+    }
+
+
+def format_results(results: Sequence[Dict[str, object]], info: Optional[Dict[str, object]] = None) -> str:
+    """Markdown: a header naming the machine, the time table and (if measured) the memory table."""
+    lines = []
+    if info is not None:
+        lines += [
+            f"Machine: {info['cpu_model']} ({info['cpu_count']} logical CPUs), "
+            f"torch.get_num_threads() = {info['torch_threads']}, CPU capability {info['cpu_capability']}; "
+            f"torch {info['torch']}, fusedvae {info['fusedvae']}, Python {info['python']}.",
+            "",
+        ]
+    if results:
+        lines.append(
+            f"Forward+backward of the loss, median ms per step over {results[0]['repeats']} "
+            "interleaved repeats (lower is better); ratios > 1 mean fused is faster."
+        )
+        lines.append("")
+    lines += [
+        "| case | eager ms | compile ms | fused ms | eager/fused | compile/fused |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        ms, ratio = r["ms"], r["ratio"]
+        lines.append(
+            f"| {r['case']} | {ms['eager']:.3f} | {ms['compiled']:.3f} | {ms['fused']:.3f} "
+            f"| {ratio['eager/fused']:.2f}x | {ratio['compiled/fused']:.2f}x |"
+        )
+    with_mem = [r for r in results if r.get("memory")]
+    if with_mem:
+        lines += [
+            "",
+            "Peak extra CPU memory of one forward+backward (torch.profiler allocator events; "
+            "includes the returned gradients), MB and multiple of the input size "
+            "(recon + target + mu + logvar):",
+            "",
+            "| case | inputs MB | eager MB | compile MB | fused MB |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in with_mem:
+            m = r["memory"]
+            cells = " | ".join(
+                f"{m[n]['peak_mb']:.2f} ({m[n]['x_input']:.2f}x)" for n in ("eager", "compiled", "fused")
+            )
+            lines.append(f"| {r['case']} | {r['input_bytes'] / 2**20:.2f} | {cells} |")
+    first = [r for r in results if "first_call_s" in r]
+    if first:
+        lines += ["", "First compiled call (includes compilation when not cached): " + ", ".join(
+            f"{r['case']} {r['first_call_s']['compiled']:.2f} s" for r in first
+        ) + "."]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``python -m fusedvae bench`` (shared with :func:`main`)."""
+    parser.add_argument("--quick", action="store_true",
+                        help="small shapes (B8x3x32x32, Z32) and few repeats: about a minute with compilation")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed steps per method and case (default {DEFAULT_REPEATS}, "
+                             f"{QUICK_REPEATS} with --quick)")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                        help=f"untimed steps per method after the first call (default {DEFAULT_WARMUP})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(N) before running (default: torch's choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--beta", type=float, default=1.0, help="KL weight (default 1.0)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print the benchmark tables (markdown) for the default or ``--quick`` cases."""
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="python -m fusedvae bench",
+        description="Time the VAE loss forward+backward on CPU: eager PyTorch, torch.compile and fusedvae.",
+    ))
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    cases = QUICK_CASES if args.quick else DEFAULT_CASES
+    info = machine_info()
+    results = []
+    for shape, latent_dim, target_dtype in cases:
+        print(f"running {case_name(shape, latent_dim, target_dtype)} ...", file=sys.stderr, flush=True)
+        results.append(run_case(shape, latent_dim, target_dtype, repeats=repeats, warmup=args.warmup,
+                                beta=args.beta, memory=not args.no_memory))
+    print(format_results(results, info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
