@@ -25,8 +25,8 @@ struct ReconProblem {
   const void* recon;
   const void* target;
   const void* log_scale;
-  DType dtype;            // of recon and log_scale
-  bool target_is_uint8;   // target holds pixels read as value / 255; else of `dtype`
+  DType dtype;           // of recon and log_scale
+  bool target_is_uint8;  // target holds pixels read as value / 255; else of `dtype`
   int64_t batch;
   int64_t numel_per_sample;
   math::Likelihood likelihood;
@@ -72,8 +72,7 @@ namespace cuda {
 void recon_loss_forward(const ReconProblem& p, void* rec, void* workspace, void* stream);
 void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
                          void* grad_log_scale, void* stream);
-void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl, void* workspace,
-                         void* stream);
+void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl, void* workspace, void* stream);
 void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
                           void* grad_logvar, void* stream);
 void cb_log_normalizer_forward(const CbProblem& p, void* out, void* stream);

@@ -14,10 +14,14 @@ using at::Tensor;
 
 DType to_dtype(const Tensor& t, const char* name) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
     default:
       TORCH_CHECK_TYPE(false, "fusedvae: expected ", name,
                        " to be float32, float64, float16 or bfloat16, got ", t.scalar_type());
@@ -105,8 +109,7 @@ struct ReconInputs {
   ReconProblem problem;
 
   ReconInputs(const Tensor& recon_in, const Tensor& target_in,
-              const std::optional<Tensor>& log_scale_in, c10::string_view likelihood,
-              bool logits) {
+              const std::optional<Tensor>& log_scale_in, c10::string_view likelihood, bool logits) {
     const math::Likelihood kind = parse_likelihood(likelihood, logits);
     const DType dtype = to_dtype(recon_in, "recon");
     TORCH_CHECK_VALUE(recon_in.dim() >= 1,
@@ -179,8 +182,8 @@ Tensor recon_loss(const Backend& backend, const Tensor& recon, const Tensor& tar
                   bool logits) {
   const c10::OptionalDeviceGuard guard(recon.device());
   ReconInputs in(recon, target, log_scale, likelihood, logits);
-  Tensor rec = at::empty({in.problem.batch},
-                         recon.options().dtype(accumulate_type(recon.scalar_type())));
+  Tensor rec =
+      at::empty({in.problem.batch}, recon.options().dtype(accumulate_type(recon.scalar_type())));
   backend.recon_forward(in.problem, rec.data_ptr());
   return rec;
 }

@@ -30,10 +30,12 @@ at::Tensor recon_loss(const Backend& backend, const at::Tensor& recon, const at:
                       const std::optional<at::Tensor>& log_scale, c10::string_view likelihood,
                       bool logits);
 
-std::tuple<at::Tensor, at::Tensor> recon_loss_backward(
-    const Backend& backend, const at::Tensor& grad, const at::Tensor& recon,
-    const at::Tensor& target, const std::optional<at::Tensor>& log_scale,
-    c10::string_view likelihood, bool logits);
+std::tuple<at::Tensor, at::Tensor> recon_loss_backward(const Backend& backend,
+                                                       const at::Tensor& grad,
+                                                       const at::Tensor& recon,
+                                                       const at::Tensor& target,
+                                                       const std::optional<at::Tensor>& log_scale,
+                                                       c10::string_view likelihood, bool logits);
 
 at::Tensor gaussian_kl(const Backend& backend, const at::Tensor& mu, const at::Tensor& logvar,
                        bool per_dim);

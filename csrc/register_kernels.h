@@ -1,5 +1,6 @@
 // Registers the shared op implementations (ops.h) for one dispatch key, bound
-// to that key's Backend (a stateless class, built where it is used). Used by cpu/register.cpp and cuda/register.cpp.
+// to that key's Backend (a stateless class, built where it is used). Used by cpu/register.cpp and
+// cuda/register.cpp.
 #pragma once
 
 #include <torch/library.h>
@@ -16,11 +17,11 @@ void register_kernels(torch::Library& m) {
                           c10::string_view likelihood, bool logits) {
     return recon_loss(BackendT{}, recon, target, log_scale, likelihood, logits);
   });
-  m.impl("recon_loss_backward",
-         [](const Tensor& grad, const Tensor& recon, const Tensor& target,
-            const OptTensor& log_scale, c10::string_view likelihood, bool logits) {
-           return recon_loss_backward(BackendT{}, grad, recon, target, log_scale, likelihood, logits);
-         });
+  m.impl("recon_loss_backward", [](const Tensor& grad, const Tensor& recon, const Tensor& target,
+                                   const OptTensor& log_scale, c10::string_view likelihood,
+                                   bool logits) {
+    return recon_loss_backward(BackendT{}, grad, recon, target, log_scale, likelihood, logits);
+  });
   m.impl("gaussian_kl", [](const Tensor& mu, const Tensor& logvar) {
     return gaussian_kl(BackendT{}, mu, logvar, /*per_dim=*/false);
   });

@@ -16,11 +16,13 @@ TORCH_LIBRARY(fusedvae, m) {
   // Per-sample sums Σ_i ℓ(recon_bi, target_bi), shape [batch], in float32
   // (float64 for float64 recon). likelihood: bernoulli | cbernoulli |
   // squared_error | gaussian (the last takes a log_scale shaped like recon).
-  m.def("recon_loss(Tensor recon, Tensor target, Tensor? log_scale, str likelihood, "
-        "bool logits) -> Tensor");
+  m.def(
+      "recon_loss(Tensor recon, Tensor target, Tensor? log_scale, str likelihood, "
+      "bool logits) -> Tensor");
   // (grad_recon, grad_log_scale); grad_log_scale is empty without log_scale.
-  m.def("recon_loss_backward(Tensor grad, Tensor recon, Tensor target, Tensor? log_scale, "
-        "str likelihood, bool logits) -> (Tensor, Tensor)");
+  m.def(
+      "recon_loss_backward(Tensor grad, Tensor recon, Tensor target, Tensor? log_scale, "
+      "str likelihood, bool logits) -> (Tensor, Tensor)");
   // KL(N(mu, exp(logvar)) || N(0, I)) per sample, shape [batch].
   m.def("gaussian_kl(Tensor mu, Tensor logvar) -> Tensor");
   // The same per latent dimension, shaped like mu.

@@ -22,12 +22,12 @@ namespace math {
 
 // Which per-element loss a reconstruction kernel computes.
 enum class Likelihood : int {
-  kBernoulliLogits = 0,          // x = logits
-  kBernoulliProbs = 1,           // x = probabilities
+  kBernoulliLogits = 0,  // x = logits
+  kBernoulliProbs = 1,   // x = probabilities
   kContinuousBernoulliLogits = 2,
   kContinuousBernoulliProbs = 3,
-  kSquaredError = 4,             // (x - t)^2; scalar-σ Gaussians are closed form on top
-  kGaussian = 5,                 // heteroscedastic: a log-scale per element
+  kSquaredError = 4,  // (x - t)^2; scalar-σ Gaussians are closed form on top
+  kGaussian = 5,      // heteroscedastic: a log-scale per element
 };
 
 // Scalar policy. The float overloads call the single-precision libm functions
@@ -215,7 +215,7 @@ FUSEDVAE_HD typename O::V cb_log_normalizer_from(typename O::V a, typename O::V 
 // derivative is exactly 1/η.
 template <class O>
 FUSEDVAE_HD typename O::V cb_log_normalizer_grad_from(typename O::V eta, typename O::V a,
-                                                       typename O::V e) {
+                                                      typename O::V e) {
   using V = typename O::V;
   const V one = O::splat(1.0);
   const V a2 = a * a;
@@ -274,7 +274,7 @@ FUSEDVAE_HD typename O::V cb_probs_grad(typename O::V p, typename O::V t) {
   const V log_1mp = O::log1p(zero - p);
   const V eta = clamped_log<O>(p) - clamped_log1m<O>(p);
   const V deta_dp = O::select(O::lt(log_p, lo), zero, one / p) +
-      O::select(O::lt(log_1mp, lo), zero, one / (one - p));
+                    O::select(O::lt(log_1mp, lo), zero, one / (one - p));
   return bce_probs_grad<O>(p, t) - cb_log_normalizer_grad<O>(eta) * deta_dp;
 }
 

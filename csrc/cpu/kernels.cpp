@@ -5,6 +5,8 @@
 // summed lane-wise and then lane by lane in a fixed order, and the chunk sums
 // of a sample are added in chunk order in double. Nothing depends on the
 // number of threads or on which thread ran which chunk.
+#include "../kernels.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -14,7 +16,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "../kernels.h"
 #include "vec_ops.h"
 
 namespace fusedvae {
@@ -38,10 +39,14 @@ struct TypeTag {
 template <typename F>
 void dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kFloat32: return f(TypeTag<float>{});
-    case DType::kFloat64: return f(TypeTag<double>{});
-    case DType::kFloat16: return f(TypeTag<c10::Half>{});
-    case DType::kBFloat16: return f(TypeTag<c10::BFloat16>{});
+    case DType::kFloat32:
+      return f(TypeTag<float>{});
+    case DType::kFloat64:
+      return f(TypeTag<double>{});
+    case DType::kFloat16:
+      return f(TypeTag<c10::Half>{});
+    case DType::kBFloat16:
+      return f(TypeTag<c10::BFloat16>{});
   }
 }
 
@@ -171,14 +176,18 @@ template <typename F>
 void dispatch_likelihood(Likelihood l, F&& f) {
   using LC = Likelihood;
   switch (l) {
-    case LC::kBernoulliLogits: return f(std::integral_constant<LC, LC::kBernoulliLogits>{});
-    case LC::kBernoulliProbs: return f(std::integral_constant<LC, LC::kBernoulliProbs>{});
+    case LC::kBernoulliLogits:
+      return f(std::integral_constant<LC, LC::kBernoulliLogits>{});
+    case LC::kBernoulliProbs:
+      return f(std::integral_constant<LC, LC::kBernoulliProbs>{});
     case LC::kContinuousBernoulliLogits:
       return f(std::integral_constant<LC, LC::kContinuousBernoulliLogits>{});
     case LC::kContinuousBernoulliProbs:
       return f(std::integral_constant<LC, LC::kContinuousBernoulliProbs>{});
-    case LC::kSquaredError: return f(std::integral_constant<LC, LC::kSquaredError>{});
-    case LC::kGaussian: return f(std::integral_constant<LC, LC::kGaussian>{});
+    case LC::kSquaredError:
+      return f(std::integral_constant<LC, LC::kSquaredError>{});
+    case LC::kGaussian:
+      return f(std::integral_constant<LC, LC::kGaussian>{});
   }
 }
 

@@ -28,6 +28,4 @@ class CpuBackend final : public Backend {
 
 }  // namespace fusedvae
 
-TORCH_LIBRARY_IMPL(fusedvae, CPU, m) {
-  fusedvae::register_kernels<fusedvae::CpuBackend>(m);
-}
+TORCH_LIBRARY_IMPL(fusedvae, CPU, m) { fusedvae::register_kernels<fusedvae::CpuBackend>(m); }

@@ -349,12 +349,15 @@ constexpr int vec_width() {
 }
 
 // The vector path needs every pointer aligned to its pack and every sample
-// start on a pack boundary; otherwise the scalar path runs.
+// start on a pack boundary (automatic for a single sample); otherwise the
+// scalar path runs.
 template <int VEC>
-bool aligned(int64_t numel_per_sample, std::initializer_list<std::pair<const void*, int>> ptrs) {
-  if (numel_per_sample % VEC != 0) return false;
+bool aligned(int64_t batch, int64_t numel_per_sample,
+             std::initializer_list<std::pair<const void*, int>> ptrs) {
+  if (batch > 1 && numel_per_sample % VEC != 0) return false;
   for (const auto& p : ptrs) {
-    if (p.first != nullptr && reinterpret_cast<uintptr_t>(p.first) % (uintptr_t(p.second) * VEC) != 0) {
+    if (p.first != nullptr &&
+        reinterpret_cast<uintptr_t>(p.first) % (uintptr_t(p.second) * VEC) != 0) {
       return false;
     }
   }
@@ -362,8 +365,8 @@ bool aligned(int64_t numel_per_sample, std::initializer_list<std::pair<const voi
 }
 
 template <int VEC, class Term, typename Acc>
-void launch_sum(const Term& term, bool vectorize, int64_t batch, int64_t numel_per_sample,
-                Acc* out, void* workspace, cudaStream_t stream) {
+void launch_sum(const Term& term, bool vectorize, int64_t batch, int64_t numel_per_sample, Acc* out,
+                void* workspace, cudaStream_t stream) {
   if (batch == 0) return;
   const Grid grid = make_grid(batch, numel_per_sample, current_device());
   Acc* partial = static_cast<Acc*>(workspace);
@@ -398,10 +401,14 @@ struct TypeTag {
 template <typename F>
 void dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kFloat32: return f(TypeTag<float>{});
-    case DType::kFloat64: return f(TypeTag<double>{});
-    case DType::kFloat16: return f(TypeTag<__half>{});
-    case DType::kBFloat16: return f(TypeTag<__nv_bfloat16>{});
+    case DType::kFloat32:
+      return f(TypeTag<float>{});
+    case DType::kFloat64:
+      return f(TypeTag<double>{});
+    case DType::kFloat16:
+      return f(TypeTag<__half>{});
+    case DType::kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
   }
 }
 
@@ -409,14 +416,18 @@ template <typename F>
 void dispatch_likelihood(Likelihood l, F&& f) {
   using LC = Likelihood;
   switch (l) {
-    case LC::kBernoulliLogits: return f(std::integral_constant<LC, LC::kBernoulliLogits>{});
-    case LC::kBernoulliProbs: return f(std::integral_constant<LC, LC::kBernoulliProbs>{});
+    case LC::kBernoulliLogits:
+      return f(std::integral_constant<LC, LC::kBernoulliLogits>{});
+    case LC::kBernoulliProbs:
+      return f(std::integral_constant<LC, LC::kBernoulliProbs>{});
     case LC::kContinuousBernoulliLogits:
       return f(std::integral_constant<LC, LC::kContinuousBernoulliLogits>{});
     case LC::kContinuousBernoulliProbs:
       return f(std::integral_constant<LC, LC::kContinuousBernoulliProbs>{});
-    case LC::kSquaredError: return f(std::integral_constant<LC, LC::kSquaredError>{});
-    case LC::kGaussian: return f(std::integral_constant<LC, LC::kGaussian>{});
+    case LC::kSquaredError:
+      return f(std::integral_constant<LC, LC::kSquaredError>{});
+    case LC::kGaussian:
+      return f(std::integral_constant<LC, LC::kGaussian>{});
   }
 }
 
@@ -453,12 +464,13 @@ void recon_loss_forward(const ReconProblem& p, void* rec, void* workspace, void*
     using T = typename decltype(x_tag)::type;
     using TargetT = typename decltype(t_tag)::type;
     constexpr int VEC = vec_width<T>();
-    const ReconTerm<decltype(l)::value, T, TargetT> term{
-        static_cast<const T*>(p.recon), static_cast<const TargetT*>(p.target),
-        static_cast<const T*>(p.log_scale)};
-    const bool vectorize = aligned<VEC>(p.numel_per_sample, {{p.recon, int(sizeof(T))},
-                                                             {p.target, int(sizeof(TargetT))},
-                                                             {p.log_scale, int(sizeof(T))}});
+    const ReconTerm<decltype(l)::value, T, TargetT> term{static_cast<const T*>(p.recon),
+                                                         static_cast<const TargetT*>(p.target),
+                                                         static_cast<const T*>(p.log_scale)};
+    const bool vectorize = aligned<VEC>(p.batch, p.numel_per_sample,
+                                        {{p.recon, int(sizeof(T))},
+                                         {p.target, int(sizeof(TargetT))},
+                                         {p.log_scale, int(sizeof(T))}});
     launch_sum<VEC>(term, vectorize, p.batch, p.numel_per_sample, static_cast<acc_t<T>*>(rec),
                     workspace, static_cast<cudaStream_t>(stream));
   });
@@ -471,15 +483,15 @@ void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad
     using TargetT = typename decltype(t_tag)::type;
     constexpr int VEC = vec_width<T>();
     const ReconGrad<decltype(l)::value, T, TargetT> body{
-        static_cast<const T*>(p.recon),        static_cast<const TargetT*>(p.target),
-        static_cast<const T*>(p.log_scale),    static_cast<const acc_t<T>*>(grad_rec),
-        static_cast<T*>(grad_recon),           static_cast<T*>(grad_log_scale)};
-    const bool vectorize = aligned<VEC>(
-        p.numel_per_sample, {{p.recon, int(sizeof(T))},
-                             {p.target, int(sizeof(TargetT))},
-                             {p.log_scale, int(sizeof(T))},
-                             {grad_recon, int(sizeof(T))},
-                             {grad_log_scale, int(sizeof(T))}});
+        static_cast<const T*>(p.recon),     static_cast<const TargetT*>(p.target),
+        static_cast<const T*>(p.log_scale), static_cast<const acc_t<T>*>(grad_rec),
+        static_cast<T*>(grad_recon),        static_cast<T*>(grad_log_scale)};
+    const bool vectorize = aligned<VEC>(p.batch, p.numel_per_sample,
+                                        {{p.recon, int(sizeof(T))},
+                                         {p.target, int(sizeof(TargetT))},
+                                         {p.log_scale, int(sizeof(T))},
+                                         {grad_recon, int(sizeof(T))},
+                                         {grad_log_scale, int(sizeof(T))}});
     launch_map<VEC>(body, vectorize, p.batch, p.numel_per_sample,
                     static_cast<cudaStream_t>(stream));
   });
@@ -495,12 +507,14 @@ void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl, void* works
     const T* lv = static_cast<const T*>(p.logvar);
     const auto s = static_cast<cudaStream_t>(stream);
     if (per_dim) {
-      const bool vectorize = aligned<VEC>(
-          p.latent_dim, {{mu, int(sizeof(T))}, {lv, int(sizeof(T))}, {kl, int(sizeof(Acc))}});
-      launch_map<VEC>(KlPerDim<T>{mu, lv, static_cast<Acc*>(kl)}, vectorize, p.batch,
-                      p.latent_dim, s);
+      const bool vectorize =
+          aligned<VEC>(p.batch, p.latent_dim,
+                       {{mu, int(sizeof(T))}, {lv, int(sizeof(T))}, {kl, int(sizeof(Acc))}});
+      launch_map<VEC>(KlPerDim<T>{mu, lv, static_cast<Acc*>(kl)}, vectorize, p.batch, p.latent_dim,
+                      s);
     } else {
-      const bool vectorize = aligned<VEC>(p.latent_dim, {{mu, int(sizeof(T))}, {lv, int(sizeof(T))}});
+      const bool vectorize =
+          aligned<VEC>(p.batch, p.latent_dim, {{mu, int(sizeof(T))}, {lv, int(sizeof(T))}});
       launch_sum<VEC>(KlTerm<T>{mu, lv}, vectorize, p.batch, p.latent_dim, static_cast<Acc*>(kl),
                       workspace, s);
     }
@@ -513,14 +527,15 @@ void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, vo
     using T = typename decltype(tag)::type;
     using Acc = acc_t<T>;
     constexpr int VEC = vec_width<T>();
-    const KlGrad<T> body{static_cast<const T*>(p.mu),    static_cast<const T*>(p.logvar),
-                         static_cast<const Acc*>(grad),  per_dim,
-                         static_cast<T*>(grad_mu),       static_cast<T*>(grad_logvar)};
-    const bool vectorize = aligned<VEC>(p.latent_dim, {{p.mu, int(sizeof(T))},
-                                                       {p.logvar, int(sizeof(T))},
-                                                       {per_dim ? grad : nullptr, int(sizeof(Acc))},
-                                                       {grad_mu, int(sizeof(T))},
-                                                       {grad_logvar, int(sizeof(T))}});
+    const KlGrad<T> body{static_cast<const T*>(p.mu),   static_cast<const T*>(p.logvar),
+                         static_cast<const Acc*>(grad), per_dim,
+                         static_cast<T*>(grad_mu),      static_cast<T*>(grad_logvar)};
+    const bool vectorize = aligned<VEC>(p.batch, p.latent_dim,
+                                        {{p.mu, int(sizeof(T))},
+                                         {p.logvar, int(sizeof(T))},
+                                         {per_dim ? grad : nullptr, int(sizeof(Acc))},
+                                         {grad_mu, int(sizeof(T))},
+                                         {grad_logvar, int(sizeof(T))}});
     launch_map<VEC>(body, vectorize, p.batch, p.latent_dim, static_cast<cudaStream_t>(stream));
   });
 }
@@ -529,9 +544,10 @@ void cb_log_normalizer_forward(const CbProblem& p, void* out, void* stream) {
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int VEC = vec_width<T>();
-    const bool vectorize = aligned<VEC>(p.numel, {{p.logits, int(sizeof(T))}, {out, int(sizeof(T))}});
-    launch_map<VEC>(CbValue<T>{static_cast<const T*>(p.logits), static_cast<T*>(out)}, vectorize,
-                    1, p.numel, static_cast<cudaStream_t>(stream));
+    const bool vectorize =
+        aligned<VEC>(1, p.numel, {{p.logits, int(sizeof(T))}, {out, int(sizeof(T))}});
+    launch_map<VEC>(CbValue<T>{static_cast<const T*>(p.logits), static_cast<T*>(out)}, vectorize, 1,
+                    p.numel, static_cast<cudaStream_t>(stream));
   });
 }
 
@@ -541,7 +557,8 @@ void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad
     using T = typename decltype(tag)::type;
     constexpr int VEC = vec_width<T>();
     const bool vectorize = aligned<VEC>(
-        p.numel, {{p.logits, int(sizeof(T))}, {grad, int(sizeof(T))}, {grad_logits, int(sizeof(T))}});
+        1, p.numel,
+        {{p.logits, int(sizeof(T))}, {grad, int(sizeof(T))}, {grad_logits, int(sizeof(T))}});
     launch_map<VEC>(CbGrad<T>{static_cast<const T*>(p.logits), static_cast<const T*>(grad),
                               static_cast<T*>(grad_logits)},
                     vectorize, 1, p.numel, static_cast<cudaStream_t>(stream));

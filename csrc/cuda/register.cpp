@@ -15,8 +15,8 @@ namespace {
 void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor workspace(int64_t bytes) {
-  return at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(
-                                at::kCUDA, c10::cuda::current_device()));
+  return at::empty(
+      {bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
 }
 
 void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
@@ -59,6 +59,4 @@ class CudaBackend final : public Backend {
 
 }  // namespace fusedvae
 
-TORCH_LIBRARY_IMPL(fusedvae, CUDA, m) {
-  fusedvae::register_kernels<fusedvae::CudaBackend>(m);
-}
+TORCH_LIBRARY_IMPL(fusedvae, CUDA, m) { fusedvae::register_kernels<fusedvae::CudaBackend>(m); }
