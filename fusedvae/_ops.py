@@ -21,31 +21,63 @@ def has_cuda_kernels() -> bool:
 
 
 # ------------------------------------------------------------ fake kernels --
+# They also serve the Meta key, which wins dispatch when any argument is a meta
+# tensor, so they repeat the C++ kernels' shape and device checks.
+
+
+def _check_like(tensor, name, ref, ref_name):
+    torch._check(
+        tensor.device == ref.device,
+        lambda: f"fusedvae: expected {name} on the device of {ref_name} ({ref.device}), got {tensor.device}",
+    )
+    torch._check(
+        tensor.shape == ref.shape,
+        lambda: f"fusedvae: expected {name} of shape {tuple(ref.shape)} (the shape of {ref_name}), "
+        f"got {tuple(tensor.shape)}",
+    )
+
+
+def _check_recon_args(recon, target, log_scale):
+    torch._check(recon.dim() >= 1, lambda: "fusedvae: expected recon of shape [batch, ...]")
+    _check_like(target, "target", recon, "recon")
+    if log_scale is not None:
+        _check_like(log_scale, "log_scale", recon, "recon")
+
+
+def _check_kl_args(mu, logvar):
+    torch._check(mu.dim() >= 1, lambda: "fusedvae: expected mu of shape [batch, ...]")
+    _check_like(logvar, "logvar", mu, "mu")
 
 
 @torch.library.register_fake("fusedvae::recon_loss")
 def _recon_loss_fake(recon, target, log_scale, likelihood, logits):
+    _check_recon_args(recon, target, log_scale)
     return recon.new_empty((recon.shape[0],), dtype=accumulate_dtype(recon.dtype))
 
 
 @torch.library.register_fake("fusedvae::recon_loss_backward")
 def _recon_loss_backward_fake(grad, recon, target, log_scale, likelihood, logits):
+    _check_recon_args(recon, target, log_scale)
     grad_scale = torch.empty_like(log_scale) if log_scale is not None else recon.new_empty((0,))
     return torch.empty_like(recon), grad_scale
 
 
 @torch.library.register_fake("fusedvae::gaussian_kl")
 def _gaussian_kl_fake(mu, logvar):
+    _check_kl_args(mu, logvar)
     return mu.new_empty((mu.shape[0],), dtype=accumulate_dtype(mu.dtype))
 
 
 @torch.library.register_fake("fusedvae::gaussian_kl_per_dim")
 def _gaussian_kl_per_dim_fake(mu, logvar):
+    _check_kl_args(mu, logvar)
     return mu.new_empty(mu.shape, dtype=accumulate_dtype(mu.dtype))
 
 
 @torch.library.register_fake("fusedvae::gaussian_kl_backward")
 def _gaussian_kl_backward_fake(grad, mu, logvar):
+    _check_kl_args(mu, logvar)
+    torch._check(grad.device == mu.device, lambda: "fusedvae: expected grad on the device of mu")
     return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
 
 
@@ -56,6 +88,7 @@ def _cb_log_normalizer_fake(logits):
 
 @torch.library.register_fake("fusedvae::cb_log_normalizer_backward")
 def _cb_log_normalizer_backward_fake(grad, logits):
+    _check_like(grad, "grad", logits, "logits")
     return torch.empty_like(logits)
 
 

@@ -1,6 +1,7 @@
 """The fused VAE objective: :func:`vae_loss` and its helpers."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,7 +57,9 @@ def vae_loss(
             in any layout (channels_last and other batch-outermost dense layouts run
             without a copy; other strides are copied first).
         target (Tensor): data of the shape of ``recon``: floating point, or uint8 pixels
-            that are read as ``value / 255``. It receives no gradient.
+            that are read as ``value / 255``. It receives no gradient. A floating ``target``
+            (or per-element ``log_scale``) of another dtype is promoted with ``recon``
+            (PyTorch's type promotion; the promoted copy costs one pass).
         mu (Tensor): posterior mean, ``[B, ...]`` (a flat ``[B, J]`` code or a spatial latent).
         logvar (Tensor): posterior log-variance, shaped like ``mu``.
         likelihood (str, optional): ``'bernoulli'`` | ``'cbernoulli'`` (continuous
@@ -96,21 +99,22 @@ def vae_loss(
     _checks.check_vae_loss_args(
         recon, target, mu, logvar, likelihood, logits, beta, reduction, log_scale, free_bits, validate
     )
-    recon, target = _common_dtype(recon, target)
+    # A per-element log σ takes part in type promotion like target does.
+    full_scale = log_scale if isinstance(log_scale, Tensor) and log_scale.dim() > 0 else None
+    recon, target, full_scale = _promote(recon, target, full_scale)
     batch = recon.shape[0]
     n = _checks.per_sample_size(recon)
     j = _checks.per_sample_size(mu)
 
     if likelihood != "gaussian":
         rec = ops.recon_loss(recon, target, None, likelihood, logits)
-    elif isinstance(log_scale, Tensor) and log_scale.dim() > 0:
-        scale = log_scale.to(recon.dtype).expand(recon.shape)
-        rec = ops.recon_loss(recon, target, scale, "gaussian", True)
+    elif full_scale is not None:
+        rec = ops.recon_loss(recon, target, full_scale.expand(recon.shape), "gaussian", True)
     else:
         squared_error = ops.recon_loss(recon, target, None, "squared_error", True)
         rec = _gaussian_from_squared_error(squared_error, log_scale, n)
 
-    mu, logvar = _common_dtype(mu, logvar)
+    mu, logvar = _promote(mu, logvar)
     if free_bits > 0:
         kl_per_dim = ops.gaussian_kl_per_dim(mu, logvar).reshape(batch, j)
         kl = kl_per_dim.sum(dim=1)
@@ -132,12 +136,16 @@ def vae_loss(
     return VAELossOutput(loss, rec, kl)
 
 
-def _common_dtype(a: Tensor, b: Tensor):
-    """Promote two floating tensors to one dtype (uint8 targets stay uint8)."""
-    if b.dtype == torch.uint8 or a.dtype == b.dtype:
-        return a, b
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    return a.to(dtype), b.to(dtype)
+def _promote(*tensors):
+    """Cast the floating tensors among ``tensors`` to their common dtype.
+
+    PyTorch's type promotion; uint8 targets and ``None`` pass through unchanged.
+    """
+    dtypes = [t.dtype for t in tensors if t is not None and t.dtype.is_floating_point]
+    common = functools.reduce(torch.promote_types, dtypes)
+    return tuple(
+        t.to(common) if t is not None and t.dtype.is_floating_point else t for t in tensors
+    )
 
 
 def _gaussian_from_squared_error(squared_error: Tensor, log_scale, n: int) -> Tensor:

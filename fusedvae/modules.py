@@ -11,10 +11,13 @@ class VAELoss(nn.Module):
     r"""The VAE objective as a module: ``VAELoss(**options)(recon, target, mu, logvar)``.
 
     Takes the keyword options of :func:`fusedvae.vae_loss` and stores them as
-    attributes, so a schedule may set ``loss_fn.beta`` between steps. A tensor
-    ``beta`` is a buffer and a tensor ``log_scale`` a parameter or buffer as
-    given, so both follow :meth:`~torch.nn.Module.to`; an ``nn.Parameter``
-    ``log_scale`` (a learned decoder variance) is seen by optimizers of this module.
+    attributes. A float ``beta`` may be reassigned between steps
+    (``loss_fn.beta = 0.5``); a tensor ``beta`` is a buffer, which follows
+    :meth:`~torch.nn.Module.to` and is updated in place (``loss_fn.beta.fill_(0.5)``,
+    or a schedule's ``write_``), so compiled code sees the new value without
+    recompiling. A tensor ``log_scale`` is kept as given: an ``nn.Parameter``
+    (a learned decoder variance) is a parameter of this module, any other
+    tensor a buffer.
 
     Shape:
         - recon, target: ``[B, ...]``

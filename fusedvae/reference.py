@@ -56,15 +56,20 @@ def _bernoulli_probs_nll(p: Tensor, t: Tensor) -> Tensor:
     return -(t * log_p + (1 - t) * log_1mp)
 
 
+def _bernoulli_logits_nll(x: Tensor, t: Tensor) -> Tensor:
+    # -(t·log σ(x) + (1-t)·log(1-σ(x))) = (1-t)·x - log σ(x); its autograd is σ(x) - t everywhere.
+    return (1 - t) * x - F.logsigmoid(x)
+
+
 def _elementwise_nll(x: Tensor, t: Tensor, likelihood: str, logits: bool, log_scale) -> Tensor:
     if likelihood == "bernoulli":
         if logits:
-            return torch.clamp(x, min=0) - t * x + torch.log1p(torch.exp(-x.abs()))
+            return _bernoulli_logits_nll(x, t)
         return _bernoulli_probs_nll(x, t)
     if likelihood == "cbernoulli":
         if logits:
             eta = x
-            bce = torch.clamp(x, min=0) - t * x + torch.log1p(torch.exp(-x.abs()))
+            bce = _bernoulli_logits_nll(x, t)
         else:
             eta = torch.clamp(torch.log(x), min=-100) - torch.clamp(torch.log1p(-x), min=-100)
             bce = _bernoulli_probs_nll(x, t)
@@ -100,9 +105,12 @@ def vae_loss(
     _checks.check_vae_loss_args(
         recon, target, mu, logvar, likelihood, logits, beta, reduction, log_scale, free_bits, validate
     )
-    dtype = _checks.accumulate_dtype(
-        recon.dtype if target.dtype == torch.uint8 else torch.promote_types(recon.dtype, target.dtype)
-    )
+    # Computed in the accumulation dtype of the promoted floating inputs.
+    dtype = recon.dtype
+    for other in (target, log_scale):
+        if isinstance(other, Tensor) and other.dtype.is_floating_point and other.dim() > 0:
+            dtype = torch.promote_types(dtype, other.dtype)
+    dtype = _checks.accumulate_dtype(dtype)
     x = recon.to(dtype)
     t = target.to(dtype) / 255 if target.dtype == torch.uint8 else target.to(dtype)
     batch = x.shape[0]
