@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../dispatch.h"
 #include "vec_ops.h"
 
 namespace fusedvae {
@@ -27,28 +28,6 @@ using math::Likelihood;
 // Elements per work item: large enough to amortise scheduling, small enough
 // that one image is split over both cores. A multiple of every vector width.
 constexpr int64_t kChunk = 16384;
-
-template <typename T>
-using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return f(TypeTag<float>{});
-    case DType::kFloat64:
-      return f(TypeTag<double>{});
-    case DType::kFloat16:
-      return f(TypeTag<c10::Half>{});
-    case DType::kBFloat16:
-      return f(TypeTag<c10::BFloat16>{});
-  }
-}
 
 // Loads `count` (<= lanes) elements as a vector of the accumulation type.
 // Lanes past `count` are zero. uint8 targets are pixels: value / 255.
@@ -128,8 +107,8 @@ void for_each_vector(int64_t batch, int64_t numel_per_sample, const Body& body) 
 }
 
 template <Likelihood L, typename T, typename TargetT>
-void recon_forward_typed(const ReconProblem& p, opmath_t<T>* rec) {
-  using Acc = opmath_t<T>;
+void recon_forward_typed(const ReconProblem& p, acc_t<T>* rec) {
+  using Acc = acc_t<T>;
   using O = VecOps<Acc>;
   const T* x = static_cast<const T*>(p.recon);
   const TargetT* t = static_cast<const TargetT*>(p.target);
@@ -146,9 +125,8 @@ void recon_forward_typed(const ReconProblem& p, opmath_t<T>* rec) {
 }
 
 template <Likelihood L, typename T, typename TargetT>
-void recon_backward_typed(const ReconProblem& p, const opmath_t<T>* grad_rec, T* grad_x,
-                          T* grad_s) {
-  using Acc = opmath_t<T>;
+void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* grad_x, T* grad_s) {
+  using Acc = acc_t<T>;
   using O = VecOps<Acc>;
   using Vec = at::vec::Vectorized<Acc>;
   const T* x = static_cast<const T*>(p.recon);
@@ -171,67 +149,31 @@ void recon_backward_typed(const ReconProblem& p, const opmath_t<T>* grad_rec, T*
   }
 }
 
-// Calls f(std::integral_constant<Likelihood, L>) for the runtime likelihood.
-template <typename F>
-void dispatch_likelihood(Likelihood l, F&& f) {
-  using LC = Likelihood;
-  switch (l) {
-    case LC::kBernoulliLogits:
-      return f(std::integral_constant<LC, LC::kBernoulliLogits>{});
-    case LC::kBernoulliProbs:
-      return f(std::integral_constant<LC, LC::kBernoulliProbs>{});
-    case LC::kContinuousBernoulliLogits:
-      return f(std::integral_constant<LC, LC::kContinuousBernoulliLogits>{});
-    case LC::kContinuousBernoulliProbs:
-      return f(std::integral_constant<LC, LC::kContinuousBernoulliProbs>{});
-    case LC::kSquaredError:
-      return f(std::integral_constant<LC, LC::kSquaredError>{});
-    case LC::kGaussian:
-      return f(std::integral_constant<LC, LC::kGaussian>{});
-  }
-}
-
-// Calls f(TypeTag<T>, TypeTag<TargetT>) for the problem's dtypes.
-template <typename F>
-void dispatch_recon(const ReconProblem& p, F&& f) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
-    if (p.target_is_uint8) {
-      f(tag, TypeTag<uint8_t>{});
-    } else {
-      f(tag, tag);
-    }
-  });
-}
-
 }  // namespace
 
 void recon_loss_forward(const ReconProblem& p, void* rec) {
-  dispatch_recon(p, [&](auto x_tag, auto t_tag) {
+  dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag) {
     using T = typename decltype(x_tag)::type;
     using TargetT = typename decltype(t_tag)::type;
-    dispatch_likelihood(p.likelihood, [&](auto l) {
-      recon_forward_typed<decltype(l)::value, T, TargetT>(p, static_cast<opmath_t<T>*>(rec));
-    });
+    recon_forward_typed<decltype(l)::value, T, TargetT>(p, static_cast<acc_t<T>*>(rec));
   });
 }
 
 void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
                          void* grad_log_scale) {
-  dispatch_recon(p, [&](auto x_tag, auto t_tag) {
+  dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag) {
     using T = typename decltype(x_tag)::type;
     using TargetT = typename decltype(t_tag)::type;
-    dispatch_likelihood(p.likelihood, [&](auto l) {
-      recon_backward_typed<decltype(l)::value, T, TargetT>(
-          p, static_cast<const opmath_t<T>*>(grad_rec), static_cast<T*>(grad_recon),
-          static_cast<T*>(grad_log_scale));
-    });
+    recon_backward_typed<decltype(l)::value, T, TargetT>(p, static_cast<const acc_t<T>*>(grad_rec),
+                                                         static_cast<T*>(grad_recon),
+                                                         static_cast<T*>(grad_log_scale));
   });
 }
 
 void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using Acc = opmath_t<T>;
+    using Acc = acc_t<T>;
     using O = VecOps<Acc>;
     const T* mu = static_cast<const T*>(p.mu);
     const T* lv = static_cast<const T*>(p.logvar);
@@ -250,9 +192,9 @@ void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl) {
 
 void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
                           void* grad_logvar) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using Acc = opmath_t<T>;
+    using Acc = acc_t<T>;
     using O = VecOps<Acc>;
     using Vec = at::vec::Vectorized<Acc>;
     const T* mu = static_cast<const T*>(p.mu);
@@ -269,9 +211,9 @@ void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, vo
 }
 
 void cb_log_normalizer_forward(const CbProblem& p, void* out) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using Acc = opmath_t<T>;
+    using Acc = acc_t<T>;
     const T* eta = static_cast<const T*>(p.logits);
     T* y = static_cast<T*>(out);
     for_each_vector<Acc>(1, p.numel, [&](int64_t, int64_t i, int64_t n) {
@@ -281,9 +223,9 @@ void cb_log_normalizer_forward(const CbProblem& p, void* out) {
 }
 
 void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using Acc = opmath_t<T>;
+    using Acc = acc_t<T>;
     const T* eta = static_cast<const T*>(p.logits);
     const T* g = static_cast<const T*>(grad);
     T* out = static_cast<T*>(grad_logits);

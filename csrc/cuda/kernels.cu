@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../dispatch.h"
 #include "../kernels.h"
 
 namespace fusedvae {
@@ -25,9 +26,6 @@ using math::Likelihood;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMinChunk = 4096;  // elements a block handles at least
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // ---------------------------------------------------------------- loads ------
 
@@ -393,58 +391,6 @@ void launch_map(const Body& body, bool vectorize, int64_t batch, int64_t numel_p
   }
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return f(TypeTag<float>{});
-    case DType::kFloat64:
-      return f(TypeTag<double>{});
-    case DType::kFloat16:
-      return f(TypeTag<__half>{});
-    case DType::kBFloat16:
-      return f(TypeTag<__nv_bfloat16>{});
-  }
-}
-
-template <typename F>
-void dispatch_likelihood(Likelihood l, F&& f) {
-  using LC = Likelihood;
-  switch (l) {
-    case LC::kBernoulliLogits:
-      return f(std::integral_constant<LC, LC::kBernoulliLogits>{});
-    case LC::kBernoulliProbs:
-      return f(std::integral_constant<LC, LC::kBernoulliProbs>{});
-    case LC::kContinuousBernoulliLogits:
-      return f(std::integral_constant<LC, LC::kContinuousBernoulliLogits>{});
-    case LC::kContinuousBernoulliProbs:
-      return f(std::integral_constant<LC, LC::kContinuousBernoulliProbs>{});
-    case LC::kSquaredError:
-      return f(std::integral_constant<LC, LC::kSquaredError>{});
-    case LC::kGaussian:
-      return f(std::integral_constant<LC, LC::kGaussian>{});
-  }
-}
-
-// Calls f(likelihood constant, TypeTag<T>, TypeTag<TargetT>).
-template <typename F>
-void dispatch_recon(const ReconProblem& p, F&& f) {
-  dispatch_dtype(p.dtype, [&](auto x_tag) {
-    dispatch_likelihood(p.likelihood, [&](auto l) {
-      if (p.target_is_uint8) {
-        f(l, x_tag, TypeTag<uint8_t>{});
-      } else {
-        f(l, x_tag, x_tag);
-      }
-    });
-  });
-}
-
 int64_t acc_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
 
 }  // namespace
@@ -460,7 +406,7 @@ int64_t gaussian_kl_workspace_bytes(const KlProblem& p, int device) {
 }
 
 void recon_loss_forward(const ReconProblem& p, void* rec, void* workspace, void* stream) {
-  dispatch_recon(p, [&](auto l, auto x_tag, auto t_tag) {
+  dispatch_recon<__half, __nv_bfloat16>(p, [&](auto l, auto x_tag, auto t_tag) {
     using T = typename decltype(x_tag)::type;
     using TargetT = typename decltype(t_tag)::type;
     constexpr int VEC = vec_width<T>();
@@ -478,7 +424,7 @@ void recon_loss_forward(const ReconProblem& p, void* rec, void* workspace, void*
 
 void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
                          void* grad_log_scale, void* stream) {
-  dispatch_recon(p, [&](auto l, auto x_tag, auto t_tag) {
+  dispatch_recon<__half, __nv_bfloat16>(p, [&](auto l, auto x_tag, auto t_tag) {
     using T = typename decltype(x_tag)::type;
     using TargetT = typename decltype(t_tag)::type;
     constexpr int VEC = vec_width<T>();
@@ -499,7 +445,7 @@ void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad
 
 void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl, void* workspace,
                          void* stream) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
+  dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = acc_t<T>;
     constexpr int VEC = vec_width<T>();
@@ -523,7 +469,7 @@ void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl, void* works
 
 void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
                           void* grad_logvar, void* stream) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
+  dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = acc_t<T>;
     constexpr int VEC = vec_width<T>();
@@ -541,7 +487,7 @@ void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, vo
 }
 
 void cb_log_normalizer_forward(const CbProblem& p, void* out, void* stream) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
+  dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int VEC = vec_width<T>();
     const bool vectorize =
@@ -553,7 +499,7 @@ void cb_log_normalizer_forward(const CbProblem& p, void* out, void* stream) {
 
 void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits,
                                 void* stream) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
+  dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int VEC = vec_width<T>();
     const bool vectorize = aligned<VEC>(
