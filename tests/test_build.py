@@ -50,3 +50,39 @@ def test_cpu_kernels_use_avx2_vector_math():
         binary = f.read()
     assert b"Sleef_expf8_u10" in binary
     assert b"Sleef_logf8_u10" in binary
+
+
+_ISA_SCRIPT = """
+import sys, torch, fusedvae
+g = torch.Generator().manual_seed(0)
+x = torch.randn(3, 3, 33, 35, generator=g)
+t = torch.rand(3, 3, 33, 35, generator=g)
+mu, lv = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+rows = []
+for lik in ("bernoulli", "cbernoulli", "gaussian"):
+    xx = x.clone().requires_grad_()
+    out = fusedvae.vae_loss(xx, t, mu, lv, likelihood=lik)
+    out.loss.backward()
+    rows.append(torch.cat([out.rec, xx.grad.flatten()]))
+torch.save(torch.stack(rows), sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="two kernel builds exist on x86_64 only")
+def test_avx2_and_default_kernels_agree(tmp_path):
+    # kernels.cpp follows at::get_cpu_capability(); ATEN_CPU_CAPABILITY=avx2
+    # forces the AVX2 build where the default may be the AVX-512 one.
+    import subprocess
+    import sys
+
+    results = {}
+    for isa in ("default", "avx2"):
+        env = dict(os.environ)
+        env.pop("ATEN_CPU_CAPABILITY", None)
+        if isa != "default":
+            env["ATEN_CPU_CAPABILITY"] = isa
+        path = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(fusedvae.__file__))))
+        results[isa] = torch.load(path)
+    torch.testing.assert_close(results["avx2"], results["default"], rtol=2e-6, atol=1e-6)

@@ -430,9 +430,13 @@ def test_large_random_logits_float32_finite(likelihood):
 #   bfloat16 -> half an ulp is 2^-8 = 3.9e-3, allow 8e-3. Absolute slack covers
 #   gradients in the subnormal range of float16 (spacing 6e-8) and tiny values.
 # * the gradient of a broadcast log_scale is a sum, done by autograd in the
-#   input dtype: float16 2e-3, bfloat16 2e-2.
+#   input dtype: float16 2e-3, bfloat16 2e-2. For a shared log σ it is
+#   Σ_b (N - Σ_i z_bi²), a difference of terms of size N·B = 180 that nearly
+#   cancel, so float32 rounding of those terms (and a different summation
+#   order, AVX2 vs AVX-512) leaves errors of order 180 · 6e-8 per rounding:
+#   1e-4 absolute.
 DTYPE_TOLS = {
-    F32: dict(value=(1e-5, 1e-5), grad=(1e-5, 1e-6), summed_grad=(1e-5, 1e-5)),
+    F32: dict(value=(1e-5, 1e-5), grad=(1e-5, 1e-6), summed_grad=(1e-5, 1e-4)),
     torch.float16: dict(value=(1e-5, 1e-5), grad=(1e-3, 1e-5), summed_grad=(2e-3, 1e-3)),
     torch.bfloat16: dict(value=(1e-5, 1e-5), grad=(8e-3, 1e-4), summed_grad=(2e-2, 1e-2)),
 }

@@ -1,0 +1,246 @@
+// CPU kernels: the per-element math of vae_math.h on at::vec::Vectorized
+// registers, parallel over (sample, chunk) work items.
+//
+// Compiled once per instruction set (kernels_avx2.cpp, kernels_avx512.cpp),
+// each copy in namespace fusedvae::cpu::CPU_CAPABILITY; kernels.cpp picks one
+// at run time. Include only from those files.
+//
+// Determinism: a sample is cut into chunks of a fixed size, each chunk is
+// summed lane-wise and then lane by lane in a fixed order, and the chunk sums
+// of a sample are added in chunk order in double. Nothing depends on the
+// number of threads or on which thread ran which chunk.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../dispatch.h"
+#include "../kernels.h"
+#include "vec_ops.h"
+
+namespace fusedvae {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using math::Likelihood;
+
+// Elements per work item: large enough to amortise scheduling, small enough
+// that one image is split over both cores. A multiple of every vector width.
+constexpr int64_t kChunk = 16384;
+
+// Loads `count` (<= lanes) elements as a vector of the accumulation type.
+// Lanes past `count` are zero. uint8 targets are pixels: value / 255.
+template <typename Acc, typename T>
+at::vec::Vectorized<Acc> load(const T* ptr, int64_t count) {
+  using Vec = at::vec::Vectorized<Acc>;
+  if constexpr (std::is_same_v<T, Acc>) {
+    return count == Vec::size() ? Vec::loadu(ptr) : Vec::loadu(ptr, count);
+  } else {
+    alignas(64) Acc buf[Vec::size()] = {};
+    if constexpr (std::is_same_v<T, uint8_t>) {
+      for (int64_t k = 0; k < count; ++k) buf[k] = static_cast<Acc>(ptr[k]) / Acc(255);
+    } else {
+      for (int64_t k = 0; k < count; ++k) buf[k] = static_cast<Acc>(ptr[k]);
+    }
+    return Vec::loadu(buf);
+  }
+}
+
+template <typename T, typename Acc>
+void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
+  using Vec = at::vec::Vectorized<Acc>;
+  if constexpr (std::is_same_v<T, Acc>) {
+    v.store(ptr, static_cast<int>(count));
+  } else {
+    alignas(64) Acc buf[Vec::size()];
+    v.store(buf);
+    for (int64_t k = 0; k < count; ++k) ptr[k] = static_cast<T>(buf[k]);
+  }
+}
+
+// out[b] = Σ over sample b of term(offset, count), where term returns the
+// per-element values of elements [offset, offset + count) as one vector.
+template <typename Acc, typename Term>
+void sum_per_sample(int64_t batch, int64_t numel_per_sample, Acc* out, const Term& term) {
+  using Vec = at::vec::Vectorized<Acc>;
+  const int64_t chunks = (numel_per_sample + kChunk - 1) / kChunk;
+  std::vector<Acc> partial(static_cast<size_t>(batch * chunks));
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks;
+      const int64_t first = (item % chunks) * kChunk;
+      const int64_t last = std::min(first + kChunk, numel_per_sample);
+      const int64_t base = b * numel_per_sample;
+      Vec acc(Acc(0));
+      int64_t i = first;
+      for (; i + Vec::size() <= last; i += Vec::size()) acc = acc + term(base + i, Vec::size());
+      if (i < last) acc = acc + Vec::set(Vec(Acc(0)), term(base + i, last - i), last - i);
+      alignas(64) Acc lanes[Vec::size()];
+      acc.store(lanes);
+      Acc sum = 0;
+      for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
+      partial[item] = sum;
+    }
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    double sum = 0;
+    for (int64_t c = 0; c < chunks; ++c) sum += static_cast<double>(partial[b * chunks + c]);
+    out[b] = static_cast<Acc>(sum);
+  }
+}
+
+// Calls body(b, offset, count) over every vector-sized run of every sample.
+template <typename Acc, typename Body>
+void for_each_vector(int64_t batch, int64_t numel_per_sample, const Body& body) {
+  constexpr int64_t lanes = at::vec::Vectorized<Acc>::size();
+  const int64_t chunks = (numel_per_sample + kChunk - 1) / kChunk;
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks;
+      const int64_t first = (item % chunks) * kChunk;
+      const int64_t last = std::min(first + kChunk, numel_per_sample);
+      const int64_t base = b * numel_per_sample;
+      for (int64_t i = first; i < last; i += lanes) body(b, base + i, std::min(lanes, last - i));
+    }
+  });
+}
+
+template <Likelihood L, typename T, typename TargetT>
+void recon_forward_typed(const ReconProblem& p, acc_t<T>* rec) {
+  using Acc = acc_t<T>;
+  using O = VecOps<Acc>;
+  const T* x = static_cast<const T*>(p.recon);
+  const TargetT* t = static_cast<const TargetT*>(p.target);
+  if constexpr (L == Likelihood::kGaussian) {
+    const T* s = static_cast<const T*>(p.log_scale);
+    sum_per_sample<Acc>(p.batch, p.numel_per_sample, rec, [&](int64_t i, int64_t n) {
+      return math::gaussian_loss<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n));
+    });
+  } else {
+    sum_per_sample<Acc>(p.batch, p.numel_per_sample, rec, [&](int64_t i, int64_t n) {
+      return math::recon_loss<L, O>(load<Acc>(x + i, n), load<Acc>(t + i, n));
+    });
+  }
+}
+
+template <Likelihood L, typename T, typename TargetT>
+void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* grad_x, T* grad_s) {
+  using Acc = acc_t<T>;
+  using O = VecOps<Acc>;
+  using Vec = at::vec::Vectorized<Acc>;
+  const T* x = static_cast<const T*>(p.recon);
+  const TargetT* t = static_cast<const TargetT*>(p.target);
+  if constexpr (L == Likelihood::kGaussian) {
+    const T* s = static_cast<const T*>(p.log_scale);
+    for_each_vector<Acc>(p.batch, p.numel_per_sample, [&](int64_t b, int64_t i, int64_t n) {
+      Vec gx, gs;
+      math::gaussian_grad<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n), &gx,
+                             &gs);
+      const Vec g(grad_rec[b]);
+      store(grad_x + i, g * gx, n);
+      store(grad_s + i, g * gs, n);
+    });
+  } else {
+    for_each_vector<Acc>(p.batch, p.numel_per_sample, [&](int64_t b, int64_t i, int64_t n) {
+      const Vec local = math::recon_loss_grad<L, O>(load<Acc>(x + i, n), load<Acc>(t + i, n));
+      store(grad_x + i, Vec(grad_rec[b]) * local, n);
+    });
+  }
+}
+
+}  // namespace
+
+void recon_loss_forward(const ReconProblem& p, void* rec) {
+  dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag) {
+    using T = typename decltype(x_tag)::type;
+    using TargetT = typename decltype(t_tag)::type;
+    recon_forward_typed<decltype(l)::value, T, TargetT>(p, static_cast<acc_t<T>*>(rec));
+  });
+}
+
+void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
+                         void* grad_log_scale) {
+  dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag) {
+    using T = typename decltype(x_tag)::type;
+    using TargetT = typename decltype(t_tag)::type;
+    recon_backward_typed<decltype(l)::value, T, TargetT>(p, static_cast<const acc_t<T>*>(grad_rec),
+                                                         static_cast<T*>(grad_recon),
+                                                         static_cast<T*>(grad_log_scale));
+  });
+}
+
+void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using Acc = acc_t<T>;
+    using O = VecOps<Acc>;
+    const T* mu = static_cast<const T*>(p.mu);
+    const T* lv = static_cast<const T*>(p.logvar);
+    Acc* out = static_cast<Acc*>(kl);
+    if (per_dim) {
+      for_each_vector<Acc>(p.batch, p.latent_dim, [&](int64_t, int64_t i, int64_t n) {
+        store(out + i, math::kl_per_dim<O>(load<Acc>(mu + i, n), load<Acc>(lv + i, n)), n);
+      });
+    } else {
+      sum_per_sample<Acc>(p.batch, p.latent_dim, out, [&](int64_t i, int64_t n) {
+        return math::kl_per_dim<O>(load<Acc>(mu + i, n), load<Acc>(lv + i, n));
+      });
+    }
+  });
+}
+
+void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
+                          void* grad_logvar) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using Acc = acc_t<T>;
+    using O = VecOps<Acc>;
+    using Vec = at::vec::Vectorized<Acc>;
+    const T* mu = static_cast<const T*>(p.mu);
+    const T* lv = static_cast<const T*>(p.logvar);
+    const Acc* g = static_cast<const Acc*>(grad);
+    T* gmu = static_cast<T*>(grad_mu);
+    T* glv = static_cast<T*>(grad_logvar);
+    for_each_vector<Acc>(p.batch, p.latent_dim, [&](int64_t b, int64_t i, int64_t n) {
+      const Vec up = per_dim ? load<Acc>(g + i, n) : Vec(g[b]);
+      store(gmu + i, up * load<Acc>(mu + i, n), n);
+      store(glv + i, up * math::kl_grad_logvar<O>(load<Acc>(lv + i, n)), n);
+    });
+  });
+}
+
+void cb_log_normalizer_forward(const CbProblem& p, void* out) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using Acc = acc_t<T>;
+    const T* eta = static_cast<const T*>(p.logits);
+    T* y = static_cast<T*>(out);
+    for_each_vector<Acc>(1, p.numel, [&](int64_t, int64_t i, int64_t n) {
+      store(y + i, math::cb_log_normalizer<VecOps<Acc>>(load<Acc>(eta + i, n)), n);
+    });
+  });
+}
+
+void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using Acc = acc_t<T>;
+    const T* eta = static_cast<const T*>(p.logits);
+    const T* g = static_cast<const T*>(grad);
+    T* out = static_cast<T*>(grad_logits);
+    for_each_vector<Acc>(1, p.numel, [&](int64_t, int64_t i, int64_t n) {
+      store(out + i,
+            load<Acc>(g + i, n) * math::cb_log_normalizer_grad<VecOps<Acc>>(load<Acc>(eta + i, n)),
+            n);
+    });
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fusedvae
