@@ -4,8 +4,14 @@ Public API:
     vae_loss, VAELoss, VAELossOutput, continuous_bernoulli_log_normalizer,
     normalized_beta, unnormalized_beta; ``fusedvae.reference`` holds the
     pure-PyTorch definition every fused path is tested against.
+
+Loss balancing and diagnostics, as submodules:
+    ``fusedvae.schedules`` (LinearWarmup, SigmoidAnneal, CyclicalAnneal,
+    CapacitySchedule), ``fusedvae.controllers`` (GECO, ControlVAE) and
+    ``fusedvae.diagnostics`` (rate, distortion, elbo, bits_per_dim, kl_per_dim,
+    active_units).
 """
-from . import reference
+from . import controllers, diagnostics, reference, schedules
 from ._ops import has_cuda_kernels
 from .functional import (
     VAELossOutput,
@@ -20,9 +26,12 @@ __all__ = [
     "VAELoss",
     "VAELossOutput",
     "continuous_bernoulli_log_normalizer",
+    "controllers",
+    "diagnostics",
     "has_cuda_kernels",
     "normalized_beta",
     "reference",
+    "schedules",
     "unnormalized_beta",
     "vae_loss",
 ]
