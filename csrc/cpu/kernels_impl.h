@@ -63,30 +63,42 @@ void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
   }
 }
 
+// A sample is cut into chunks of kChunk elements; work item `item` is chunk
+// (item % chunks) of sample (item / chunks). Calls
+// chunk_body(item, b, first, last) with [first, last) the chunk's element
+// range within sample b, all items in parallel.
+template <typename ChunkBody>
+int64_t for_each_chunk(int64_t batch, int64_t numel_per_sample, const ChunkBody& chunk_body) {
+  const int64_t chunks = (numel_per_sample + kChunk - 1) / kChunk;
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks;
+      const int64_t first = (item % chunks) * kChunk;
+      chunk_body(item, b, first, std::min(first + kChunk, numel_per_sample));
+    }
+  });
+  return chunks;
+}
+
 // out[b] = Σ over sample b of term(offset, count), where term returns the
 // per-element values of elements [offset, offset + count) as one vector.
 template <typename Acc, typename Term>
 void sum_per_sample(int64_t batch, int64_t numel_per_sample, Acc* out, const Term& term) {
   using Vec = at::vec::Vectorized<Acc>;
-  const int64_t chunks = (numel_per_sample + kChunk - 1) / kChunk;
-  std::vector<Acc> partial(static_cast<size_t>(batch * chunks));
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / chunks;
-      const int64_t first = (item % chunks) * kChunk;
-      const int64_t last = std::min(first + kChunk, numel_per_sample);
-      const int64_t base = b * numel_per_sample;
-      Vec acc(Acc(0));
-      int64_t i = first;
-      for (; i + Vec::size() <= last; i += Vec::size()) acc = acc + term(base + i, Vec::size());
-      if (i < last) acc = acc + Vec::set(Vec(Acc(0)), term(base + i, last - i), last - i);
-      alignas(64) Acc lanes[Vec::size()];
-      acc.store(lanes);
-      Acc sum = 0;
-      for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
-      partial[item] = sum;
-    }
-  });
+  std::vector<Acc> partial(static_cast<size_t>(batch * ((numel_per_sample + kChunk - 1) / kChunk)));
+  const int64_t chunks = for_each_chunk(
+      batch, numel_per_sample, [&](int64_t item, int64_t b, int64_t first, int64_t last) {
+        const int64_t base = b * numel_per_sample;
+        Vec acc(Acc(0));
+        int64_t i = first;
+        for (; i + Vec::size() <= last; i += Vec::size()) acc = acc + term(base + i, Vec::size());
+        if (i < last) acc = acc + Vec::set(Vec(Acc(0)), term(base + i, last - i), last - i);
+        alignas(64) Acc lanes[Vec::size()];
+        acc.store(lanes);
+        Acc sum = 0;
+        for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
+        partial[item] = sum;
+      });
   for (int64_t b = 0; b < batch; ++b) {
     double sum = 0;
     for (int64_t c = 0; c < chunks; ++c) sum += static_cast<double>(partial[b * chunks + c]);
@@ -98,15 +110,9 @@ void sum_per_sample(int64_t batch, int64_t numel_per_sample, Acc* out, const Ter
 template <typename Acc, typename Body>
 void for_each_vector(int64_t batch, int64_t numel_per_sample, const Body& body) {
   constexpr int64_t lanes = at::vec::Vectorized<Acc>::size();
-  const int64_t chunks = (numel_per_sample + kChunk - 1) / kChunk;
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / chunks;
-      const int64_t first = (item % chunks) * kChunk;
-      const int64_t last = std::min(first + kChunk, numel_per_sample);
-      const int64_t base = b * numel_per_sample;
-      for (int64_t i = first; i < last; i += lanes) body(b, base + i, std::min(lanes, last - i));
-    }
+  for_each_chunk(batch, numel_per_sample, [&](int64_t, int64_t b, int64_t first, int64_t last) {
+    const int64_t base = b * numel_per_sample;
+    for (int64_t i = first; i < last; i += lanes) body(b, base + i, std::min(lanes, last - i));
   });
 }
 

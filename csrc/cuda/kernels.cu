@@ -292,25 +292,34 @@ __device__ __forceinline__ Acc block_sum(Acc v) {
   return v;
 }
 
-// partial[item] = Σ over the item's chunk of term; VEC-wide where aligned.
-template <int VEC, class Term, typename Acc>
-__global__ void __launch_bounds__(kThreads)
-    sum_chunks_kernel(Term term, int64_t numel_per_sample, Grid grid, Acc* partial) {
+// Visits this block's chunk: f(b, i, width) for element i of sample b, with
+// width an integral_constant: VEC for the aligned runs, then 1 for the tail.
+template <int VEC, class F>
+__device__ __forceinline__ void for_each_in_chunk(int64_t numel_per_sample, Grid grid, F&& f) {
   const int64_t item = blockIdx.x;
   const int64_t b = item / grid.chunks;
   const int64_t first = (item - b * grid.chunks) * grid.chunk;
   const int64_t last = min(first + grid.chunk, numel_per_sample);
   const int64_t base = b * numel_per_sample;
   const int64_t vec_last = first + (last - first) / VEC * VEC;
-  Acc acc = 0;
   for (int64_t i = first + int64_t(threadIdx.x) * VEC; i < vec_last; i += int64_t(kThreads) * VEC) {
-    acc += term.template sum<VEC>(base + i);
+    f(b, base + i, std::integral_constant<int, VEC>{});
   }
   for (int64_t i = vec_last + threadIdx.x; i < last; i += kThreads) {
-    acc += term.template sum<1>(base + i);
+    f(b, base + i, std::integral_constant<int, 1>{});
   }
+}
+
+// partial[item] = Σ over the item's chunk of term; VEC-wide where aligned.
+template <int VEC, class Term, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    sum_chunks_kernel(Term term, int64_t numel_per_sample, Grid grid, Acc* partial) {
+  Acc acc = 0;
+  for_each_in_chunk<VEC>(numel_per_sample, grid, [&](int64_t, int64_t i, auto width) {
+    acc += term.template sum<decltype(width)::value>(i);
+  });
   acc = block_sum(acc);
-  if (threadIdx.x == 0) partial[item] = acc;
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
 // out[b] = Σ_c partial[b, c] in chunk order (double, then rounded).
@@ -326,18 +335,9 @@ __global__ void sum_partials_kernel(const Acc* partial, int64_t batch, int64_t c
 template <int VEC, class Body>
 __global__ void __launch_bounds__(kThreads)
     map_chunks_kernel(Body body, int64_t numel_per_sample, Grid grid) {
-  const int64_t item = blockIdx.x;
-  const int64_t b = item / grid.chunks;
-  const int64_t first = (item - b * grid.chunks) * grid.chunk;
-  const int64_t last = min(first + grid.chunk, numel_per_sample);
-  const int64_t base = b * numel_per_sample;
-  const int64_t vec_last = first + (last - first) / VEC * VEC;
-  for (int64_t i = first + int64_t(threadIdx.x) * VEC; i < vec_last; i += int64_t(kThreads) * VEC) {
-    body.template apply<VEC>(b, base + i);
-  }
-  for (int64_t i = vec_last + threadIdx.x; i < last; i += kThreads) {
-    body.template apply<1>(b, base + i);
-  }
+  for_each_in_chunk<VEC>(numel_per_sample, grid, [&](int64_t b, int64_t i, auto width) {
+    body.template apply<decltype(width)::value>(b, i);
+  });
 }
 
 // 16 bytes of the widest element type per vector access.
