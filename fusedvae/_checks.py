@@ -6,11 +6,12 @@ with the device unless ``validate=True`` asked for the range checks.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from ._args import is_real
 
 LIKELIHOODS = ("bernoulli", "cbernoulli", "gaussian")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -47,10 +48,6 @@ def _check_float_tensor(value, name: str) -> None:
 def _check_device(value: Tensor, name: str, recon: Tensor) -> None:
     if value.device != recon.device:
         raise ValueError(f"{name} must be on the device of recon ({recon.device}), got {value.device}")
-
-
-def _is_real_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_scalar_tensor(value: Tensor, name: str, recon: Tensor) -> None:
@@ -110,13 +107,13 @@ def check_vae_loss_args(
 
     if isinstance(beta, Tensor):
         _check_scalar_tensor(beta, "beta", recon)
-    elif _is_real_number(beta):
+    elif is_real(beta):
         if not (math.isfinite(beta) and beta >= 0):
             raise ValueError(f"beta must be a finite number >= 0, got {beta}")
     else:
         raise TypeError(f"beta must be a float or a 0-d tensor, got {type(beta).__name__}")
 
-    if not _is_real_number(free_bits):
+    if not is_real(free_bits):
         raise TypeError(f"free_bits must be a float, got {type(free_bits).__name__}")
     if not (math.isfinite(free_bits) and free_bits >= 0):
         raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension), got {free_bits}")
@@ -138,7 +135,7 @@ def _check_log_scale(log_scale: LogScale, likelihood: str, recon: Tensor) -> Non
         if isinstance(log_scale, str) and log_scale != "optimal":
             raise ValueError(f"log_scale must be a float, a tensor or 'optimal', got {log_scale!r}")
         return
-    if _is_real_number(log_scale):
+    if is_real(log_scale):
         if not math.isfinite(log_scale):
             raise ValueError(f"log_scale must be finite, got {log_scale}")
         return
