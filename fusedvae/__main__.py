@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 # name -> (module, one-line help). The module is imported only when needed.
 _COMMANDS = {
     "bench": ("fusedvae.bench", "time forward+backward of the VAE loss on CPU: eager vs torch.compile vs fused"),
+    "demo": ("fusedvae.demo", "train small VAEs on scikit-learn data with vae_loss; write pictures and report.md"),
 }
 
 
