@@ -119,11 +119,14 @@ FUSEDVAE_HD typename O::V log1p_unit(typename O::V e) {
 // The logit paths share e = exp(-|x|) between the softplus, the sigmoid and
 // the continuous-Bernoulli normaliser: one exp per element.
 
-// max(x, 0) - t*x + log1p(exp(-|x|)), given e = exp(-|x|): finite for every finite x.
+// max(x, 0) - t*x + log1p(exp(-|x|)), given e = exp(-|x|): finite for every finite x,
 template <class O>
 FUSEDVAE_HD typename O::V bce_logits_loss_from(typename O::V x, typename O::V t, typename O::V e) {
-  const typename O::V zero = O::splat(0.0);
-  return O::select(O::gt(x, zero), x, zero) - t * x + log1p_unit<O>(e);
+  // (1 - t)·x + max(-x, 0) + log1p(e): the same value, and at x = ±inf the
+  // same inf/NaN as torch.nn.functional.binary_cross_entropy_with_logits.
+  using V = typename O::V;
+  const V zero = O::splat(0.0);
+  return (O::splat(1.0) - t) * x + O::select(O::gt(zero, x), zero - x, zero) + log1p_unit<O>(e);
 }
 
 // sigmoid(x) given e = exp(-|x|), exact on both tails.

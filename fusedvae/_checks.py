@@ -29,6 +29,14 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _is_finite(value) -> bool:
+    # Not math.isfinite: under torch.compile(dynamic=True) a Python float argument
+    # is traced as a symbolic float, and Dynamo cannot put math.isfinite of one in
+    # the graph (a graph break; an error with fullgraph=True). Comparisons guard
+    # instead. NaN fails both.
+    return -math.inf < value < math.inf
+
+
 def _check_tensor(value, name: str) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -108,14 +116,14 @@ def check_vae_loss_args(
     if isinstance(beta, Tensor):
         _check_scalar_tensor(beta, "beta", recon)
     elif is_real(beta):
-        if not (math.isfinite(beta) and beta >= 0):
+        if not (_is_finite(beta) and beta >= 0):
             raise ValueError(f"beta must be a finite number >= 0, got {beta}")
     else:
         raise TypeError(f"beta must be a float or a 0-d tensor, got {type(beta).__name__}")
 
     if not is_real(free_bits):
         raise TypeError(f"free_bits must be a float, got {type(free_bits).__name__}")
-    if not (math.isfinite(free_bits) and free_bits >= 0):
+    if not (_is_finite(free_bits) and free_bits >= 0):
         raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension), got {free_bits}")
 
     _check_log_scale(log_scale, likelihood, recon)
@@ -136,7 +144,7 @@ def _check_log_scale(log_scale: LogScale, likelihood: str, recon: Tensor) -> Non
             raise ValueError(f"log_scale must be a float, a tensor or 'optimal', got {log_scale!r}")
         return
     if is_real(log_scale):
-        if not math.isfinite(log_scale):
+        if not _is_finite(log_scale):
             raise ValueError(f"log_scale must be finite, got {log_scale}")
         return
     if not isinstance(log_scale, Tensor):

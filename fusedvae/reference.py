@@ -127,13 +127,13 @@ def vae_loss(
             s = torch.tensor(float(log_scale), dtype=dtype, device=x.device)
 
     nll = _elementwise_nll(x, t, likelihood, logits, s)
-    rec = nll.reshape(batch, -1).sum(dim=1)
+    rec = nll.reshape(batch, _checks.per_sample_size(recon)).sum(dim=1)
 
     # Diagonal Gaussian posterior against N(0, I) (Kingma & Welling 2014, App. B).
     m = mu.to(_checks.accumulate_dtype(torch.promote_types(mu.dtype, logvar.dtype)))
     lv = logvar.to(m.dtype)
     kl_per_dim = 0.5 * (m**2 + torch.exp(lv) - 1 - lv)
-    kl_per_dim = kl_per_dim.reshape(batch, -1)
+    kl_per_dim = kl_per_dim.reshape(batch, _checks.per_sample_size(mu))
     kl = kl_per_dim.sum(dim=1)
 
     if free_bits > 0:
