@@ -12,7 +12,20 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.autograd.forward_ad import _set_fwd_grad_enabled
+
+try:  # private PyTorch internals the hand-registered kernels below rely on
+    from torch.autograd.forward_ad import _set_fwd_grad_enabled
+
+    _HAVE_INTERNALS = all(
+        (
+            hasattr(torch.autograd.function, "_SingleLevelFunction"),
+            hasattr(torch._C, "_AutoDispatchBelowAutograd"),
+            hasattr(torch._C, "_are_functorch_transforms_active"),
+            hasattr(torch._C._functorch, "set_single_level_autograd_function_allowed"),
+        )
+    )
+except ImportError:  # pragma: no cover - depends on the torch version
+    _HAVE_INTERNALS = False
 
 from . import _C  # noqa: F401  (registers torch.ops.fusedvae)
 from ._checks import accumulate_dtype
@@ -172,7 +185,15 @@ def _register_autograd(name, setup_context, backward, jvp):
     ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` as for
     :func:`torch.library.register_autograd`; ``jvp(ctx, *tangents)`` returns the
     output tangent (tangents are ``None`` for inputs without one).
+
+    On a torch without the internals this relies on, falls back to
+    :func:`torch.library.register_autograd` (plain autograd and torch.compile
+    work; torch.func transforms and second-order errors may not).
     """
+    if not _HAVE_INTERNALS:
+        if not name.endswith("_backward"):
+            torch.library.register_autograd(f"fusedvae::{name}", backward, setup_context=setup_context)
+        return None
     op = getattr(ops, name).default
 
     def forward(*args):

@@ -356,3 +356,25 @@ def test_nested_first_order_transforms():
     f = per(fusedvae.vae_loss)
     with pytest.raises(RuntimeError, match=SECOND_ORDER):
         grad(lambda r: jvp(lambda x: f(x, T[0], M[0], L[0]), (r,), (tR[0],))[1].sum())(R[0])
+
+
+def test_fallback_without_private_torch_internals():
+    # On a torch lacking the internals the hand-registered autograd kernels use,
+    # _ops falls back to torch.library.register_autograd: first derivatives stay exact.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "del torch._C._are_functorch_transforms_active\n"
+        "import fusedvae\n"
+        "assert not fusedvae._ops._HAVE_INTERNALS\n"
+        "d = dict(dtype=torch.float64)\n"
+        "x = torch.randn(3, 2, 4, 5, **d, requires_grad=True); t = torch.rand(3, 2, 4, 5, **d)\n"
+        "mu = torch.randn(3, 4, **d, requires_grad=True); lv = torch.randn(3, 4, **d, requires_grad=True)\n"
+        "f = lambda x, m, l: fusedvae.vae_loss(x, t, m, l, likelihood='cbernoulli', free_bits=0.1).loss\n"
+        "assert torch.autograd.gradcheck(f, (x, mu, lv))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
