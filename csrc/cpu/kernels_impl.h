@@ -33,6 +33,17 @@ using math::Likelihood;
 // that one image is split over both cores. A multiple of every vector width.
 constexpr int64_t kChunk = 16384;
 
+// Copies `count` elements converted to type To. A full vector's worth has a
+// compile-time trip count, so the compiler turns it into vector conversions.
+template <int64_t kLanes, typename To, typename From>
+void convert_run(const From* src, To* dst, int64_t count) {
+  if (count == kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) dst[k] = static_cast<To>(src[k]);
+  } else {
+    for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<To>(src[k]);
+  }
+}
+
 // Loads `count` (<= lanes) elements as a vector of the accumulation type.
 // Lanes past `count` are zero. uint8 targets are pixels: value / 255.
 template <typename Acc, typename T>
@@ -42,12 +53,12 @@ at::vec::Vectorized<Acc> load(const T* ptr, int64_t count) {
     return count == Vec::size() ? Vec::loadu(ptr) : Vec::loadu(ptr, count);
   } else {
     alignas(64) Acc buf[Vec::size()] = {};
+    convert_run<Vec::size()>(ptr, buf, count);
     if constexpr (std::is_same_v<T, uint8_t>) {
-      for (int64_t k = 0; k < count; ++k) buf[k] = static_cast<Acc>(ptr[k]) / Acc(255);
+      return Vec::loadu(buf) / Vec(Acc(255));
     } else {
-      for (int64_t k = 0; k < count; ++k) buf[k] = static_cast<Acc>(ptr[k]);
+      return Vec::loadu(buf);
     }
-    return Vec::loadu(buf);
   }
 }
 
@@ -59,7 +70,7 @@ void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
   } else {
     alignas(64) Acc buf[Vec::size()];
     v.store(buf);
-    for (int64_t k = 0; k < count; ++k) ptr[k] = static_cast<T>(buf[k]);
+    convert_run<Vec::size()>(buf, ptr, count);
   }
 }
 
