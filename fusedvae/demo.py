@@ -41,16 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fusedvae
+from .bench import eager_loss
+from .diagnostics import active_units, kl_per_dim
 
 __all__ = [
     "ConvVAE",
     "LIKELIHOODS",
-    "active_units",
     "add_arguments",
     "classic_mistake_loss",
     "continuous_bernoulli_mean",
-    "eager_loss",
-    "kl_per_dim",
     "load_digits_data",
     "load_photo_patches",
     "main",
@@ -94,20 +93,6 @@ def continuous_bernoulli_mean(logits: Tensor) -> Tensor:
     return torch.where(small, series, direct).to(logits.dtype)
 
 
-def eager_loss(recon_logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float = 1.0) -> Tensor:
-    """The Bernoulli negative ELBO as written in plain eager PyTorch (reduction "batchmean").
-
-    BCE-with-logits summed over each sample plus the closed-form Gaussian KL summed
-    over each sample's latent dims, averaged over the batch; a uint8 target is read
-    as value/255. Equals ``fusedvae.vae_loss(recon_logits, target, mu, logvar, beta=beta).loss``.
-    """
-    if target.dtype == torch.uint8:
-        target = target.to(recon_logits.dtype) / 255
-    rec = F.binary_cross_entropy_with_logits(recon_logits, target, reduction="none").flatten(1).sum(1)
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
-    return (rec + beta * kl).mean()
-
-
 def classic_mistake_loss(recon_logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     """What users often write: per-element mean BCE plus the KL summed over latent dims.
 
@@ -135,25 +120,6 @@ def mistake_equivalent_beta(latent_dim: int, input_dim: int) -> Tuple[float, flo
         ``(beta_for_mean_reduction, beta_for_batchmean) = (J, N)``.
     """
     return float(latent_dim), float(input_dim)
-
-
-def kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(q(z_j|x) || N(0,1)) for every sample and latent dim, shape ``[B, J]``."""
-    return (0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)).flatten(1)
-
-
-def active_units(mu: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> Tuple[Tensor, Tensor]:
-    """Active units (Burda et al., 2016): the dims whose posterior mean varies over the data.
-
-    Args:
-        mu: posterior means E_q[z|x] over a data set, ``[B, J]``.
-        threshold: a dim is active when Var_x(E_q[z_j|x]) > threshold.
-
-    Returns:
-        ``(active [J] bool, variance [J])``.
-    """
-    var = mu.flatten(1).double().var(dim=0, unbiased=True)
-    return var > threshold, var
 
 
 # --------------------------------------------------------------------------- data
@@ -536,7 +502,7 @@ def experiment_failure(train, test, st: Settings, seed: int, out: str, progress:
     for key in ("a", "b", "c", "c_eps"):
         e = evals[key]
         res["failure"][key] = {"rec": e.rec, "kl": e.kl, "neg_elbo": e.neg_elbo, "mse": e.mse,
-                               "active_units": int(active_units(e.mu)[0].sum())}
+                               "active_units": int(active_units(e.mu, ACTIVE_UNIT_THRESHOLD).count)}
     return {"runs": runs, "evals": evals}
 
 
@@ -576,7 +542,7 @@ def experiment_sweep(train, test, st: Settings, seed: int, out: str, progress: b
     image_grid([("test images", test[:k])] + [(f"β={b:g}", evals[b].recon[:k]) for b in st.sweep_betas],
                os.path.join(out, "fig2_beta_sweep_recons.png"), "Reconstructions (decoder at z = μ) across the β sweep")
     res["sweep"] = [{"beta": b, "rate": evals[b].kl, "distortion": evals[b].rec, "neg_elbo": evals[b].neg_elbo,
-                     "active_units": int(active_units(evals[b].mu)[0].sum()), "train_seconds": seconds[b]}
+                     "active_units": int(active_units(evals[b].mu, ACTIVE_UNIT_THRESHOLD).count), "train_seconds": seconds[b]}
                     for b in st.sweep_betas]
     return evals
 
@@ -587,7 +553,8 @@ def experiment_kl_dims(evals: Dict[str, Evaluation], out: str, res: dict) -> Non
     fig, axes = plt.subplots(1, len(evals), figsize=(4.2 * len(evals), 3.3), squeeze=False)
     res["kl_dims"] = {}
     for ax, (label, e) in zip(axes[0], evals.items()):
-        active, var = active_units(e.mu)
+        var = active_units(e.mu, ACTIVE_UNIT_THRESHOLD).variances
+        active = var > ACTIVE_UNIT_THRESHOLD
         kl = e.kl_dims.numpy()
         colors = ["C0" if a else "lightgrey" for a in active.tolist()]
         ax.bar(range(len(kl)), kl, color=colors, edgecolor="k", lw=0.4)
@@ -630,7 +597,7 @@ def experiment_likelihoods(train, test, likelihoods: Sequence[str], st: Settings
         e_train = evaluate(r.model, train, lik, log_scale=eval_scale, samples=st.eval_samples)
         entry = {"rec": e.rec, "kl": e.kl, "neg_elbo": e.neg_elbo, "mse": e.mse, "train_seconds": r.seconds,
                  "train_neg_elbo": e_train.neg_elbo, "train_mse": e_train.mse,
-                 "active_units": int(active_units(e.mu)[0].sum())}
+                 "active_units": int(active_units(e.mu, ACTIVE_UNIT_THRESHOLD).count)}
         if lik == "gaussian":
             entry["log_sigma"] = eval_scale
         if lik in ("cbernoulli", "gaussian"):
