@@ -11,9 +11,9 @@ import argparse
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 import fusedvae
+from fusedvae.bench import eager_loss
 
 # (name, recon dtype, target dtype, minimum bytes per element for fwd+bwd)
 CASES = [
@@ -21,14 +21,6 @@ CASES = [
     ("fp32 recon, uint8 target", torch.float32, torch.uint8, 14),
     ("bf16 recon, uint8 target", torch.bfloat16, torch.uint8, 8),
 ]
-
-
-def eager_loss(recon, target, mu, logvar, beta=1.0):
-    if target.dtype == torch.uint8:
-        target = target.to(recon.dtype) / 255
-    rec = F.binary_cross_entropy_with_logits(recon, target, reduction="none").flatten(1).sum(1)
-    kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).flatten(1).sum(1)
-    return (rec.float() + beta * kl.float()).mean()
 
 
 def fused_loss(recon, target, mu, logvar, beta=1.0):

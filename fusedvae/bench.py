@@ -92,10 +92,10 @@ RTOL = 1e-4
 def eager_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float = 1.0) -> Tensor:
     """The objective as a user writes it in eager PyTorch (Bernoulli logits + closed-form KL)."""
     if target.dtype == torch.uint8:
-        target = target.float() / 255
+        target = target.to(recon.dtype) / 255
     rec = F.binary_cross_entropy_with_logits(recon, target, reduction="none").flatten(1).sum(1)
     kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).flatten(1).sum(1)
-    return (rec + beta * kl).mean()
+    return (rec.float() + beta * kl.float()).mean()
 
 
 _COMPILED: Optional[Callable[..., Tensor]] = None
