@@ -17,7 +17,7 @@ import torch
 
 import fusedvae
 from fusedvae import reference
-from conftest import VARIANT_IDS, VARIANTS, Inputs, make_inputs, make_log_scale, run_loss
+from helpers import VARIANT_IDS, VARIANTS, Inputs, make_inputs, make_log_scale, run_loss
 
 SAMPLE = (3, 96, 64)  # 18432 elements per sample: two chunks
 LATENT = (4, 64, 70)  # 17920 latent elements per sample: two chunks for the KL sum too

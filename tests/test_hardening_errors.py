@@ -24,12 +24,10 @@ import textwrap
 import pytest
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import fusedvae
+from fusedvae import reference
 
-import fusedvae  # noqa: E402
-from fusedvae import reference  # noqa: E402
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DOC = os.path.join(_ROOT, "docs", "errors.md")
 ops = torch.ops.fusedvae
@@ -299,7 +297,7 @@ def test_direct_op_bad_inputs_do_not_crash_the_process():
     script = textwrap.dedent(
         f"""
         import sys
-        sys.path[:0] = [{_ROOT!r}, {os.path.join(_ROOT, "tests")!r}]
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         import torch
         import test_hardening_errors as m
         raised = 0

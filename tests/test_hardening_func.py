@@ -30,7 +30,7 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import fusedvae
 from fusedvae import reference
-from conftest import VARIANT_IDS, VARIANTS, make_inputs, make_log_scale
+from helpers import VARIANT_IDS, VARIANTS, make_inputs, make_log_scale
 
 F64 = torch.float64
 ops = torch.ops.fusedvae

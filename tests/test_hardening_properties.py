@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 import fusedvae
 from fusedvae import reference
-from conftest import VARIANTS
+from helpers import VARIANTS
 
 F64 = torch.float64
 F32 = torch.float32

@@ -18,7 +18,7 @@ from torch import nn
 
 import fusedvae
 from fusedvae import reference
-from conftest import (
+from helpers import (
     HALF_DTYPES,
     REDUCTIONS,
     VARIANT_IDS,
