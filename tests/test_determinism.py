@@ -24,17 +24,6 @@ LATENT = (4, 64, 70)  # 17920 latent elements per sample: two chunks for the KL 
 THREADS = (1, 2, 3, 2, 1)
 
 
-@pytest.fixture
-def deterministic_algorithms():
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-    torch.set_num_threads(threads)
-
-
 def _run(inp, ls, likelihood, logits, free_bits):
     upstream = torch.tensor([1.0, -2.0, 0.5])
     out, grads = run_loss(

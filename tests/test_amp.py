@@ -23,9 +23,9 @@ import torch
 
 import fusedvae
 from fusedvae import reference
-from test_hardening_compile import LATENT, TinyConvVAE, _batch
+from helpers import TINY_LATENT, TinyConvVAE, tiny_batch
 
-N, J = 64, LATENT
+N, J = 64, TINY_LATENT
 LIKELIHOODS = [("bernoulli", None), ("cbernoulli", None), ("gaussian", None), ("gaussian", "optimal")]
 LIK_IDS = ["bernoulli", "cbernoulli", "gaussian", "gaussian-optimal"]
 
@@ -85,14 +85,14 @@ def _check_against_fp32_and_reference(model, batch, lik, log_scale, dtype, devic
 @pytest.mark.parametrize("lik,log_scale", LIKELIHOODS, ids=LIK_IDS)
 def test_cpu_bf16_autocast_loss(lik, log_scale, uint8):
     model = _model()
-    _check_against_fp32_and_reference(model, _batch(16, uint8, seed=1), lik, log_scale, torch.bfloat16, "cpu")
+    _check_against_fp32_and_reference(model, tiny_batch(16, uint8, seed=1), lik, log_scale, torch.bfloat16, "cpu")
 
 
 @pytest.mark.parametrize("lik", ["bernoulli", "cbernoulli"])
 def test_cpu_bf16_autocast_large_logits_stay_finite(lik):
     # logits in the hundreds: float32 is finite, so bf16 (same exponent range) must be too
     model = _model(scale=200.0)
-    x, target, eps = _batch(16, True, seed=2)
+    x, target, eps = tiny_batch(16, True, seed=2)
     recon, _, _, out = _forward(model, x, target, eps, lik, None, torch.bfloat16)
     assert recon.abs().max() > 50
     _check_against_fp32_and_reference(model, (x, target, eps), lik, None, torch.bfloat16, "cpu")
@@ -102,7 +102,7 @@ def test_cpu_bf16_autocast_large_logits_stay_finite(lik):
 def test_cpu_bf16_autocast_gradients(lik, log_scale):
     model = _model()
     model32 = copy.deepcopy(model)
-    x, target, eps = _batch(16, True, seed=3)
+    x, target, eps = tiny_batch(16, True, seed=3)
     recon, _, _, out = _forward(model, x, target, eps, lik, log_scale, torch.bfloat16)
     recon.retain_grad()
     out.loss.backward()
@@ -119,7 +119,7 @@ def test_cpu_bf16_autocast_gradients(lik, log_scale):
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast_low_precision(device, dtype):
     model = _model(device)
-    x, target, eps = (t.to(device) for t in _batch(16, True, seed=4))
+    x, target, eps = (t.to(device) for t in tiny_batch(16, True, seed=4))
     for lik, log_scale in LIKELIHOODS:
         _check_against_fp32_and_reference(model, (x, target, eps), lik, log_scale, dtype, device)
 
@@ -134,7 +134,7 @@ def test_grad_scaler_fp16(device):
     opt32 = torch.optim.SGD(model32.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler(device, init_scale=2.0**12, growth_interval=1000)
     for step in range(3):
-        x, target, eps = (t.to(device) for t in _batch(32, True, seed=10 + step))
+        x, target, eps = (t.to(device) for t in tiny_batch(32, True, seed=10 + step))
         opt.zero_grad(set_to_none=True)
         opt32.zero_grad(set_to_none=True)
         _, _, _, out = _forward(model, x, target, eps, "bernoulli", None, torch.float16, device)
@@ -156,7 +156,7 @@ def test_grad_scaler_fp16(device):
     # it, skips the step and halves the scale.
     before = [p.detach().clone() for p in model.parameters()]
     huge = torch.amp.GradScaler(device, init_scale=2.0**40)
-    x, target, eps = (t.to(device) for t in _batch(32, True, seed=99))
+    x, target, eps = (t.to(device) for t in tiny_batch(32, True, seed=99))
     opt.zero_grad(set_to_none=True)
     recon, _, _, out = _forward(model, x, target, eps, "bernoulli", None, torch.float16, device)
     recon.retain_grad()

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import fusedvae
+from helpers import TinyConvVAE, tiny_batch
 
-LATENT = 4
 # (likelihood, loss kwargs, uint8 target?)
 CONFIGS = [
     ("cbernoulli", dict(likelihood="cbernoulli", beta="tensor"), False),
@@ -30,36 +29,9 @@ CONFIGS = [
 CONFIG_IDS = [c[0] for c in CONFIGS]
 
 
-class TinyConvVAE(nn.Module):
-    """1x8x8 images -> 4-d latent -> 1x8x8 logits (or means)."""
-
-    def __init__(self):
-        super().__init__()
-        self.enc = nn.Sequential(
-            nn.Conv2d(1, 4, 3, 2, 1), nn.SiLU(), nn.Conv2d(4, 8, 3, 2, 1), nn.SiLU(),
-            nn.Flatten(), nn.Linear(8 * 2 * 2, 2 * LATENT),
-        )
-        self.dec_in = nn.Linear(LATENT, 8 * 2 * 2)
-        self.dec = nn.Sequential(
-            nn.SiLU(), nn.ConvTranspose2d(8, 4, 4, 2, 1), nn.SiLU(), nn.ConvTranspose2d(4, 1, 4, 2, 1),
-        )
-
-    def forward(self, x, eps):
-        mu, logvar = self.enc(x).chunk(2, dim=1)
-        z = mu + eps * torch.exp(0.5 * logvar)
-        return self.dec(self.dec_in(z).view(-1, 8, 2, 2)), mu, logvar
-
-
 def _model():
     torch.manual_seed(0)
     return TinyConvVAE()
-
-
-def _batch(b, uint8, seed):
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (b, 1, 8, 8), generator=g, dtype=torch.uint8)
-    x = pixels.float() / 255
-    return x, (pixels if uint8 else x), torch.randn(b, LATENT, generator=g)
 
 
 def _loss_kwargs(kw):
@@ -108,14 +80,6 @@ def _assert_same(got, exp):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("name,kw,uint8", CONFIGS, ids=CONFIG_IDS)
 def test_step_with_autograd_grad_inside_fullgraph_dynamic(name, kw, uint8, fresh_dynamo):
     model = _model()
@@ -125,7 +89,7 @@ def test_step_with_autograd_grad_inside_fullgraph_dynamic(name, kw, uint8, fresh
         compiled = torch.compile(_make_step_grad_inside(model, kw), fullgraph=True, dynamic=True, backend=backend)
         compilations = None
         for i, b in enumerate((6, 3, 11)):
-            x, target, eps = _batch(b, uint8, seed=i)
+            x, target, eps = tiny_batch(b, uint8, seed=i)
             got = compiled(x, target, eps)
             _assert_same(got, _eager_reference(model, kw, x, target, eps))
             if compilations is None:
@@ -144,7 +108,7 @@ def test_step_with_backward_outside_mark_dynamic(name, kw, uint8, fresh_dynamo):
     backend = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(_make_loss(model, kw), fullgraph=True, backend=backend)
     for i, b in enumerate((6, 3, 11)):
-        x, target, eps = _batch(b, uint8, seed=10 + i)
+        x, target, eps = tiny_batch(b, uint8, seed=10 + i)
         for t in {id(x): x, id(target): target, id(eps): eps}.values():
             torch._dynamo.mark_dynamic(t, 0)
         model.zero_grad(set_to_none=True)
@@ -158,7 +122,7 @@ def test_step_with_backward_outside_mark_dynamic(name, kw, uint8, fresh_dynamo):
 
 def test_explain_reports_no_graph_breaks(fresh_dynamo):
     model = _model()
-    x, target, eps = _batch(5, True, seed=0)
+    x, target, eps = tiny_batch(5, True, seed=0)
     kw = dict(likelihood="cbernoulli", beta=torch.tensor(0.3), free_bits=0.1)
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         explained = torch._dynamo.explain(_make_step_grad_inside(model, kw))(x, target, eps)
@@ -193,7 +157,7 @@ def test_step_inductor(fresh_dynamo):
     backend = CompileCounterWithBackend("inductor")
     compiled = torch.compile(_make_loss(model, kw), fullgraph=True, dynamic=True, backend=backend)
     for i, b in enumerate((6, 3, 11)):
-        x, target, eps = _batch(b, True, seed=20 + i)
+        x, target, eps = tiny_batch(b, True, seed=20 + i)
         model.zero_grad(set_to_none=True)
         loss, rec = compiled(x, target, eps)
         loss.backward()
