@@ -1,6 +1,11 @@
-"""torch.func and higher-order autograd around the fused ops.
+"""Gradients of the fused loss: autograd, torch.func and higher-order autograd.
 
-What works (each against the reference or a Python loop):
+First derivatives by autograd: ``torch.autograd.gradcheck`` over every
+reconstruction path and reduction, upstream gradients other than 1 (a scalar
+factor, per-sample weights on rec, kl and the loss, one of rec/kl only), and a
+gradient for a subset of the inputs, all against the float64 reference.
+
+torch.func; what works (each against the reference or a Python loop):
 
 - ``torch.func.grad`` / ``vjp`` / ``jacrev`` over ``vae_loss(...).loss``;
 - ``torch.func.vmap`` over ``vae_loss`` and over each op, through batching rules
@@ -30,7 +35,17 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import fusedvae
 from fusedvae import reference
-from helpers import VARIANT_IDS, VARIANTS, make_inputs, make_log_scale
+from helpers import (
+    ATOL64,
+    REDUCTIONS,
+    RTOL64,
+    VARIANT_IDS,
+    VARIANTS,
+    compare_to_reference,
+    loss_kw,
+    make_inputs,
+    make_log_scale,
+)
 
 F64 = torch.float64
 ops = torch.ops.fusedvae
@@ -378,3 +393,93 @@ def test_fallback_without_private_torch_internals():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+# ------------------------------------------- gradcheck, upstream gradients ---
+
+def _gradcheck_case(likelihood, logits, ls_kind, reduction, free_bits, latent_shape):
+    inp = make_inputs(likelihood, logits, F64, latent_shape, batch=3, sample_shape=(2, 3, 4))
+    ls = make_log_scale(ls_kind, inp.recon.shape)
+    tensors = [inp.recon.clone().requires_grad_(), inp.mu.clone().requires_grad_(), inp.logvar.clone().requires_grad_()]
+    ls_is_tensor = isinstance(ls, torch.Tensor)
+    if ls_is_tensor:
+        tensors.append(ls.detach().clone().requires_grad_())
+
+    def f(recon, mu, logvar, *rest):
+        out = fusedvae.vae_loss(
+            recon,
+            inp.target,
+            mu,
+            logvar,
+            log_scale=rest[0] if ls_is_tensor else ls,
+            **loss_kw(likelihood, logits, reduction, free_bits),
+        )
+        return out.loss, out.rec, out.kl
+
+    assert torch.autograd.gradcheck(f, tuple(tensors), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("likelihood,logits,ls_kind", VARIANTS, ids=VARIANT_IDS)
+def test_gradcheck(likelihood, logits, ls_kind, reduction):
+    _gradcheck_case(likelihood, logits, ls_kind, reduction, 0.0, (5,))
+
+
+@pytest.mark.parametrize("likelihood,logits,ls_kind", VARIANTS, ids=VARIANT_IDS)
+def test_gradcheck_free_bits_spatial_latent(likelihood, logits, ls_kind):
+    _gradcheck_case(likelihood, logits, ls_kind, "batchmean", 0.6, (2, 2, 2))
+
+
+@pytest.mark.parametrize("free_bits", [0.0, 0.6], ids=["fb0", "fb0.6"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+@pytest.mark.parametrize("likelihood,logits,ls_kind", VARIANTS, ids=VARIANT_IDS)
+def test_scalar_upstream_gradient(likelihood, logits, ls_kind, reduction, free_bits):
+    inputs = make_inputs(likelihood, logits, F64, (5,))
+    compare_to_reference(
+        inputs, ls_kind, upstream=lambda o: 3.7 * o.loss, **loss_kw(likelihood, logits, reduction, free_bits)
+    )
+
+
+@pytest.mark.parametrize("free_bits", [0.0, 0.6], ids=["fb0", "fb0.6"])
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+@pytest.mark.parametrize("likelihood,logits,ls_kind", VARIANTS, ids=VARIANT_IDS)
+def test_per_sample_upstream_gradients(likelihood, logits, ls_kind, reduction, free_bits):
+    inputs = make_inputs(likelihood, logits, F64, (4, 2, 2))
+    g = torch.Generator().manual_seed(7)
+    w1, w2, w3 = (torch.randn(3, generator=g, dtype=F64) for _ in range(3))
+
+    def upstream(out):
+        # A GECO-like objective: separate random weights on rec, kl and the loss.
+        return (w1 * out.rec).sum() + (w2 * out.kl).sum() + (w3 * out.loss).sum()
+
+    compare_to_reference(inputs, ls_kind, upstream=upstream, **loss_kw(likelihood, logits, reduction, free_bits))
+
+
+@pytest.mark.parametrize("likelihood,logits", [("bernoulli", True), ("cbernoulli", True), ("gaussian", True)])
+def test_gradient_of_rec_only_and_kl_only(likelihood, logits):
+    # Only one of the two per-sample outputs feeds the objective: the other
+    # op gets no (or a zero) upstream gradient.
+    inputs = make_inputs(likelihood, logits, F64, (5,))
+    for pick in (lambda o: (2.0 * o.rec).sum(), lambda o: (-1.5 * o.kl).sum()):
+        compare_to_reference(inputs, None, upstream=pick, **loss_kw(likelihood, logits, "none"))
+
+
+@pytest.mark.parametrize("which", ["recon", "mu", "logvar", "log_scale"])
+def test_gradient_for_a_subset_of_inputs(which):
+    # Only one input requires grad; the others are plain tensors.
+    inp = make_inputs("gaussian", True, F64, (5,))
+    ls = make_log_scale("full_tensor", inp.recon.shape).detach()
+    results = []
+    for fn in (fusedvae.vae_loss, reference.vae_loss):
+        args = {"recon": inp.recon.clone(), "mu": inp.mu.clone(), "logvar": inp.logvar.clone(), "log_scale": ls.clone()}
+        args[which].requires_grad_()
+        out = fn(args["recon"], inp.target, args["mu"], args["logvar"], likelihood="gaussian", log_scale=args["log_scale"])
+        out.loss.backward()
+        results.append((out.loss, args[which].grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=RTOL64, atol=ATOL64)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=RTOL64, atol=ATOL64)
+    # and nothing requires grad at all
+    out = fusedvae.vae_loss(inp.recon, inp.target, inp.mu, inp.logvar, likelihood="gaussian", log_scale=ls)
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, results[1][0].detach(), rtol=RTOL64, atol=ATOL64)
+

@@ -8,7 +8,10 @@ Dynamo's graph-break counter and ``torch._dynamo.explain``), the eager values
 and gradients, and that a second and a third batch size reuse the dynamic graph
 (a counting backend sees exactly one compilation).
 
-aot_eager keeps these fast; one inductor run is marked slow.
+Then ``vae_loss`` alone, compiled with ``fullgraph=True`` over reductions, free
+bits and each kind of log_scale, against eager and the float64 reference.
+
+aot_eager keeps these fast; the inductor runs are marked slow.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import fusedvae
-from helpers import TinyConvVAE, tiny_batch
+from fusedvae import reference
+from helpers import F32, TinyConvVAE, assert_outputs_close, fresh, make_inputs, make_log_scale, tiny_batch
 
 # (likelihood, loss kwargs, uint8 target?)
 CONFIGS = [
@@ -193,3 +197,67 @@ def test_compiled_func_grad_and_vmap(fresh_dynamo):
         )
         torch.testing.assert_close(got[b], exp[0], rtol=1e-6, atol=1e-7)
     assert dict(counters["graph_break"]) == {}
+
+
+# ------------------------------------------------ vae_loss alone, compiled ---
+
+def _compile_case(backend, likelihood, logits, ls_kind, reduction, free_bits):
+    torch._dynamo.reset()
+    inp = make_inputs(likelihood, logits, F32, (5,), batch=3, sample_shape=(2, 3, 4))
+    ls = make_log_scale(ls_kind, inp.recon.shape, dtype=F32)
+    beta = torch.tensor(0.8)
+
+    def f(recon, target, mu, logvar, log_scale):
+        out = fusedvae.vae_loss(recon, target, mu, logvar, likelihood=likelihood, logits=logits,
+                                beta=beta, reduction=reduction, log_scale=log_scale, free_bits=free_bits)
+        return out.loss.sum() + 0.3 * out.rec.sum() - 0.2 * out.kl.sum(), out
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    results = []
+    for fn in (f, compiled, None):
+        leaves = [inp.recon.clone().requires_grad_(), inp.mu.clone().requires_grad_(), inp.logvar.clone().requires_grad_()]
+        l2 = fresh(ls)
+        if fn is None:  # the reference, in float64
+            out = reference.vae_loss(leaves[0].double(), inp.target.double(), leaves[1].double(), leaves[2].double(),
+                                     likelihood=likelihood, logits=logits, beta=beta.double(), reduction=reduction,
+                                     log_scale=l2.double() if isinstance(l2, torch.Tensor) else l2, free_bits=free_bits)
+            scalar = out.loss.sum() + 0.3 * out.rec.sum() - 0.2 * out.kl.sum()
+        else:
+            scalar, out = fn(leaves[0], inp.target, leaves[1], leaves[2], l2)
+        scalar.backward()
+        grads = [a.grad for a in leaves] + ([l2.grad] if isinstance(l2, torch.Tensor) else [])
+        results.append((scalar, out, grads))
+    (s0, o0, g0), (s1, o1, g1), (s2, o2, g2) = results
+    # compiled == eager: same kernels, same order -> float32 rounding only.
+    torch.testing.assert_close(s1, s0, rtol=1e-6, atol=1e-6)
+    assert_outputs_close(o1, o0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # and against the float64 reference
+    torch.testing.assert_close(s1.double(), s2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "likelihood,logits,ls_kind,reduction,free_bits",
+    [
+        ("bernoulli", True, None, "batchmean", 0.0),
+        ("cbernoulli", False, None, "none", 0.6),
+        ("gaussian", True, "full_tensor", "mean", 0.0),
+        ("gaussian", True, "optimal", "sum", 0.0),
+        ("gaussian", True, "scalar_tensor", "batchmean", 0.6),
+    ],
+)
+def test_compile_aot_eager(likelihood, logits, ls_kind, reduction, free_bits):
+    _compile_case("aot_eager", likelihood, logits, ls_kind, reduction, free_bits)
+
+
+def test_compile_eager_backend():
+    _compile_case("eager", "bernoulli", False, None, "batchmean", 0.0)
+
+
+@pytest.mark.slow
+def test_compile_inductor():
+    _compile_case("inductor", "gaussian", True, "broadcast_tensor", "batchmean", 0.6)
+

@@ -9,6 +9,8 @@ every gradient are bitwise identical across repeated runs and across
 ``torch.use_deterministic_algorithms(True)``. Thread count and the deterministic
 flag are restored afterwards. The values are also checked against the float64
 reference, so "identical" cannot mean "identically wrong".
+
+Without the deterministic flag too, the results do not depend on the thread count.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 import fusedvae
 from fusedvae import reference
-from helpers import VARIANT_IDS, VARIANTS, Inputs, make_inputs, make_log_scale, run_loss
+from helpers import F32, VARIANT_IDS, VARIANTS, Inputs, make_inputs, make_log_scale, run_loss
 
 SAMPLE = (3, 96, 64)  # 18432 elements per sample: two chunks
 LATENT = (4, 64, 70)  # 17920 latent elements per sample: two chunks for the KL sum too
@@ -85,3 +87,34 @@ def test_elementwise_ops_bitwise_across_threads(op, deterministic_algorithms):
     else:
         exp = 0.5 * (x.double() ** 2 + y.double().exp() - 1 - y.double())
     torch.testing.assert_close(results[0][0].double(), exp, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------- across threads ---
+
+@pytest.mark.parametrize(
+    "likelihood,logits,ls_kind",
+    [("bernoulli", True, None), ("cbernoulli", True, None), ("gaussian", True, "full_tensor"), ("gaussian", True, "optimal")],
+)
+def test_deterministic_across_runs_and_threads(likelihood, logits, ls_kind, restore_threads):
+    inp = make_inputs(likelihood, logits, F32, (16,), batch=4, sample_shape=(3, 128, 128))
+    assert inp.recon[0].numel() > 16384  # several chunks per sample
+    ls = make_log_scale(ls_kind, inp.recon.shape, dtype=F32)
+
+    def once():
+        out, grads = run_loss(fusedvae.vae_loss, inp, log_scale=ls, likelihood=likelihood, logits=logits,
+                              reduction="none", upstream=lambda o: (o.loss * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum())
+        return [out.loss, out.rec, out.kl] + [grads[k] for k in sorted(grads)]
+
+    results = []
+    for threads in (2, 1, 2, 2):
+        torch.set_num_threads(threads)
+        results.append(once())
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    # (and they are right)
+    exp, _ = run_loss(reference.vae_loss, Inputs(*(a.double() for a in inp)),
+                      log_scale=ls.double() if isinstance(ls, torch.Tensor) else ls,
+                      likelihood=likelihood, logits=logits, reduction="none", grad=False)
+    torch.testing.assert_close(results[0][1].double(), exp.rec, rtol=2e-5, atol=1e-3)
+

@@ -7,6 +7,9 @@ Every argument of ``vae_loss`` with a wrong type, shape, dtype, device (the
 (``RuntimeError`` or a subclass) and never crash the process: the whole op table
 is also run in a fresh subprocess, which must exit normally.
 
+The same kinds of mistake are also tried on image-shaped inputs, for the module
+and for direct op calls, at the end of this file.
+
 docs/errors.md is this matrix as tables. ``test_errors_md_is_current`` asserts
 that the file is exactly what the matrix generates, and every row is asserted to
 be what actually happens; after changing the matrix regenerate the file with::
@@ -26,6 +29,7 @@ import torch
 
 import fusedvae
 from fusedvae import reference
+from helpers import make_inputs
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -319,6 +323,149 @@ def test_direct_op_bad_inputs_do_not_crash_the_process():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert proc.stdout.strip() == f"raised {len(OP_CASES)}"
+
+# ------------------------------------------------- more bad input, by kind ---
+# The same kinds of mistake on [B, C, H, W] inputs, for the fused loss and the
+# reference alike, the module, and direct op calls; and valid input that
+# validate=True accepts.
+
+
+def _good_image_batch():
+    inp = make_inputs("bernoulli", True, torch.float32, (5,), batch=3, sample_shape=(2, 3, 4))
+    return inp.recon, inp.target, inp.mu, inp.logvar
+
+
+def _bad_cases():
+    r, t, m, lv = _good_image_batch()
+    meta = torch.device("meta")
+    return [
+        ("mu batch", ValueError, "mu", (r, t, m[:2], lv[:2]), {}),
+        ("target shape", ValueError, "target", (r, t[:, :1], m, lv), {}),
+        ("logvar shape", ValueError, "logvar", (r, t, m, lv[:, :4]), {}),
+        ("likelihood", ValueError, "likelihood", (r, t, m, lv), {"likelihood": "poisson"}),
+        ("reduction", ValueError, "reduction", (r, t, m, lv), {"reduction": "avg"}),
+        ("int recon", TypeError, "recon", (r.long(), t, m, lv), {}),
+        ("recon not tensor", TypeError, "recon", (r.tolist(), t, m, lv), {}),
+        ("recon numpy", TypeError, "recon", (r.numpy(), t, m, lv), {}),
+        ("int mu", TypeError, "mu", (r, t, m.int(), lv), {}),
+        ("int target", TypeError, "target", (r, t.int(), m, lv), {}),
+        ("negative beta", ValueError, "beta", (r, t, m, lv), {"beta": -0.1}),
+        ("nan beta", ValueError, "beta", (r, t, m, lv), {"beta": float("nan")}),
+        ("beta not 0-d", ValueError, "beta", (r, t, m, lv), {"beta": torch.ones(3)}),
+        ("negative free_bits", ValueError, "free_bits", (r, t, m, lv), {"free_bits": -1.0}),
+        ("log_scale bernoulli", ValueError, "log_scale", (r, t, m, lv), {"log_scale": 0.5}),
+        ("log_scale cbernoulli", ValueError, "log_scale", (r, t, m, lv), {"likelihood": "cbernoulli", "log_scale": torch.zeros(())}),
+        ("log_scale shape", ValueError, "log_scale", (r, t, m, lv), {"likelihood": "gaussian", "log_scale": torch.zeros(5, 1)}),
+        ("log_scale bigger", ValueError, "log_scale", (r, t, m, lv), {"likelihood": "gaussian", "log_scale": torch.zeros(2, 3, 2, 3, 4)}),
+        ("log_scale bogus", ValueError, "log_scale", (r, t, m, lv), {"likelihood": "gaussian", "log_scale": "bogus"}),
+        ("log_scale inf", ValueError, "log_scale", (r, t, m, lv), {"likelihood": "gaussian", "log_scale": float("inf")}),
+        ("target requires grad", ValueError, "target", (r, t.clone().requires_grad_(), m, lv), {}),
+        ("validate target", ValueError, "target", (r, t + 1.5, m, lv), {"validate": True}),
+        ("validate target cb", ValueError, "target", (r, t - 1.0, m, lv), {"likelihood": "cbernoulli", "validate": True}),
+        ("validate probs", ValueError, "recon", (r, t, m, lv), {"logits": False, "validate": True}),
+        ("meta mu", ValueError, "mu", (r, t, m.to(meta), lv), {}),
+        ("meta logvar", ValueError, "logvar", (r, t, m, lv.to(meta)), {}),
+        ("meta target", ValueError, "target", (r, t.to(meta), m, lv), {}),
+        ("meta log_scale", ValueError, "log_scale", (r, t, m, lv), {"likelihood": "gaussian", "log_scale": torch.zeros(r.shape, device=meta)}),
+        ("meta beta", ValueError, "beta", (r, t, m, lv), {"beta": torch.tensor(1.0, device=meta)}),
+    ]
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("fn", [fusedvae.vae_loss, reference.vae_loss], ids=["fused", "reference"])
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_raises(case, fn):
+    _, exc, name, args, kwargs = case
+    with pytest.raises(exc, match=name):
+        fn(*args, **kwargs)
+
+
+def test_bad_input_module_raises():
+    r, t, m, lv = _good_image_batch()
+    with pytest.raises(ValueError, match="reduction"):
+        fusedvae.VAELoss(reduction="avg")(r, t, m, lv)
+
+
+def test_validate_accepts_valid_input():
+    r, t, m, lv = _good_image_batch()
+    exp = reference.vae_loss(r, t, m, lv)
+    torch.testing.assert_close(fusedvae.vae_loss(r, t, m, lv, validate=True).loss, exp.loss, rtol=1e-5, atol=1e-5)
+    p = torch.sigmoid(r)
+    p[0, 0, 0, 0] = 0.0
+    p[1, 0, 0, 0] = 1.0
+    out = fusedvae.vae_loss(p, t, m, lv, logits=False, validate=True)
+    torch.testing.assert_close(out.loss, reference.vae_loss(p, t, m, lv, logits=False).loss, rtol=1e-5, atol=1e-5)
+    t8 = torch.randint(0, 256, r.shape, dtype=torch.uint8)
+    fusedvae.vae_loss(r, t8, m, lv, likelihood="cbernoulli", validate=True)
+    # Gaussian targets are not range-checked.
+    fusedvae.vae_loss(r, t * 10 - 5, m, lv, likelihood="gaussian", validate=True)
+
+
+def test_beta_zero_int_accepted():
+    r, t, m, lv = _good_image_batch()
+    out = fusedvae.vae_loss(r, t, m, lv, beta=0, reduction="none")
+    torch.testing.assert_close(out.loss, reference.vae_loss(r, t, m, lv, reduction="none").rec, rtol=1e-6, atol=1e-6)
+
+
+def _direct_bad_calls():
+    x = torch.randn(3, 4)
+    t = torch.rand(3, 4)
+    s = torch.zeros(3, 4)
+    g = torch.ones(3)
+    return [
+        ("int recon", lambda: ops.recon_loss(x.long(), t, None, "bernoulli", True)),
+        ("int target", lambda: ops.recon_loss(x, t.int(), None, "bernoulli", True)),
+        ("target dtype", lambda: ops.recon_loss(x, t.double(), None, "bernoulli", True)),
+        ("target shape", lambda: ops.recon_loss(x, t[:, :3], None, "bernoulli", True)),
+        ("target numel same, shape differs", lambda: ops.recon_loss(x, t.reshape(4, 3), None, "bernoulli", True)),
+        ("0-d recon", lambda: ops.recon_loss(x[0, 0], t[0, 0], None, "bernoulli", True)),
+        ("likelihood", lambda: ops.recon_loss(x, t, None, "poisson", True)),
+        ("gaussian without log_scale", lambda: ops.recon_loss(x, t, None, "gaussian", True)),
+        ("bernoulli with log_scale", lambda: ops.recon_loss(x, t, s, "bernoulli", True)),
+        ("log_scale shape", lambda: ops.recon_loss(x, t, s[:, :1], "gaussian", True)),
+        ("log_scale dtype", lambda: ops.recon_loss(x, t, s.double(), "gaussian", True)),
+        ("bwd grad shape", lambda: ops.recon_loss_backward(torch.ones(2), x, t, None, "bernoulli", True)),
+        ("bwd grad 2-d", lambda: ops.recon_loss_backward(torch.ones(3, 1), x, t, None, "bernoulli", True)),
+        ("bwd target shape", lambda: ops.recon_loss_backward(g, x, t[:2], None, "bernoulli", True)),
+        ("kl shape", lambda: ops.gaussian_kl(x, t[:, :2])),
+        ("kl dtype", lambda: ops.gaussian_kl(x, t.double())),
+        ("kl int", lambda: ops.gaussian_kl(x.int(), t.int())),
+        ("kl 0-d", lambda: ops.gaussian_kl(x[0, 0], t[0, 0])),
+        ("kl bwd grad shape", lambda: ops.gaussian_kl_backward(torch.ones(4), x, t)),
+        ("cb int", lambda: ops.cb_log_normalizer(x.long())),
+        ("cb bwd grad shape", lambda: ops.cb_log_normalizer_backward(torch.ones(3), x)),
+    ]
+
+
+DIRECT_BAD = _direct_bad_calls()
+
+
+@pytest.mark.parametrize("call", DIRECT_BAD, ids=[c[0] for c in DIRECT_BAD])
+def test_direct_op_bad_input_raises(call):
+    # TORCH_CHECK_VALUE/TYPE surface as ValueError/TypeError, TORCH_CHECK as RuntimeError.
+    with pytest.raises((RuntimeError, ValueError, TypeError), match="fusedvae"):
+        call[1]()
+
+
+@pytest.mark.parametrize(
+    "op_call",
+    [
+        ("recon_loss target on meta", lambda x, m: ops.recon_loss(x, m, None, "bernoulli", True)),
+        ("gaussian_kl logvar on meta", lambda x, m: ops.gaussian_kl(x, m)),
+    ],
+    ids=lambda c: c[0],
+)
+def test_direct_op_mixed_devices_raises(op_call):
+    # recon on the CPU, one other tensor on 'meta': like every aten op
+    # ("Tensor on device meta is not on the expected device cpu!") this must
+    # raise, not hand back an uninitialised CPU tensor.
+    x = torch.randn(3, 4)
+    m = torch.rand(3, 4, device="meta")
+    with pytest.raises((RuntimeError, ValueError)):
+        out = op_call[1](x, m)
+        pytest.fail(f"no error; returned a {out.device} tensor {out}")
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def check_case(case):
             # Compared where the reference gradient is finite: at probabilities of
             # exactly 0 or 1 the reference's autograd gives NaN (0·inf through the
             # log clamp) while the fused gradient follows F.binary_cross_entropy;
-            # tests/test_vae_loss.py checks those points against torch itself.
+            # tests/test_likelihoods.py checks those points against torch itself.
             mask = torch.isfinite(b.grad)
             ref_g = b.grad[mask]
             scale = float(ref_g.abs().max()) if ref_g.numel() else 1.0
