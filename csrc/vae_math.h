@@ -120,10 +120,12 @@ FUSEDVAE_HD typename O::V log1p_unit(typename O::V e) {
 // the continuous-Bernoulli normaliser: one exp per element.
 
 // max(x, 0) - t*x + log1p(exp(-|x|)), given e = exp(-|x|): finite for every finite x,
+// and never log(0): the log1p argument e lies in [0, 1].
 template <class O>
 FUSEDVAE_HD typename O::V bce_logits_loss_from(typename O::V x, typename O::V t, typename O::V e) {
-  // (1 - t)·x + max(-x, 0) + log1p(e): the same value, and at x = ±inf the
-  // same inf/NaN as torch.nn.functional.binary_cross_entropy_with_logits.
+  // Computed as (1 - t)·x + max(-x, 0) + log1p(e): the same value, and at
+  // x = ±inf the same inf/NaN as torch.nn.functional.binary_cross_entropy_with_logits
+  // (+inf at x = +inf, t < 1; NaN at x = +inf, t = 1 and at x = -inf).
   using V = typename O::V;
   const V zero = O::splat(0.0);
   return (O::splat(1.0) - t) * x + O::select(O::gt(zero, x), zero - x, zero) + log1p_unit<O>(e);

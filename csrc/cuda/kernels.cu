@@ -24,6 +24,8 @@ namespace {
 
 using math::Likelihood;
 
+// Threads per block: 8 warps, a multiple of 32 that block_sum's one-warp
+// second stage (kThreads / 32 <= 32 partial sums) relies on.
 constexpr int kThreads = 256;
 constexpr int64_t kMinChunk = 4096;  // elements a block handles at least
 
@@ -242,6 +244,11 @@ struct Grid {
   int64_t chunks;  // blocks per sample
 };
 
+// Multiprocessors of `device`, queried once per device. 108 (an A100's count)
+// is only a fallback for a failed query or a device index past the cache; it
+// sets how many blocks run, so the partial sums, and with them the last bits of
+// a result, depend on it (results are reproducible per device, not across
+// devices).
 int sm_count(int device) {
   static int cached[64] = {};
   if (device < 0 || device >= 64) return 108;
@@ -262,7 +269,11 @@ int current_device() {
   return device;
 }
 
-// Enough blocks to fill the device a few times over, none smaller than kMinChunk.
+// Enough blocks to fill the device: 8 per multiprocessor, as 8 blocks of
+// kThreads = 256 are the 2048 threads an sm_80/sm_90 multiprocessor holds at
+// once; none smaller than kMinChunk. The chunk is rounded up to a multiple of
+// 16, a multiple of every vector width (vec_width() is at most 8), so every
+// chunk of an aligned sample starts on a pack boundary.
 Grid make_grid(int64_t batch, int64_t numel_per_sample, int device) {
   const int64_t target_blocks = int64_t(sm_count(device)) * 8;
   int64_t chunks = batch > 0 ? (target_blocks + batch - 1) / batch : 1;
@@ -340,7 +351,9 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
-// 16 bytes of the widest element type per vector access.
+// Elements per vector access: 16 bytes of recon's type T (4 floats, 2 doubles,
+// 8 halves), at most 8. The other operands of a kernel load the same number of
+// their own elements, so a uint8 target is read VEC bytes at a time.
 template <typename T>
 constexpr int vec_width() {
   return 16 / sizeof(T) > 8 ? 8 : int(16 / sizeof(T));
@@ -374,6 +387,7 @@ void launch_sum(const Term& term, bool vectorize, int64_t batch, int64_t numel_p
   } else {
     sum_chunks_kernel<1><<<blocks, kThreads, 0, stream>>>(term, numel_per_sample, grid, partial);
   }
+  // One thread per sample, 256 to a block.
   sum_partials_kernel<<<static_cast<unsigned>((batch + 255) / 256), 256, 0, stream>>>(
       partial, batch, grid.chunks, out);
 }
