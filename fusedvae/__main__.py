@@ -2,9 +2,12 @@
 
 Commands:
     bench   time the loss forward+backward on CPU: eager PyTorch, torch.compile, fusedvae.
+    demo    train small VAEs on scikit-learn data with vae_loss; write pictures and report.md.
 
 Each command lives in its own module with ``add_arguments(parser)`` and
-``main(argv)``; add one (e.g. a future ``demo``) by adding it to ``_COMMANDS``.
+``main(argv)``; add one by adding it to ``_COMMANDS``. Only the module of the
+command being run is imported (``python -m fusedvae --help`` imports none), so
+one command's imports cannot break another.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ _COMMANDS = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported, to add its arguments."""
     parser = argparse.ArgumentParser(
         prog="python -m fusedvae",
         description="fusedvae: the VAE training objective in one fused forward and one fused backward.",
@@ -31,14 +35,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command", title="commands")
     for name, (module, help_text) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: parse the command and hand its arguments to the command's ``main``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    # The top-level options (--help, --version) take no value, so the first
+    # argument that is not an option names the command.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = _parser(command)
     args = parser.parse_args(argv)  # validates the arguments and serves --help
     if args.command is None:
         parser.print_help(sys.stderr)
