@@ -39,11 +39,41 @@ def case(request):
     bench.clear_grads(inputs)
 
 
-def test_methods_agree(case):
-    """Correctness guard: eager, compiled and fused give the same loss and gradients."""
+def test_methods_match_float64_truth(case):
+    """Correctness guard: each method's loss and gradients against fusedvae.reference in float64."""
     _, inputs = case
-    losses = bench.check_agreement(inputs, BETA)
-    assert set(losses) == set(bench.METHODS)
+    report = bench.check_against_truth(inputs, BETA)
+    assert set(report) == set(bench.METHODS)
+
+
+def _eager_over_256(recon, target, mu, logvar, beta=1.0):
+    # A plausible mistake: pixels scaled by 1/256 instead of 1/255.
+    return bench.eager_loss(recon, target.to(recon.dtype) / 256, mu, logvar, beta)
+
+
+def test_truth_check_catches_a_wrong_pixel_scale():
+    inputs = bench.make_inputs((4, 3, 16, 16), 8, "uint8")
+    report = bench.accuracy(inputs, BETA, {"eager": bench.eager_loss, "over256": _eager_over_256})
+    assert report["eager"]["ok"], report["eager"]["problems"]
+    assert not report["over256"]["ok"]
+    with pytest.raises(AssertionError, match="over256"):
+        bench.check_against_truth(inputs, BETA, {"over256": _eager_over_256})
+
+
+def test_truth_check_bf16_tolerance_follows_each_method():
+    # bfloat16 recon, uint8 target (the GPU benchmark's third case, on the CPU):
+    # eager computes in bfloat16 and is held to bfloat16's tolerance, fused
+    # accumulates in float32 and its loss is held to float32's.
+    recon, target, mu, logvar = bench.make_inputs((8, 3, 32, 32), 16, "uint8")
+    inputs = (recon.detach().bfloat16().requires_grad_(), target, mu, logvar)
+    methods = {"eager": bench.eager_loss, "fused": bench.fused_loss}
+    report = bench.check_against_truth(inputs, BETA, methods)
+    assert report["eager"]["loss_tol"] == bench.tolerance(torch.bfloat16)
+    assert report["fused"]["loss_tol"] == bench.tolerance(torch.float32)
+    assert report["fused"]["grad_tol"] == bench.tolerance(torch.bfloat16)  # recon.grad is bfloat16
+    assert report["fused"]["loss_err"] < report["eager"]["loss_err"]
+    row = bench.format_accuracy([("bf16", report)]).splitlines()[-1]
+    assert row.startswith("| bf16 |") and "FAIL" not in row
 
 
 @pytest.mark.parametrize("method", list(bench.METHODS))

@@ -14,8 +14,16 @@ The objective is the Bernoulli-logits negative ELBO with the closed-form KL,
 
 The three methods are interleaved across repeats (the order rotates every
 repeat) so that drift in machine load hits all of them alike; the reported
-time is the median over repeats. Before timing, the three losses and the
-gradients they give are checked to agree; a mismatch raises.
+time is the median over repeats.
+
+Accuracy: before timing, each method's loss and gradients are compared with a
+float64 truth, ``fusedvae.reference.vae_loss`` on float64 CPU copies of the
+same inputs (:func:`truth`), each within the tolerance of the precision that
+method computes in (:func:`tolerance`, :func:`compute_dtype`); never the
+methods against each other only. The relative errors are reported, and a
+method outside its tolerance makes the run fail (:func:`accuracy`). The
+methods and the accuracy functions work on any device;
+``benchmarks/gpu_bench.py`` uses them on a GPU.
 
 Peak memory: one extra forward+backward per method runs under
 ``torch.profiler`` with ``profile_memory=True``; the CPU allocator reports
@@ -34,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import os
 import platform
 import statistics
@@ -46,17 +55,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fusedvae
+from fusedvae import reference
+from fusedvae._checks import accumulate_dtype
 
 __all__ = [
     "DEFAULT_CASES",
     "QUICK_CASES",
     "METHODS",
+    "accuracy",
     "add_arguments",
     "case_name",
-    "check_agreement",
+    "check_against_truth",
     "clear_grads",
     "compiled_loss",
+    "compute_dtype",
     "eager_loss",
+    "format_accuracy",
     "fused_loss",
     "machine_info",
     "main",
@@ -64,6 +78,8 @@ __all__ = [
     "peak_memory_bytes",
     "run_case",
     "step",
+    "tolerance",
+    "truth",
 ]
 
 # (shape, latent_dim, target_dtype)
@@ -83,14 +99,18 @@ DEFAULT_REPEATS = 30
 QUICK_REPEATS = 10
 DEFAULT_WARMUP = 3
 TARGET_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
-RTOL = 1e-4
 
 
 # ------------------------------------------------------------------ methods --
 
 
 def eager_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float = 1.0) -> Tensor:
-    """The objective as a user writes it in eager PyTorch (Bernoulli logits + closed-form KL)."""
+    """The objective as a user writes it in eager PyTorch (Bernoulli logits + closed-form KL).
+
+    A uint8 target is converted to ``recon``'s dtype and divided by 255 there,
+    so a bfloat16 ``recon`` is computed in bfloat16 up to the per-sample sums,
+    as user code would; those sums are added in float32.
+    """
     if target.dtype == torch.uint8:
         target = target.to(recon.dtype) / 255
     rec = F.binary_cross_entropy_with_logits(recon, target, reduction="none").flatten(1).sum(1)
@@ -176,43 +196,174 @@ def step(fn: Callable[..., Tensor], recon: Tensor, target: Tensor, mu: Tensor, l
     return loss.detach()
 
 
-def check_agreement(
-    inputs: Sequence[Tensor], beta: float = 1.0, rtol: float = RTOL,
-    methods: Optional[Dict[str, Callable[..., Tensor]]] = None,
-) -> Dict[str, float]:
-    """Run every method once; raise ``AssertionError`` unless losses and gradients agree.
+# ------------------------------------------------------------- accuracy --
 
-    Losses must agree to ``rtol``; gradients to ``rtol`` relative to each
-    element plus ``rtol`` times the largest reference gradient in absolute terms.
-    Returns the losses by method. Leaves the grads of ``inputs`` cleared.
+# Relative tolerance against the float64 truth, by the precision a result is
+# computed or stored in. The loss is a sum of non-negative terms (softplus
+# terms, KL terms), so its relative error is at most the worst per-element
+# relative error plus the error of the summation. The gradients are compared
+# as max |g - g_truth| / max |g_truth| (normwise), since a single element
+# sigma(x) - t may cancel to nearly 0. Both are checked because a mistake can
+# hide in the loss: a uint8 target read as value/256 moves the loss of the
+# [16, 3, 256, 256] case by only 3e-6 (its t·x terms average out over random
+# logits), but the gradient of recon by 4e-3.
+_TOLERANCE = {
+    # unit roundoff 1.1e-16: per-element errors of a few ulps and summation
+    # over up to ~1e8 elements stay many orders below this.
+    torch.float64: 1e-10,
+    # unit roundoff u = 6e-8, and the result is itself rounded to float32 (u).
+    # exp/log1p and the target scaling cost a few ulps per element; the sums
+    # (pairwise in PyTorch, float32 lanes or blocks of a few thousand terms
+    # added in double in the fused kernels) add errors growing like sqrt(n)·u
+    # for the n terms one float32 accumulator takes: ~1e-6 at most here.
+    # Measured on the CPU: at most 2e-7 for every case of both benchmarks.
+    torch.float32: 1e-5,
+    # unit roundoff u = 2^-8 (0.39 %). Computing in bfloat16, as eager PyTorch
+    # does for a bfloat16 recon, rounds the scaled target t/255, each
+    # element's loss and each per-sample sum rec_b to bfloat16; samples of
+    # similar size round rec_b the same way, so these errors do not average
+    # out over the batch (0.15 % for eager on an H200). 4u = 1.6 % covers the
+    # few roundings in sequence. A gradient stored in bfloat16 is rounded once
+    # (u) per element.
+    torch.bfloat16: 4 * 2.0**-8,
+    # unit roundoff u = 2^-11, the same reasoning as bfloat16: 4u = 0.2 %.
+    # (float16 overflows at 65504: a per-sample sum above it is inf, a failure.)
+    torch.float16: 4 * 2.0**-11,
+}
+
+
+_TINY = torch.finfo(torch.float64).tiny  # a floor for the denominators of relative errors
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance against the float64 truth for results computed (or stored) in ``dtype``."""
+    if dtype not in _TOLERANCE:
+        raise ValueError(f"no tolerance for {dtype}; expected one of {sorted(map(str, _TOLERANCE))}")
+    return _TOLERANCE[dtype]
+
+
+def compute_dtype(method: str, recon_dtype: torch.dtype) -> torch.dtype:
+    """The precision ``method`` computes the loss in, for a ``recon`` of ``recon_dtype``.
+
+    ``eager`` (and ``compiled``, which keeps eager's dtypes for what it
+    stores) computes the reconstruction term in ``recon``'s dtype; ``fused``
+    reads any input dtype exactly and accumulates in float32 (float64 for
+    float64 inputs).
+    """
+    if method == "fused":
+        return accumulate_dtype(recon_dtype)
+    return recon_dtype
+
+
+def truth(inputs: Sequence[Tensor], beta: float = 1.0) -> Tuple[Tensor, List[Tensor]]:
+    """The loss and its gradients w.r.t. ``recon``, ``mu``, ``logvar`` in float64, on the CPU.
+
+    ``fusedvae.reference.vae_loss`` (Bernoulli logits, ``batchmean``) on float64
+    copies of the same inputs: every float16/bfloat16/float32 value is exact
+    in float64, and a uint8 target is handed over as uint8, which the
+    reference reads as ``target.double() / 255`` (each pixel exact, the
+    quotient correctly rounded in float64).
+    """
+    recon, target, mu, logvar = inputs
+    leaves = [v.detach().to(device="cpu", dtype=torch.float64).requires_grad_() for v in (recon, mu, logvar)]
+    t = target.detach().to("cpu")
+    if t.dtype != torch.uint8:
+        t = t.to(torch.float64)
+    loss = reference.vae_loss(leaves[0], t, leaves[1], leaves[2], beta=beta).loss
+    loss.backward()
+    return loss.detach(), [v.grad for v in leaves]
+
+
+def _evaluate(fn: Callable[..., Tensor], inputs: Sequence[Tensor], beta: float) -> Tuple[Tensor, List[Tensor]]:
+    """One forward+backward of ``fn``: the loss and the gradients of recon, mu, logvar (on the CPU)."""
+    recon, target, mu, logvar = inputs
+    clear_grads(inputs)
+    loss = step(fn, recon, target, mu, logvar, beta)
+    grads = [v.grad.detach().to("cpu") for v in (recon, mu, logvar)]
+    clear_grads(inputs)
+    return loss.to("cpu"), grads
+
+
+def accuracy(
+    inputs: Sequence[Tensor], beta: float = 1.0,
+    methods: Optional[Dict[str, Callable[..., Tensor]]] = None,
+    expected: Optional[Tuple[Tensor, List[Tensor]]] = None,
+) -> Dict[str, Dict[str, object]]:
+    """Each method's relative error against the float64 truth, and whether it is within tolerance.
+
+    Per method: ``loss`` (its value), ``loss_err`` (``|loss - truth| / |truth|``),
+    ``grad_err`` (the largest over recon, mu and logvar of
+    ``max |g - g_truth| / max |g_truth|``), ``loss_tol`` (:func:`tolerance` of
+    :func:`compute_dtype`), ``grad_tol`` (the looser of that and the
+    tolerance of the gradient's own dtype, which it is rounded to), ``ok`` and
+    ``problems`` (what failed, in words). ``expected`` is :func:`truth`'s
+    result if already computed. Works on any device. Leaves the grads of
+    ``inputs`` cleared.
     """
     methods = METHODS if methods is None else methods
-    recon, target, mu, logvar = inputs
-    losses: Dict[str, Tensor] = {}
-    grads: Dict[str, List[Tensor]] = {}
+    recon = inputs[0]
+    t_loss, t_grads = truth(inputs, beta) if expected is None else expected
+    report: Dict[str, Dict[str, object]] = {}
     for name, fn in methods.items():
-        clear_grads(inputs)
-        losses[name] = step(fn, recon, target, mu, logvar, beta)
-        grads[name] = [t.grad.detach().clone() for t in (recon, mu, logvar)]
-    clear_grads(inputs)
-    ref_name = next(iter(methods))
-    ref = losses[ref_name]
-    problems = []
-    for name, value in losses.items():
-        if not torch.isfinite(value):
-            problems.append(f"{name} loss is not finite: {value.item()}")
-        elif not torch.allclose(value, ref, rtol=rtol, atol=0.0):
-            problems.append(
-                f"{name} loss {value.item():.8g} != {ref_name} loss {ref.item():.8g} (rtol {rtol:g})"
-            )
-        for label, g, g_ref in zip(("recon", "mu", "logvar"), grads[name], grads[ref_name]):
-            atol = rtol * float(g_ref.abs().max())
-            if not torch.allclose(g, g_ref, rtol=rtol, atol=atol):
-                err = float((g - g_ref).abs().max())
-                problems.append(f"{name} grad of {label} differs from {ref_name} (max abs diff {err:.3g})")
-    if problems:
-        raise AssertionError("benchmark methods disagree: " + "; ".join(problems))
-    return {name: float(v) for name, v in losses.items()}
+        loss, grads = _evaluate(fn, inputs, beta)
+        loss_tol = tolerance(compute_dtype(name, recon.dtype))
+        problems = []
+        loss64 = loss.double()
+        loss_err = float((loss64 - t_loss).abs() / t_loss.abs().clamp_min(_TINY))
+        if not torch.isfinite(loss64):
+            problems.append(f"loss is {float(loss64)}")
+        elif not loss_err <= loss_tol:
+            problems.append(f"loss {float(loss64):.9g} vs float64 {float(t_loss):.9g}: "
+                            f"relative error {loss_err:.2e} > {loss_tol:.2g}")
+        grad_errs, grad_tol = [], loss_tol
+        for label, g, g_true in zip(("recon", "mu", "logvar"), grads, t_grads):
+            tol = max(loss_tol, tolerance(g.dtype))
+            err = float((g.double() - g_true).abs().max() / g_true.abs().max().clamp_min(_TINY))
+            if not err <= tol:  # also catches NaN
+                problems.append(f"grad of {label}: relative error {err:.2e} > {tol:.2g}")
+            grad_errs.append(err)
+            grad_tol = max(grad_tol, tol)
+        grad_err = math.nan if any(math.isnan(e) for e in grad_errs) else max(grad_errs)
+        report[name] = {
+            "loss": float(loss64), "loss_err": loss_err, "grad_err": grad_err,
+            "loss_tol": loss_tol, "grad_tol": grad_tol, "ok": not problems, "problems": problems,
+        }
+    return report
+
+
+def check_against_truth(
+    inputs: Sequence[Tensor], beta: float = 1.0,
+    methods: Optional[Dict[str, Callable[..., Tensor]]] = None,
+) -> Dict[str, Dict[str, object]]:
+    """:func:`accuracy`, raising ``AssertionError`` if any method is outside its tolerance."""
+    report = accuracy(inputs, beta, methods)
+    failed = [f"{name}: " + "; ".join(r["problems"]) for name, r in report.items() if not r["ok"]]
+    if failed:
+        raise AssertionError("not within tolerance of the float64 reference: " + " | ".join(failed))
+    return report
+
+
+def format_accuracy(rows: Sequence[Tuple[str, Dict[str, Dict[str, object]]]]) -> str:
+    """Markdown: one row per case, per method the loss and gradient errors and their tolerances."""
+    if not rows:
+        return ""
+    names = list(rows[0][1])
+    lines = [
+        "Relative error against the float64 reference (fusedvae.reference on float64 copies of the "
+        "inputs): loss | worst gradient (max abs error / max abs value), each with its tolerance "
+        "in brackets; FAIL marks one outside it.",
+        "",
+        "| case | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for case, report in rows:
+        cells = []
+        for n in names:
+            r = report[n]
+            cell = f"{r['loss_err']:.1e} [{r['loss_tol']:.2g}] \\| {r['grad_err']:.1e} [{r['grad_tol']:.2g}]"
+            cells.append(cell if r["ok"] else cell + " FAIL")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -308,8 +459,10 @@ def run_case(
     sample), ``first_call_s`` (the first call per method, which for
     ``compiled`` includes compilation unless already cached), ``loss``,
     ``input_bytes`` and ``memory`` (per method ``peak_bytes``, ``peak_mb`` and
-    ``x_input``, the peak over ``input_bytes``; ``None`` with ``memory=False``).
-    Raises ``AssertionError`` if the methods' losses or gradients disagree.
+    ``x_input``, the peak over ``input_bytes``; ``None`` with ``memory=False``)
+    and ``accuracy`` (:func:`accuracy`: each method's relative errors against
+    the float64 truth, its tolerances and ``ok``; the caller decides what a
+    failure means, :func:`main` exits 1).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
@@ -323,7 +476,7 @@ def run_case(
         t0 = time.perf_counter()
         step(METHODS[name], recon, target, mu, logvar, beta)
         first_call_s[name] = time.perf_counter() - t0
-    losses = check_agreement(inputs, beta)
+    errors = accuracy(inputs, beta)
     for _ in range(warmup):
         for name in names:
             clear_grads(inputs)
@@ -366,14 +519,15 @@ def run_case(
         "ratio": {"eager/fused": ms["eager"] / ms["fused"], "compiled/fused": ms["compiled"] / ms["fused"]},
         "times_ms": times,
         "first_call_s": first_call_s,
-        "loss": losses,
+        "loss": {name: r["loss"] for name, r in errors.items()},
+        "accuracy": errors,
         "input_bytes": input_bytes,
         "memory": mem,
     }
 
 
 def format_results(results: Sequence[Dict[str, object]], info: Optional[Dict[str, object]] = None) -> str:
-    """Markdown: a header naming the machine, the time table and (if measured) the memory table."""
+    """Markdown: a header naming the machine, the time table, the accuracy table and (if measured) the memory table."""
     lines = []
     if info is not None:
         lines += [
@@ -398,6 +552,9 @@ def format_results(results: Sequence[Dict[str, object]], info: Optional[Dict[str
             f"| {r['case']} | {ms['eager']:.3f} | {ms['compiled']:.3f} | {ms['fused']:.3f} "
             f"| {ratio['eager/fused']:.2f}x | {ratio['compiled/fused']:.2f}x |"
         )
+    with_acc = [(r["case"], r["accuracy"]) for r in results if r.get("accuracy")]
+    if with_acc:
+        lines += ["", format_accuracy(with_acc)]
     with_mem = [r for r in results if r.get("memory")]
     if with_mem:
         lines += [
@@ -426,7 +583,7 @@ def format_results(results: Sequence[Dict[str, object]], info: Optional[Dict[str
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``python -m fusedvae bench`` (shared with :func:`main`)."""
     parser.add_argument("--quick", action="store_true",
-                        help="small shapes (B8x3x32x32, Z32) and few repeats: about a minute with compilation")
+                        help="small shapes (B8x3x32x32, Z32) and few repeats: under half a minute with compilation")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed steps per method and case (default {DEFAULT_REPEATS}, "
                              f"{QUICK_REPEATS} with --quick)")
@@ -440,7 +597,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Print the benchmark tables (markdown) for the default or ``--quick`` cases."""
+    """Print the benchmark tables (markdown) for the default or ``--quick`` cases.
+
+    Returns 1 (after printing every table) if any method is outside its
+    tolerance of the float64 truth in any case, else 0.
+    """
     parser = add_arguments(argparse.ArgumentParser(
         prog="python -m fusedvae bench",
         description="Time the VAE loss forward+backward on CPU: eager PyTorch, torch.compile and fusedvae.",
@@ -463,7 +624,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results.append(run_case(shape, latent_dim, target_dtype, repeats=repeats, warmup=args.warmup,
                                 beta=args.beta, memory=not args.no_memory))
     print(format_results(results, info))
-    return 0
+    failed = [f"{r['case']} {name}: " + "; ".join(a["problems"])
+              for r in results for name, a in r["accuracy"].items() if not a["ok"]]
+    for line in failed:
+        print(f"not within tolerance of the float64 reference: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
