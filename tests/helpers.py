@@ -190,6 +190,26 @@ def on_cpu_float64(value):
     return value
 
 
+def on_cpu(value):
+    """Tensors detached and moved to the CPU: one, or those of a tuple (a
+    ``VAELossOutput`` stays one) or of a dict's values; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        moved = [on_cpu(v) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
+    return value
+
+
+def weighted_upstream(out):
+    """An upstream gradient other than 1, and different per sample: 1.7 on the loss,
+    weights from 0.5 to 2 on rec, their negatives on kl."""
+    w = torch.linspace(0.5, 2.0, out.rec.shape[0], dtype=out.rec.dtype, device=out.rec.device)
+    return 1.7 * out.loss.sum() + (w * out.rec).sum() - (w * out.kl.to(w.dtype)).sum()
+
+
 def loss_kw(likelihood, logits, reduction="batchmean", free_bits=0.0, beta=0.7):
     return dict(likelihood=likelihood, logits=logits, reduction=reduction, free_bits=free_bits, beta=beta)
 

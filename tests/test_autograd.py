@@ -1,7 +1,7 @@
 """Gradients of the fused loss: autograd, torch.func and higher-order autograd.
 
 First derivatives by autograd: ``torch.autograd.gradcheck`` over every
-reconstruction path and reduction, upstream gradients other than 1 (a scalar
+reconstruction path and reduction (and on each device), upstream gradients other than 1 (a scalar
 factor, per-sample weights on rec, kl and the loss, one of rec/kl only), and a
 gradient for a subset of the inputs, all against the float64 reference.
 
@@ -37,6 +37,8 @@ import fusedvae
 from fusedvae import reference
 from helpers import (
     ATOL64,
+    DEVICE_VARIANT_IDS,
+    DEVICE_VARIANTS,
     REDUCTIONS,
     RTOL64,
     VARIANT_IDS,
@@ -397,9 +399,10 @@ def test_fallback_without_private_torch_internals():
 
 # ------------------------------------------- gradcheck, upstream gradients ---
 
-def _gradcheck_case(likelihood, logits, ls_kind, reduction, free_bits, latent_shape):
-    inp = make_inputs(likelihood, logits, F64, latent_shape, batch=3, sample_shape=(2, 3, 4))
-    ls = make_log_scale(ls_kind, inp.recon.shape)
+def _gradcheck_case(likelihood, logits, ls_kind, reduction, free_bits, latent_shape, batch=3, sample_shape=(2, 3, 4),
+                    device="cpu"):
+    inp = make_inputs(likelihood, logits, F64, latent_shape, batch=batch, sample_shape=sample_shape, device=device)
+    ls = make_log_scale(ls_kind, inp.recon.shape, device=device)
     tensors = [inp.recon.clone().requires_grad_(), inp.mu.clone().requires_grad_(), inp.logvar.clone().requires_grad_()]
     ls_is_tensor = isinstance(ls, torch.Tensor)
     if ls_is_tensor:
@@ -428,6 +431,11 @@ def test_gradcheck(likelihood, logits, ls_kind, reduction):
 @pytest.mark.parametrize("likelihood,logits,ls_kind", VARIANTS, ids=VARIANT_IDS)
 def test_gradcheck_free_bits_spatial_latent(likelihood, logits, ls_kind):
     _gradcheck_case(likelihood, logits, ls_kind, "batchmean", 0.6, (2, 2, 2))
+
+
+@pytest.mark.parametrize("likelihood,logits,ls_kind", DEVICE_VARIANTS, ids=DEVICE_VARIANT_IDS)
+def test_gradcheck_on_device(device, likelihood, logits, ls_kind):
+    _gradcheck_case(likelihood, logits, ls_kind, "none", 0.0, (8,), batch=2, sample_shape=(2, 3, 5), device=device)
 
 
 @pytest.mark.parametrize("free_bits", [0.0, 0.6], ids=["fb0", "fb0.6"])

@@ -11,6 +11,11 @@ flag are restored afterwards. The values are also checked against the float64
 reference, so "identical" cannot mean "identically wrong".
 
 Without the deterministic flag too, the results do not depend on the thread count.
+
+On each device (``device`` fixture): repeated runs are bitwise identical, and a
+step replayed from a captured CUDA graph gives the numbers of the eager step, β
+changed in place between replays included (on the CPU, which has no graphs, a
+repeated call stands for the replay).
 """
 from __future__ import annotations
 
@@ -19,7 +24,19 @@ import torch
 
 import fusedvae
 from fusedvae import reference
-from helpers import F32, VARIANT_IDS, VARIANTS, Inputs, make_inputs, make_log_scale, run_loss
+from helpers import (
+    F32,
+    VARIANT_IDS,
+    VARIANTS,
+    Inputs,
+    make_inputs,
+    make_log_scale,
+    on_cpu,
+    on_cpu_float64,
+    run_loss,
+    synchronize,
+    weighted_upstream,
+)
 
 SAMPLE = (3, 96, 64)  # 18432 elements per sample: two chunks
 LATENT = (4, 64, 70)  # 17920 latent elements per sample: two chunks for the KL sum too
@@ -118,3 +135,62 @@ def test_deterministic_across_runs_and_threads(likelihood, logits, ls_kind, rest
                       likelihood=likelihood, logits=logits, reduction="none", grad=False)
     torch.testing.assert_close(results[0][1].double(), exp.rec, rtol=2e-5, atol=1e-3)
 
+
+# ---------------------------------------------------------- on each device --
+
+
+def test_bitwise_across_repeated_runs_on_device(device):
+    inp = make_inputs("cbernoulli", True, F32, (8,), batch=16, sample_shape=(3, 128, 128), device=device)
+    runs = []
+    for _ in range(3):
+        out, grads = run_loss(fusedvae.vae_loss, inp, upstream=weighted_upstream, likelihood="cbernoulli")
+        runs.append([out.loss, out.rec, out.kl] + [grads[k] for k in sorted(grads)])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    # and the values are right
+    exp, _ = run_loss(reference.vae_loss, on_cpu_float64(inp), likelihood="cbernoulli", grad=False)
+    n = inp.recon[0].numel()
+    torch.testing.assert_close(on_cpu(runs[0][1]).double(), exp.rec, rtol=2e-5, atol=1e-5 * n)
+    torch.testing.assert_close(on_cpu(runs[0][2]).double(), exp.kl, rtol=2e-5, atol=1e-5 * inp.mu[0].numel())
+
+
+def test_graph_replay_gives_the_eager_numbers(device):
+    inp = make_inputs("bernoulli", True, F32, (8,), batch=8, sample_shape=(3, 32, 32), device=device)
+    x, mu, lv = (a.detach().clone().requires_grad_() for a in (inp.recon, inp.mu, inp.logvar))
+    beta = torch.tensor(0.5, device=device)  # a schedule fills it in place
+
+    def step():
+        out = fusedvae.vae_loss(x, inp.target, mu, lv, beta=beta, free_bits=0.01)
+        return (out.loss,) + torch.autograd.grad(out.loss, (x, mu, lv))
+
+    if device == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+
+        def replay():
+            graph.replay()
+            return captured
+    else:
+        replay = step
+
+    for new_beta in (0.5, 2.0):
+        beta.fill_(new_beta)
+        replayed = replay()
+        synchronize(device)
+        eager = step()
+        for a, b in zip(replayed, eager):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # and they are the numbers for this beta
+        ref = [a.detach().double().cpu().requires_grad_() for a in (inp.recon, inp.mu, inp.logvar)]
+        out = reference.vae_loss(ref[0], inp.target.double().cpu(), ref[1], ref[2], beta=new_beta, free_bits=0.01)
+        expected = (out.loss,) + torch.autograd.grad(out.loss, ref)
+        for a, b in zip(replayed, expected):
+            torch.testing.assert_close(on_cpu(a).double(), b, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,8 @@
 Low precision (float32, float16, bfloat16, accumulated in float32), uint8 targets
 read as pixels, mixed dtypes promoted like the reference, every dense and strided
 layout of recon, target, log_scale and the latents, and batch and sample sizes
-that hit the kernels' vector tail and multi-chunk paths.
+that hit the kernels' vector tail and multi-chunk paths. The last section runs
+each dtype, layouts and unaligned storage on each device (``device`` fixture).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import fusedvae
 from fusedvae import reference
 from helpers import (
     ATOL64,
+    DEVICE_VARIANT_IDS,
+    DEVICE_VARIANTS,
     F32,
     F64,
     HALF_DTYPES,
@@ -29,7 +32,10 @@ from helpers import (
     loss_kw,
     make_inputs,
     make_log_scale,
+    on_cpu,
+    on_cpu_float64,
     run_loss,
+    weighted_upstream,
 )
 
 # ------------------------------------------------------ reduced precision --
@@ -282,7 +288,7 @@ def test_sliced_batch_and_expanded_target(likelihood, logits):
     assert not sliced.recon.is_contiguous()
     for case in (sliced, Inputs(inp.recon[:, :, ::2], inp.target[:, :, ::2], inp.mu[:, 1:], inp.logvar[:, 1:])):
         base = Inputs(*(a.contiguous() for a in case))
-        got, got_g = run_loss_views(case, kw)
+        got, got_g = run_loss_views(case, **kw)
         exp, exp_g = run_loss(reference.vae_loss, base, **kw)
         assert_outputs_close(got, exp, RTOL64, ATOL64)
         assert_grads_close(got_g, exp_g, RTOL64, ATOL64)
@@ -296,19 +302,23 @@ def test_sliced_batch_and_expanded_target(likelihood, logits):
     assert_grads_close(got_g, exp_g, RTOL64, ATOL64)
 
 
-def run_loss_views(inputs, kw):
-    """Like run_loss, but the leaves keep the given (strided) layout."""
+def run_loss_views(inputs, upstream=None, keep_storage=False, **kw):
+    """Like run_loss, but the leaves keep the given (strided) layout; with
+    ``keep_storage`` they are the given tensors' own storage (and offset)."""
     leaves = [a.detach() for a in (inputs.recon, inputs.mu, inputs.logvar)]
     views = []
     for a in leaves:
+        if keep_storage:
+            views.append(a.requires_grad_())
+            continue
         # a strided leaf: allocate the full base and take the same view of it
-        base = torch.empty_strided(a.size(), a.stride(), dtype=a.dtype)
+        base = torch.empty_strided(a.size(), a.stride(), dtype=a.dtype, device=a.device)
         base.copy_(a)
         views.append(base.requires_grad_())
     recon, mu, lv = views
     assert recon.stride() == inputs.recon.stride() and recon.is_leaf
     out = fusedvae.vae_loss(recon, inputs.target, mu, lv, **kw)
-    out.loss.sum().backward()
+    (upstream(out) if upstream is not None else out.loss.sum()).backward()
     assert recon.grad.shape == recon.shape
     return out, {"recon": recon.grad, "mu": mu.grad, "logvar": lv.grad}
 
@@ -401,3 +411,72 @@ def test_one_dimensional_recon_and_latent(likelihood, logits, ls_kind):
         for reduction in REDUCTIONS:
             compare_to_reference(inp, ls_kind, **loss_kw(likelihood, logits, reduction, free_bits))
 
+
+# ---------------------------------------------------------- on each device --
+
+
+def _assert_close_as(got, exp, to, rtol, atol):
+    """Outputs and gradients of two ``run_loss`` results, both on the CPU and cast to ``to``."""
+    outs = [type(out)(*(v.to(to) for v in on_cpu(out))) for out, _ in (got, exp)]
+    grads = [{k: v.to(to) for k, v in on_cpu(g).items()} for _, g in (got, exp)]
+    assert_outputs_close(*outs, rtol=rtol, atol=atol)
+    assert_grads_close(*grads, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("target_dtype", [None, torch.uint8], ids=["float-target", "uint8-target"])
+@pytest.mark.parametrize("likelihood,logits,ls_kind", DEVICE_VARIANTS, ids=DEVICE_VARIANT_IDS)
+@pytest.mark.parametrize(
+    "dtype,tol", [(F32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)], ids=["f32", "f16", "bf16"]
+)
+def test_dtypes_match_reference_on_device(device, dtype, tol, likelihood, logits, ls_kind, target_dtype):
+    # Each dtype with float and uint8 targets on 3x32x33 samples (a vector tail in
+    # each), against the float64 reference on exactly the same (upcast) values.
+    # Values accumulate in float32; gradients are rounded once to the input dtype:
+    # 2e-3 covers float16's half ulp (4.9e-4), 2e-2 bfloat16's (3.9e-3).
+    inputs = make_inputs(likelihood, logits, dtype, (8,), batch=3, sample_shape=(3, 32, 33),
+                         target_dtype=target_dtype, device=device)
+    ls = make_log_scale(ls_kind, inputs.recon.shape, dtype=dtype, device=device)
+    kw = dict(likelihood=likelihood, logits=logits)
+    got = run_loss(fusedvae.vae_loss, inputs, upstream=weighted_upstream, log_scale=ls, **kw)
+    for name in ("loss", "rec", "kl"):
+        assert getattr(got[0], name).dtype == F32, name
+    for name, g in got[1].items():
+        assert g.dtype == dtype and g.device == inputs.recon.device, name
+    exp = run_loss(reference.vae_loss, on_cpu_float64(inputs), upstream=weighted_upstream,
+                   log_scale=on_cpu_float64(ls), **kw)
+    _assert_close_as(got, exp, F64, rtol=tol, atol=tol)
+    # and the CPU kernels on the same inputs (both accumulate in float32, in another order)
+    cpu_ls = on_cpu(ls).requires_grad_() if isinstance(ls, torch.Tensor) else ls
+    cpu = run_loss(fusedvae.vae_loss, on_cpu(inputs), upstream=weighted_upstream, log_scale=cpu_ls, **kw)
+    _assert_close_as(got, cpu, F32, rtol=tol, atol=tol)
+
+
+def test_layouts_match_contiguous_on_device(device):
+    inputs = make_inputs("bernoulli", True, F32, (8,), batch=4, sample_shape=(3, 16, 16), device=device)
+    want = run_loss(fusedvae.vae_loss, inputs, upstream=weighted_upstream)
+    _assert_close_as(want, run_loss(reference.vae_loss, on_cpu_float64(inputs), upstream=weighted_upstream),
+                     F64, rtol=1e-5, atol=1e-5)
+    x, t = inputs.recon, inputs.target
+    cl = dict(memory_format=torch.channels_last)
+    for xx, tt in [(x.contiguous(**cl), t.contiguous(**cl)), (x.contiguous(**cl), t),
+                   (x.transpose(2, 3).contiguous().transpose(2, 3), t)]:
+        got = run_loss_views(inputs._replace(recon=xx, target=tt), upstream=weighted_upstream)
+        _assert_close_as(got, want, F32, rtol=1e-5, atol=1e-5)
+    # A sliced batch runs on a contiguous copy.
+    sliced = Inputs(*(a.repeat_interleave(2, dim=0)[::2] for a in inputs))
+    assert not sliced.recon.is_contiguous()
+    got = run_loss_views(sliced, upstream=weighted_upstream)
+    assert got[1]["recon"].shape == x.shape
+    _assert_close_as(got, want, F32, rtol=1e-5, atol=1e-5)
+
+
+def test_unaligned_and_odd_sizes_use_the_scalar_path(device):
+    # A storage offset of one element breaks 16-byte alignment; 7*11 per channel
+    # leaves a tail in every sample.
+    inputs = make_inputs("cbernoulli", True, F32, (8,), batch=3, sample_shape=(3, 7, 11), device=device)
+    shifted = torch.empty(inputs.recon.numel() + 1, device=device)[1:].view_as(inputs.recon).copy_(inputs.recon)
+    assert shifted.data_ptr() % 16 != 0
+    got = run_loss_views(inputs._replace(recon=shifted), upstream=weighted_upstream, likelihood="cbernoulli",
+                         keep_storage=True)
+    exp = run_loss(reference.vae_loss, on_cpu_float64(inputs), upstream=weighted_upstream, likelihood="cbernoulli")
+    _assert_close_as(got, exp, F64, rtol=1e-5, atol=1e-5)

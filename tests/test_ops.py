@@ -1,7 +1,10 @@
 """The torch.ops.fusedvae ops called directly: torch.library.opcheck (schemas,
 fake kernels, autograd registration) and their outputs against the reference.
+The opcheck of every op also runs on each device (``device`` fixture).
 """
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -68,3 +71,17 @@ def test_op_outputs_against_reference(dtype):
     se = ops.recon_loss(inp.recon, inp.target, None, "squared_error", True)
     torch.testing.assert_close(se, ((inp.recon - inp.target) ** 2).flatten(1).sum(1), rtol=tol, atol=tol)
 
+
+def test_opcheck_on_device(device):
+    inp = make_inputs("bernoulli", True, F32, (8,), batch=4, sample_shape=(3, 17, 19), device=device)
+    x = inp.recon.clone().requires_grad_()
+    scale = (0.3 * torch.randn(x.shape, dtype=F32)).to(device).requires_grad_()
+    for likelihood, logits in itertools.product(["bernoulli", "cbernoulli"], [True, False]):
+        xx = x if logits else torch.sigmoid(x.detach()).requires_grad_()
+        torch.library.opcheck(ops.recon_loss, (xx, inp.target, None, likelihood, logits))
+    torch.library.opcheck(ops.recon_loss, (x, inp.target, scale, "gaussian", True))
+    torch.library.opcheck(ops.recon_loss, (x, inp.target, None, "squared_error", True))
+    mu, lv = inp.mu.clone().requires_grad_(), inp.logvar.clone().requires_grad_()
+    torch.library.opcheck(ops.gaussian_kl, (mu, lv))
+    torch.library.opcheck(ops.gaussian_kl_per_dim, (mu, lv))
+    torch.library.opcheck(ops.cb_log_normalizer, (x,))

@@ -4,6 +4,7 @@ The whole option matrix (every reconstruction path x reduction x latent shape x
 free bits) in float64, values and gradients; a 0-d tensor β (and its gradient);
 the normalised β of Higgins et al. and the 'mean' reduction it goes with; the
 ``VAELoss`` module (β as a schedulable buffer, a learned log σ as a parameter).
+Every reduction also runs on each device (``device`` fixture).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from helpers import (
     F32,
     F64,
     REDUCTIONS,
+    DEVICE_VARIANT_IDS,
+    DEVICE_VARIANTS,
     RTOL64,
     VARIANT_IDS,
     VARIANTS,
@@ -28,7 +31,10 @@ from helpers import (
     loss_kw,
     make_inputs,
     make_log_scale,
+    on_cpu,
+    on_cpu_float64,
     run_loss,
+    weighted_upstream,
 )
 
 
@@ -159,3 +165,27 @@ def test_module_parameter_log_scale_gets_gradient(shape):
     buf = fusedvae.VAELoss(likelihood="gaussian", log_scale=init.clone())
     assert "log_scale" in dict(buf.named_buffers()) and not list(buf.parameters())
 
+
+# ---------------------------------------------------------- on each device --
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("likelihood,logits,ls_kind", DEVICE_VARIANTS, ids=DEVICE_VARIANT_IDS)
+def test_matches_reference_float64_on_device(device, likelihood, logits, ls_kind, reduction):
+    # Every reduction with β and free bits, an upstream gradient that weights rec,
+    # kl and the loss differently per sample, and 3x17x19 samples (a vector tail in
+    # each): the device's kernels against the reference on the CPU, in float64.
+    kw = loss_kw(likelihood, logits, reduction, free_bits=0.05, beta=0.7)
+    inputs = make_inputs(likelihood, logits, F64, (8,), batch=4, sample_shape=(3, 17, 19), device=device)
+    ls = make_log_scale(ls_kind, inputs.recon.shape, device=device)
+    got, got_g = run_loss(fusedvae.vae_loss, inputs, upstream=weighted_upstream, log_scale=ls, **kw)
+    assert got.loss.device == inputs.recon.device and got_g["recon"].device == inputs.recon.device
+    got, got_g = on_cpu(got), on_cpu(got_g)
+    cpu_inputs, cpu_ls = on_cpu_float64(inputs), on_cpu_float64(ls)
+    exp, exp_g = run_loss(reference.vae_loss, cpu_inputs, upstream=weighted_upstream, log_scale=cpu_ls, **kw)
+    assert_outputs_close(got, exp, rtol=1e-10, atol=1e-10)
+    assert_grads_close(got_g, exp_g, rtol=1e-10, atol=1e-10)
+    # and the CPU kernels on the same numbers: equal up to the order of the sums
+    cpu, cpu_g = run_loss(fusedvae.vae_loss, cpu_inputs, upstream=weighted_upstream, log_scale=cpu_ls, **kw)
+    assert_outputs_close(got, cpu, rtol=1e-12, atol=1e-12)
+    assert_grads_close(got_g, cpu_g, rtol=1e-12, atol=1e-12)
