@@ -1,6 +1,7 @@
 """Peak extra memory of one forward+backward: the fused loss against eager PyTorch.
 
-On the CPU the measurement is ``fusedvae.bench.peak_memory_bytes``: the running
+Every test runs on each device (``device`` fixture). On the CPU the measurement
+is ``fusedvae.bench.peak_memory_bytes``: the running
 sum of the allocator's events under ``torch.profiler(profile_memory=True)``,
 beyond what existed before the step, including the gradients left in ``.grad``.
 The fused path needs the gradient of ``recon`` (as large as ``recon``) and
@@ -14,8 +15,13 @@ PyTorch, measured in the same run on the same tensors, allocates more (its
 per-element loss and gradient temporaries; with a uint8 target also the float
 copy of the target).
 
-On CUDA, ``torch.cuda.max_memory_allocated`` plays the profiler's role (skipped
-without a GPU).
+On CUDA, ``torch.cuda.max_memory_allocated`` (beyond ``memory_allocated`` before
+the step) plays the profiler's role, with the same bounds.
+
+A bfloat16 ``recon`` with a float32 ``target`` is promoted to float32 before the
+kernels run: a float32 copy of ``recon`` and a float32 gradient, 4x recon's bytes
+on both devices. That case is kept with the bound it should meet, 1.2x the
+gradient's bytes, as an expected failure until the promotion goes.
 """
 from __future__ import annotations
 
@@ -27,8 +33,6 @@ from fusedvae import bench, reference
 
 KIB = 1024
 SHAPE, LATENT = (16, 3, 64, 64), 32
-
-HAS_CUDA = torch.cuda.is_available() and fusedvae.has_cuda_kernels()
 
 
 def _profiler_works():
@@ -42,9 +46,6 @@ def _profiler_works():
         return False
 
 
-pytestmark = pytest.mark.skipif(not _profiler_works(), reason="torch.profiler memory events unavailable")
-
-
 def _inputs(target_dtype, recon_dtype=torch.float32, likelihood="bernoulli", device="cpu"):
     recon, target, mu, logvar = bench.make_inputs(SHAPE, LATENT, target_dtype)
     if likelihood == "gaussian" and target_dtype != "uint8":
@@ -53,7 +54,6 @@ def _inputs(target_dtype, recon_dtype=torch.float32, likelihood="bernoulli", dev
     return recon, target.to(device), mu.detach().to(device).requires_grad_(), logvar.detach().to(device).requires_grad_()
 
 
-# (id, fused loss, eager loss, recon dtype, target dtype, extra gradient bytes)
 def _fused(**kw):
     return lambda r, t, m, lv, beta: fusedvae.vae_loss(r, t, m, lv, beta=beta, **kw).loss
 
@@ -62,16 +62,18 @@ def _eager(**kw):
     return lambda r, t, m, lv, beta: reference.vae_loss(r, t, m, lv, beta=beta, **kw).loss
 
 
-_FULL_SCALE = {}
-
-
-def _full_scale_kw():
+def _full_scale_kw(device):
     # a heteroscedastic decoder's log σ, shaped like recon, learned
-    if "s" not in _FULL_SCALE:
-        _FULL_SCALE["s"] = torch.full(SHAPE, -0.3).requires_grad_()
-    return dict(likelihood="gaussian", log_scale=_FULL_SCALE["s"])
+    return dict(likelihood="gaussian", log_scale=torch.full(SHAPE, -0.3, device=device).requires_grad_())
 
 
+PROMOTED_FIRST = pytest.mark.xfail(
+    strict=True,
+    reason="a bfloat16 recon with a float32 target is promoted to float32 first (a float32 copy of recon "
+    "and a float32 gradient: 4x recon's bytes); the bound is 1.2x the gradient's bytes",
+)
+
+# (id, fused loss, eager loss, recon dtype, target dtype)
 CASES = [
     ("bernoulli-f32-target", bench.fused_loss, bench.eager_loss, torch.float32, "float32"),
     ("bernoulli-uint8-target", bench.fused_loss, bench.eager_loss, torch.float32, "uint8"),
@@ -80,31 +82,55 @@ CASES = [
     ("gaussian-optimal-uint8", _fused(likelihood="gaussian", log_scale="optimal"), _eager(likelihood="gaussian", log_scale="optimal"), torch.float32, "uint8"),
     ("bernoulli-bf16-uint8", bench.fused_loss, bench.eager_loss, torch.bfloat16, "uint8"),
     ("cbernoulli-bf16-uint8", _fused(likelihood="cbernoulli"), _eager(likelihood="cbernoulli"), torch.bfloat16, "uint8"),
+    pytest.param("bernoulli-bf16-f32-target", bench.fused_loss, bench.eager_loss, torch.bfloat16, "float32",
+                 marks=PROMOTED_FIRST, id="bernoulli-bf16-f32-target"),
 ]
+CASE_IDS = [c[0] if isinstance(c, tuple) else c.id for c in CASES]
+
+
+def _bound(recon, target_dtype):
+    """The most one fused forward+backward may allocate beyond its inputs."""
+    if recon.dtype != torch.float32 and target_dtype == "float32":
+        return 1.2 * recon.nbytes  # 1.2x the gradient's bytes, once recon is no longer promoted
+    return 1.1 * recon.nbytes + (0 if target_dtype == "uint8" else 64 * KIB)
 
 
 def _measure(fn, inputs):
-    bench.step(fn, *inputs)  # warm up (first-call allocations, lazy init)
+    """Peak bytes of one forward+backward of ``fn`` beyond what existed before it,
+    gradients left in ``.grad`` included; after one warm-up step (first-call
+    allocations, lazy initialisation)."""
+    bench.step(fn, *inputs)
     bench.clear_grads(inputs)
-    return bench.peak_memory_bytes(fn, inputs)
+    if inputs[0].device.type == "cpu":
+        if not _profiler_works():
+            pytest.skip("torch.profiler memory events unavailable")
+        return bench.peak_memory_bytes(fn, inputs)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    bench.step(fn, *inputs)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    bench.clear_grads(inputs)
+    return peak
 
 
-@pytest.mark.parametrize("name,fused,eager,recon_dtype,target_dtype", CASES, ids=[c[0] for c in CASES])
-def test_cpu_peak_memory(name, fused, eager, recon_dtype, target_dtype):
+@pytest.mark.parametrize("name,fused,eager,recon_dtype,target_dtype", CASES, ids=CASE_IDS)
+def test_peak_memory(device, name, fused, eager, recon_dtype, target_dtype):
     likelihood = "gaussian" if "gaussian" in name else "bernoulli"
-    inputs = _inputs(target_dtype, recon_dtype, likelihood)
+    inputs = _inputs(target_dtype, recon_dtype, likelihood, device=device)
     recon = inputs[0]
     fused_peak = _measure(fused, inputs)
     eager_peak = _measure(eager, inputs)
-    bound = 1.1 * recon.nbytes + (0 if target_dtype == "uint8" else 64 * KIB)
+    bound = _bound(recon, target_dtype)
     assert fused_peak >= recon.nbytes, "the measurement must at least see recon.grad"
     assert fused_peak <= bound, f"fused peak {fused_peak} B > {bound:.0f} B ({fused_peak / recon.nbytes:.3f} x recon)"
     assert eager_peak > fused_peak, f"eager {eager_peak} B <= fused {fused_peak} B"
 
 
-def test_cpu_peak_memory_full_log_scale():
-    inputs = _inputs("float32", likelihood="gaussian")
-    kw = _full_scale_kw()
+def test_peak_memory_full_log_scale(device):
+    inputs = _inputs("float32", likelihood="gaussian", device=device)
+    kw = _full_scale_kw(device)
     scale = kw["log_scale"]
     fused = _fused(**kw)
     eager = _eager(**kw)
@@ -117,36 +143,10 @@ def test_cpu_peak_memory_full_log_scale():
     assert eager_peak > fused_peak
 
 
-def test_cpu_peak_memory_sees_an_extra_copy():
+def test_peak_memory_sees_an_extra_copy(device):
     # The measurement can fail: a loss that makes one recon-sized copy more
     # (here: a float32 target promoted from float64) is over the bound.
-    inputs = list(_inputs("float32"))
+    inputs = list(_inputs("float32", device=device))
     inputs[1] = inputs[1].double()
     peak = _measure(bench.fused_loss, inputs)
     assert peak > 1.1 * inputs[0].nbytes + 64 * KIB
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a build with CUDA kernels "
-                    "(torch.cuda.is_available() is False on this machine)")
-@pytest.mark.parametrize("target_dtype", ["float32", "uint8"])
-@pytest.mark.parametrize("recon_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_cuda_peak_memory(recon_dtype, target_dtype):
-    inputs = _inputs(target_dtype, recon_dtype, device="cuda")
-    recon = inputs[0]
-
-    def peak(fn):
-        bench.step(fn, *inputs)
-        bench.clear_grads(inputs)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        bench.step(fn, *inputs)
-        torch.cuda.synchronize()
-        result = torch.cuda.max_memory_allocated() - base
-        bench.clear_grads(inputs)
-        return result
-
-    fused_peak, eager_peak = peak(bench.fused_loss), peak(bench.eager_loss)
-    bound = 1.1 * recon.nbytes + (0 if target_dtype == "uint8" else 64 * KIB)
-    assert recon.nbytes <= fused_peak <= bound
-    assert eager_peak > fused_peak
