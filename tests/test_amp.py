@@ -11,8 +11,8 @@ returns float32. Checked against two references:
   bf16's unit roundoff 2^-9 for each of the N data and J latent elements of a
   sample — and parameter gradients within 5 % in norm.
 
-CUDA float16/bfloat16 autocast and the float16 GradScaler run the same code with
-``device="cuda"``; they are skipped where no GPU is present.
+Every test runs on each device (``device`` fixture): CPU and CUDA autocast, in
+bfloat16 and float16, and the float16 GradScaler.
 """
 from __future__ import annotations
 
@@ -23,19 +23,11 @@ import torch
 
 import fusedvae
 from fusedvae import reference
-from helpers import TINY_LATENT, TinyConvVAE, tiny_batch
+from helpers import TINY_LATENT, TinyConvVAE, on_cpu_float64, tiny_batch
 
 N, J = 64, TINY_LATENT
 LIKELIHOODS = [("bernoulli", None), ("cbernoulli", None), ("gaussian", None), ("gaussian", "optimal")]
 LIK_IDS = ["bernoulli", "cbernoulli", "gaussian", "gaussian-optimal"]
-
-HAS_CUDA = torch.cuda.is_available() and fusedvae.has_cuda_kernels()
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        not HAS_CUDA, reason="needs a CUDA device and a build with CUDA kernels "
-        "(torch.cuda.is_available() is False on this machine)")),
-]
 
 
 def _model(device="cpu", scale=1.0):
@@ -71,10 +63,10 @@ def _check_against_fp32_and_reference(model, batch, lik, log_scale, dtype, devic
     assert bool(torch.isfinite(out32.loss))
     assert bool(torch.isfinite(out.loss)) and bool(torch.isfinite(out.rec).all())
     # the loss of exactly these low-precision tensors
-    exp = reference.vae_loss(recon.double(), target.double() if target.dtype != torch.uint8 else target,
-                             mu.double(), logvar.double(), likelihood=lik, log_scale=log_scale)
-    torch.testing.assert_close(out.loss.double(), exp.loss, rtol=1e-5, atol=1e-5 * (N + J))
-    torch.testing.assert_close(out.rec.double(), exp.rec, rtol=1e-5, atol=1e-5 * N)
+    exp = reference.vae_loss(*(on_cpu_float64(v.detach()) for v in (recon, target, mu, logvar)),
+                             likelihood=lik, log_scale=log_scale)
+    torch.testing.assert_close(out.loss.double().cpu(), exp.loss, rtol=1e-5, atol=1e-5 * (N + J))
+    torch.testing.assert_close(out.rec.double().cpu(), exp.rec, rtol=1e-5, atol=1e-5 * N)
     # and close to the float32 model
     err = (out.loss - out32.loss).abs()
     assert err <= _tolerance(out32.loss), f"{dtype} loss {out.loss.item()} vs float32 {out32.loss.item()}"
@@ -83,31 +75,32 @@ def _check_against_fp32_and_reference(model, batch, lik, log_scale, dtype, devic
 
 @pytest.mark.parametrize("uint8", [True, False], ids=["uint8-target", "float-target"])
 @pytest.mark.parametrize("lik,log_scale", LIKELIHOODS, ids=LIK_IDS)
-def test_cpu_bf16_autocast_loss(lik, log_scale, uint8):
-    model = _model()
-    _check_against_fp32_and_reference(model, tiny_batch(16, uint8, seed=1), lik, log_scale, torch.bfloat16, "cpu")
+def test_bf16_autocast_loss(device, lik, log_scale, uint8):
+    model = _model(device)
+    batch = [t.to(device) for t in tiny_batch(16, uint8, seed=1)]
+    _check_against_fp32_and_reference(model, batch, lik, log_scale, torch.bfloat16, device)
 
 
 @pytest.mark.parametrize("lik", ["bernoulli", "cbernoulli"])
-def test_cpu_bf16_autocast_large_logits_stay_finite(lik):
+def test_bf16_autocast_large_logits_stay_finite(device, lik):
     # logits in the hundreds: float32 is finite, so bf16 (same exponent range) must be too
-    model = _model(scale=200.0)
-    x, target, eps = tiny_batch(16, True, seed=2)
-    recon, _, _, out = _forward(model, x, target, eps, lik, None, torch.bfloat16)
+    model = _model(device, scale=200.0)
+    x, target, eps = (t.to(device) for t in tiny_batch(16, True, seed=2))
+    recon, _, _, out = _forward(model, x, target, eps, lik, None, torch.bfloat16, device)
     assert recon.abs().max() > 50
-    _check_against_fp32_and_reference(model, (x, target, eps), lik, None, torch.bfloat16, "cpu")
+    _check_against_fp32_and_reference(model, (x, target, eps), lik, None, torch.bfloat16, device)
 
 
 @pytest.mark.parametrize("lik,log_scale", LIKELIHOODS, ids=LIK_IDS)
-def test_cpu_bf16_autocast_gradients(lik, log_scale):
-    model = _model()
+def test_bf16_autocast_gradients(device, lik, log_scale):
+    model = _model(device)
     model32 = copy.deepcopy(model)
-    x, target, eps = tiny_batch(16, True, seed=3)
-    recon, _, _, out = _forward(model, x, target, eps, lik, log_scale, torch.bfloat16)
+    x, target, eps = (t.to(device) for t in tiny_batch(16, True, seed=3))
+    recon, _, _, out = _forward(model, x, target, eps, lik, log_scale, torch.bfloat16, device)
     recon.retain_grad()
     out.loss.backward()
     assert recon.grad.dtype == torch.bfloat16
-    _, _, _, out32 = _forward(model32, x, target, eps, lik, log_scale)
+    _, _, _, out32 = _forward(model32, x, target, eps, lik, log_scale, device=device)
     out32.loss.backward()
     for (name, p), p32 in zip(model.named_parameters(), model32.parameters()):
         assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
@@ -116,7 +109,6 @@ def test_cpu_bf16_autocast_gradients(lik, log_scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("device", DEVICES)
 def test_autocast_low_precision(device, dtype):
     model = _model(device)
     x, target, eps = (t.to(device) for t in tiny_batch(16, True, seed=4))
@@ -124,7 +116,6 @@ def test_autocast_low_precision(device, dtype):
         _check_against_fp32_and_reference(model, (x, target, eps), lik, log_scale, dtype, device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_grad_scaler_fp16(device):
     """float16 autocast + GradScaler: unscaled gradients match float32, steps happen,
     and an overflowing scale gives inf gradients that the scaler detects and skips."""
