@@ -49,21 +49,36 @@ struct CbProblem {
 };
 
 namespace cpu {
-// rec[b] = Σ_i ℓ(x_bi, t_bi).
-void recon_loss_forward(const ReconProblem& p, void* rec);
-// grad_recon = grad_rec[b] · ∂ℓ/∂x (dtype of recon); grad_log_scale likewise
-// for the Gaussian (ignored otherwise, may be null).
-void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
-                         void* grad_log_scale);
-// per_dim == false: kl[b] = Σ_j kl_bj (accumulation type, [batch]);
-// per_dim == true:  kl[b, j] (accumulation type, [batch, latent]).
-void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl);
-// grad is [batch] (per_dim == false) or [batch, latent]; grads are of `dtype`.
-void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
-                          void* grad_logvar);
-// out (of `dtype`) = log C(logits); grad_logits = grad · d log C / dη.
-void cb_log_normalizer_forward(const CbProblem& p, void* out);
-void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits);
+// The CPU kernels of one instruction set. Each set is compiled from
+// cpu/kernels_impl.h in a translation unit of its own with that set's compiler
+// flags: the baseline build inside fusedvae._C, AVX2 and AVX-512 builds in
+// modules of their own that are loaded only on a CPU that runs them
+// (cpu/kernels.cpp).
+struct Kernels {
+  const char* isa;  // as torch names it (at::get_cpu_capability()): "DEFAULT", "AVX2", "AVX512"
+  // rec[b] = Σ_i ℓ(x_bi, t_bi).
+  void (*recon_loss_forward)(const ReconProblem& p, void* rec);
+  // grad_recon = grad_rec[b] · ∂ℓ/∂x (dtype of recon); grad_log_scale likewise
+  // for the Gaussian (ignored otherwise, may be null).
+  void (*recon_loss_backward)(const ReconProblem& p, const void* grad_rec, void* grad_recon,
+                              void* grad_log_scale);
+  // per_dim == false: kl[b] = Σ_j kl_bj (accumulation type, [batch]);
+  // per_dim == true:  kl[b, j] (accumulation type, [batch, latent]).
+  void (*gaussian_kl_forward)(const KlProblem& p, bool per_dim, void* kl);
+  // grad is [batch] (per_dim == false) or [batch, latent]; grads are of `dtype`.
+  void (*gaussian_kl_backward)(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
+                               void* grad_logvar);
+  // out (of `dtype`) = log C(logits); grad_logits = grad · d log C / dη.
+  void (*cb_log_normalizer_forward)(const CbProblem& p, void* out);
+  void (*cb_log_normalizer_backward)(const CbProblem& p, const void* grad, void* grad_logits);
+};
+
+// The kernels in use: the baseline build until select_kernels() has run.
+const Kernels& kernels();
+// Switches kernels() to the best build this CPU runs (cpu/kernels.cpp). Called
+// once, with the GIL held, when fusedvae._C is imported; false with a Python
+// exception set if that failed.
+bool select_kernels();
 }  // namespace cpu
 
 namespace cuda {

@@ -4,12 +4,20 @@
 #include <Python.h>
 #include <torch/library.h>
 
-extern "C" {
-// `import fusedvae._C` loads this library, which runs the registrations below.
-PyObject* PyInit__C(void) {
+#include "kernels.h"
+
+// `import fusedvae._C` loads this library, which runs the registrations below,
+// and picks the CPU kernels' build; `fusedvae._C.cpu_kernels` names it.
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (!fusedvae::cpu::select_kernels() ||
+      PyModule_AddStringConstant(module, "cpu_kernels", fusedvae::cpu::kernels().isa) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 
 TORCH_LIBRARY(fusedvae, m) {

@@ -1,7 +1,13 @@
-"""What the build produced: vectorised CPU kernels, and CUDA kernels wherever
-the build had CUDA (CI compiles them on machines without a GPU)."""
+"""What the build produced and how it runs: a CPU kernel build per instruction
+set, each loaded only where torch runs that set; baseline code in fusedvae._C;
+kernels spread over torch's threads; CUDA kernels wherever the build had CUDA
+(CI compiles them on machines without a GPU)."""
 import os
 import platform
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -18,10 +24,21 @@ OPS = (
     "cb_log_normalizer",
     "cb_log_normalizer_backward",
 )
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(fusedvae.__file__))
+REPO_ROOT = os.path.dirname(PACKAGE_DIR)
 
 
 def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedvae::{op}", key)
+
+
+def _module_file(name: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(f"fusedvae.{name}")
+    assert spec is not None and spec.origin, f"fusedvae.{name} was not built"
+    return spec.origin
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -35,25 +52,28 @@ def test_every_op_has_a_cuda_kernel_when_built_with_cuda(op):
     assert fusedvae.has_cuda_kernels() == _build_info.WITH_CUDA
 
 
-def test_cuda_build_when_expected():
-    # .ci/run sets this where nvcc exists: the CUDA sources must then have compiled.
-    if os.environ.get("FUSEDVAE_EXPECT_CUDA_BUILD") != "1":
-        pytest.skip("no CUDA toolchain announced (FUSEDVAE_EXPECT_CUDA_BUILD unset)")
-    assert _build_info.WITH_CUDA
+# ------------------------------------------------- instruction-set builds --
+
+# Which builds exist: on x86-64 an AVX2 and an AVX-512 module beside the
+# baseline kernels inside fusedvae._C.
+def test_an_instruction_set_build_for_each_of_torchs_x86_capabilities():
+    assert _build_info.CPU_BUILDS == (["AVX2", "AVX512"] if X86_64 else [])
+    for isa in _build_info.CPU_BUILDS:
+        _module_file(f"_cpu_{isa.lower()}")
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="AVX2 kernels are built on x86_64 only")
-def test_cpu_kernels_use_avx2_vector_math():
-    # Without the CPU_CAPABILITY_AVX2 build flags at::vec falls back to scalar
-    # loops and never calls Sleef's 8-wide functions.
-    with open(_C.__file__, "rb") as f:
-        binary = f.read()
-    assert b"Sleef_expf8_u10" in binary
-    assert b"Sleef_logf8_u10" in binary
+def _capabilities_of_this_cpu():
+    """torch's CPU capabilities this machine can be run at, lowest first."""
+    best = torch.backends.cpu.get_cpu_capability()
+    if not X86_64:
+        return [best]
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    return order[: order.index(best) + 1] if best in order else ["DEFAULT"]
 
 
-_ISA_SCRIPT = """
+_BUILD_SCRIPT = """
 import sys, torch, fusedvae
+from fusedvae import _C
 g = torch.Generator().manual_seed(0)
 x = torch.randn(3, 3, 33, 35, generator=g)
 t = torch.rand(3, 3, 33, 35, generator=g)
@@ -64,25 +84,160 @@ for lik in ("bernoulli", "cbernoulli", "gaussian"):
     out = fusedvae.vae_loss(xx, t, mu, lv, likelihood=lik)
     out.loss.backward()
     rows.append(torch.cat([out.rec, xx.grad.flatten()]))
-torch.save(torch.stack(rows), sys.argv[1])
+loaded = sorted(m for m in sys.modules if m.startswith("fusedvae._cpu_"))
+torch.save({"build": _C.cpu_kernels, "loaded": loaded, "values": torch.stack(rows)}, sys.argv[1])
 """
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="two kernel builds exist on x86_64 only")
-def test_avx2_and_default_kernels_agree(tmp_path):
-    # kernels.cpp follows at::get_cpu_capability(); ATEN_CPU_CAPABILITY=avx2
-    # forces the AVX2 build where the default may be the AVX-512 one.
-    import subprocess
-    import sys
+def _run_at_capability(capability: str, path) -> dict:
+    # at::get_cpu_capability() honours ATEN_CPU_CAPABILITY, so a fresh process
+    # with it set runs the build of that instruction set.
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
+    subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, str(path)], env=env, check=True,
+                   cwd=REPO_ROOT)
+    return torch.load(path)
 
-    results = {}
-    for isa in ("default", "avx2"):
-        env = dict(os.environ)
-        env.pop("ATEN_CPU_CAPABILITY", None)
-        if isa != "default":
-            env["ATEN_CPU_CAPABILITY"] = isa
-        path = tmp_path / f"{isa}.pt"
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(fusedvae.__file__))))
-        results[isa] = torch.load(path)
-    torch.testing.assert_close(results["avx2"], results["default"], rtol=2e-6, atol=1e-6)
+
+@pytest.fixture(scope="module")
+def runs_at_each_capability(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("capabilities")
+    return {cap: _run_at_capability(cap, tmp / f"{cap}.pt") for cap in _capabilities_of_this_cpu()}
+
+
+def test_the_build_torch_runs_is_the_build_that_runs(runs_at_each_capability):
+    # ... and only that build's module is loaded: an AVX-512 module is never
+    # even imported where torch does not run AVX-512 code.
+    for capability, run in runs_at_each_capability.items():
+        assert run["build"] == capability
+        expected = [] if capability == "DEFAULT" else [f"fusedvae._cpu_{capability.lower()}"]
+        assert run["loaded"] == expected, capability
+
+
+def test_this_process_runs_torchs_build():
+    assert _C.cpu_kernels == torch.backends.cpu.get_cpu_capability() or not X86_64
+
+
+def test_every_cpu_build_computes_the_same(runs_at_each_capability):
+    # Each build sums its vector lanes in its own order: a few float32 ulps.
+    runs = list(runs_at_each_capability.values())
+    for run in runs[1:]:
+        torch.testing.assert_close(run["values"], runs[0]["values"], rtol=2e-6, atol=1e-6)
+
+
+def _disassembly(path: str) -> str:
+    objdump = shutil.which("objdump")
+    assert objdump, "objdump (binutils) is needed to inspect the built modules"
+    return subprocess.run([objdump, "-d", "--no-show-raw-insn", path], check=True,
+                          capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(not X86_64, reason="instruction-set builds exist on x86-64 only")
+def test_fusedvae_C_is_baseline_code():
+    # It is loaded on every CPU: no AVX (ymm) or AVX-512 (zmm) instruction.
+    code = _disassembly(_C.__file__)
+    assert "%ymm" not in code and "%zmm" not in code
+
+
+@pytest.mark.skipif(not X86_64, reason="instruction-set builds exist on x86-64 only")
+def test_each_build_uses_its_instruction_set_and_no_wider_one():
+    avx2 = _disassembly(_module_file("_cpu_avx2"))
+    avx512 = _disassembly(_module_file("_cpu_avx512"))
+    assert "%ymm" in avx2 and "%zmm" not in avx2
+    assert "%zmm" in avx512
+    # at::vec calls Sleef's vector functions of the build's width; without the
+    # CPU_CAPABILITY_<set> macros it would fall back to scalar loops.
+    with open(_module_file("_cpu_avx2"), "rb") as f:
+        assert b"Sleef_expf8_u10" in f.read()
+    with open(_module_file("_cpu_avx512"), "rb") as f:
+        assert b"Sleef_expf16_u10" in f.read()
+
+
+@pytest.mark.skipif(not (X86_64 and sys.platform.startswith("linux")),
+                    reason="instruction-set builds exist on x86-64 only; the export list is an ELF linker script")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_kernel_modules_export_nothing_but_their_init(isa):
+    # So no function compiled for the instruction set (an inline std:: or c10
+    # function, say) can be bound by another library in the process.
+    out = subprocess.run(["nm", "-D", "--defined-only", _module_file(f"_cpu_{isa}")], check=True,
+                         capture_output=True, text=True).stdout
+    assert [line.split()[-1] for line in out.splitlines()] == [f"PyInit__cpu_{isa}"]
+
+
+# --------------------------------------------------------------- threads --
+
+def _cpu_seconds_per_thread() -> dict:
+    """CPU time (user + system) of each thread of this process, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    times = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended
+            continue
+        times[tid] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return times
+
+
+def threads_that_worked(work, seconds: float = 0.3, settle: float = 0.25) -> int:
+    """How many threads of this process spent at least a fifth of the busiest
+    thread's CPU time while `work()` was called repeatedly for `seconds`.
+
+    The calls first run for `settle` seconds unmeasured: an OpenMP runtime's
+    idle workers spin for a while after their last parallel region (LLVM's
+    libomp for 200 ms), which must not count as work."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < settle:
+        work()
+    before = _cpu_seconds_per_thread()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        work()
+    after = _cpu_seconds_per_thread()
+    spent = [after[t] - before.get(t, 0.0) for t in after]
+    return sum(s >= 0.2 * max(spent) for s in spent if s > 0)
+
+
+def _kernel_calls():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 64, 64, generator=g)
+    t = torch.rand(8, 3, 64, 64, generator=g)
+    s = 0.1 * torch.randn(8, 3, 64, 64, generator=g)
+    per_sample = torch.ones(8)
+    mu, lv = torch.randn(8, 32768, generator=g), torch.randn(8, 32768, generator=g)
+    eta = torch.randn(8 * 12288, generator=g)
+    ops = torch.ops.fusedvae
+    calls = {
+        "gaussian_kl": lambda: ops.gaussian_kl(mu, lv),
+        "gaussian_kl_per_dim": lambda: ops.gaussian_kl_per_dim(mu, lv),
+        "gaussian_kl_backward": lambda: ops.gaussian_kl_backward(per_sample, mu, lv),
+        "cb_log_normalizer": lambda: ops.cb_log_normalizer(eta),
+        "cb_log_normalizer_backward": lambda: ops.cb_log_normalizer_backward(eta, eta),
+    }
+    for lik, logits, scale in (("bernoulli", True, None), ("bernoulli", False, None),
+                               ("cbernoulli", True, None), ("squared_error", True, None),
+                               ("gaussian", True, s)):
+        xx = x if logits else torch.sigmoid(x)
+        calls[f"recon_loss-{lik}-{logits}"] = (
+            lambda xx=xx, lik=lik, lg=logits, sc=scale: ops.recon_loss(xx, t, sc, lik, lg))
+        calls[f"recon_loss_backward-{lik}-{logits}"] = (
+            lambda xx=xx, lik=lik, lg=logits, sc=scale:
+            ops.recon_loss_backward(per_sample, xx, t, sc, lik, lg))
+    return calls
+
+
+KERNEL_CALLS = _kernel_calls()
+
+
+def test_thread_measurement_tells_one_thread_from_two(restore_threads):
+    work = KERNEL_CALLS["recon_loss-bernoulli-True"]
+    torch.set_num_threads(1)
+    assert threads_that_worked(work) == 1
+    torch.set_num_threads(2)
+    assert threads_that_worked(work) == 2
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNEL_CALLS))
+def test_cpu_kernels_run_on_every_thread_torch_allows(kernel, restore_threads):
+    torch.set_num_threads(2)
+    assert threads_that_worked(KERNEL_CALLS[kernel]) == 2

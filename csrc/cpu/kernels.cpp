@@ -1,63 +1,70 @@
-// The CPU entry points of kernels.h: each forwards to the AVX-512 build of the
-// kernels where torch itself runs AVX-512 code (at::get_cpu_capability(),
-// which honours ATEN_CPU_CAPABILITY), else to the AVX2 build.
+// Which build of the CPU kernels runs: the one for the instruction set torch
+// itself runs (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY).
+// The baseline build is linked into fusedvae._C; the AVX2 and AVX-512 builds
+// are modules of their own (kernel_module.h), imported only here and only
+// where the CPU runs them.
 #include "../kernels.h"
 
 #include <ATen/Version.h>
+#include <Python.h>
+
+#include <cctype>
+#include <string>
 
 namespace fusedvae {
 namespace cpu {
+namespace DEFAULT {
+extern const Kernels kKernels;
+}
 
-#define FUSEDVAE_DECLARE_CPU_KERNELS(ISA)                                                      \
-  namespace ISA {                                                                              \
-  void recon_loss_forward(const ReconProblem& p, void* rec);                                   \
-  void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,      \
-                           void* grad_log_scale);                                              \
-  void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl);                        \
-  void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu, \
-                            void* grad_logvar);                                                \
-  void cb_log_normalizer_forward(const CbProblem& p, void* out);                               \
-  void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits);    \
-  }
-
-FUSEDVAE_DECLARE_CPU_KERNELS(CPU_CAPABILITY)
-#if defined(__x86_64__) || defined(_M_X64)
-FUSEDVAE_DECLARE_CPU_KERNELS(AVX512)
-#define FUSEDVAE_PICK(fn) (use_avx512() ? &AVX512::fn : &CPU_CAPABILITY::fn)
 namespace {
-bool use_avx512() {
-  static const bool yes = at::get_cpu_capability().rfind("AVX512", 0) == 0;
-  return yes;
+const Kernels* active = &DEFAULT::kKernels;
+
+// The table of the kernel module `name` (kernel_module.h), or null with a
+// Python exception set.
+const Kernels* import_kernels(const std::string& name) {
+  PyObject* module = PyImport_ImportModule(name.c_str());
+  if (module == nullptr) return nullptr;
+  PyObject* capsule = PyObject_GetAttrString(module, "kernels");
+  Py_DECREF(module);
+  if (capsule == nullptr) return nullptr;
+  const void* table = PyCapsule_GetPointer(capsule, (name + ".kernels").c_str());
+  Py_DECREF(capsule);
+  return static_cast<const Kernels*>(table);
 }
 }  // namespace
-#else
-#define FUSEDVAE_PICK(fn) (&CPU_CAPABILITY::fn)
+
+const Kernels& kernels() { return *active; }
+
+bool select_kernels() {
+#if defined(__x86_64__) || defined(_M_X64)
+  // Best first: a CPU that runs one of these runs every later one too.
+  static const char* const kBuilds[] = {"AVX512", "AVX2"};
+  const std::string capability = at::get_cpu_capability();
+  bool runs_here = false;
+  for (const char* isa : kBuilds) {
+    runs_here = runs_here || capability == isa;
+    if (!runs_here) continue;
+    std::string name = "fusedvae._cpu_";
+    for (const char* c = isa; *c; ++c) name += static_cast<char>(std::tolower(*c));
+    if (const Kernels* table = import_kernels(name)) {
+      active = table;
+      return true;
+    }
+    // A build that should be there and is not: say so, and fall back.
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    const int failed = PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
+                                        "fusedvae: could not load the %s CPU kernels (%S: %S); "
+                                        "using a slower build",
+                                        isa, type ? type : Py_None, value ? value : Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    if (failed) return false;
+  }
 #endif
-
-void recon_loss_forward(const ReconProblem& p, void* rec) {
-  FUSEDVAE_PICK(recon_loss_forward)(p, rec);
-}
-
-void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
-                         void* grad_log_scale) {
-  FUSEDVAE_PICK(recon_loss_backward)(p, grad_rec, grad_recon, grad_log_scale);
-}
-
-void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl) {
-  FUSEDVAE_PICK(gaussian_kl_forward)(p, per_dim, kl);
-}
-
-void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
-                          void* grad_logvar) {
-  FUSEDVAE_PICK(gaussian_kl_backward)(p, per_dim, grad, grad_mu, grad_logvar);
-}
-
-void cb_log_normalizer_forward(const CbProblem& p, void* out) {
-  FUSEDVAE_PICK(cb_log_normalizer_forward)(p, out);
-}
-
-void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits) {
-  FUSEDVAE_PICK(cb_log_normalizer_backward)(p, grad, grad_logits);
+  return true;
 }
 
 }  // namespace cpu

@@ -1,3 +1,6 @@
-// The CPU kernels for AVX2 + FMA (or, off x86, for the portable at::vec
-// fallback): setup.py compiles every C++ file with CPU_CAPABILITY=AVX2.
+// The AVX2 + FMA build of the CPU kernels: the module fusedvae._cpu_avx2,
+// compiled with CPU_CAPABILITY=AVX2 and -mavx2 -mfma -mf16c (setup.py).
+#include "kernel_module.h"
 #include "kernels_impl.h"
+
+FUSEDVAE_KERNEL_MODULE(_cpu_avx2)

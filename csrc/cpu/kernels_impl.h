@@ -1,9 +1,10 @@
 // CPU kernels: the per-element math of vae_math.h on at::vec::Vectorized
 // registers, parallel over (sample, chunk) work items.
 //
-// Compiled once per instruction set (kernels_avx2.cpp, kernels_avx512.cpp),
-// each copy in namespace fusedvae::cpu::CPU_CAPABILITY; kernels.cpp picks one
-// at run time. Include only from those files.
+// Compiled once per instruction set (kernels_default.cpp, kernels_avx2.cpp,
+// kernels_avx512.cpp), each copy in namespace fusedvae::cpu::CPU_CAPABILITY
+// and exposed as one Kernels table; kernels.cpp picks one at run time.
+// Include only from those files.
 //
 // Determinism: a sample is cut into chunks of a fixed size, each chunk is
 // summed lane-wise and then lane by lane in a fixed order, and the chunk sums
@@ -74,6 +75,29 @@ void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
   }
 }
 
+// Calls body(item) for item in [0, count), spread over torch's intra-op
+// threads (at::get_num_threads()) in contiguous static blocks.
+//
+// Not at::parallel_for: its OpenMP path is inline in torch's headers and asks
+// omp_get_num_threads()/omp_get_thread_num() by name, which in a clang build
+// (LLVM's libomp) resolve to torch's libgomp already loaded in the process and
+// give every thread the whole range. A worksharing loop keeps the thread ids
+// inside whichever runtime the compiler targets; with g++ that is torch's own
+// libgomp, the same pool torch's operators use.
+template <typename Body>
+void parallel_items(int64_t count, const Body& body) {
+#ifdef _OPENMP
+  const int threads =
+      at::in_parallel_region()
+          ? 1
+          : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count)));
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t item = 0; item < count; ++item) body(item);
+#else
+  for (int64_t item = 0; item < count; ++item) body(item);
+#endif
+}
+
 // A sample is cut into chunks of kChunk elements; work item `item` is chunk
 // (item % chunks) of sample (item / chunks). Calls
 // chunk_body(item, b, first, last) with [first, last) the chunk's element
@@ -81,12 +105,10 @@ void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
 template <typename ChunkBody>
 int64_t for_each_chunk(int64_t batch, int64_t numel_per_sample, const ChunkBody& chunk_body) {
   const int64_t chunks = (numel_per_sample + kChunk - 1) / kChunk;
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / chunks;
-      const int64_t first = (item % chunks) * kChunk;
-      chunk_body(item, b, first, std::min(first + kChunk, numel_per_sample));
-    }
+  parallel_items(batch * chunks, [&](int64_t item) {
+    const int64_t b = item / chunks;
+    const int64_t first = (item % chunks) * kChunk;
+    chunk_body(item, b, first, std::min(first + kChunk, numel_per_sample));
   });
   return chunks;
 }
@@ -170,8 +192,7 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
   }
 }
 
-}  // namespace
-
+// The entries of this instruction set's kernel table.
 void recon_loss_forward(const ReconProblem& p, void* rec) {
   dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag) {
     using T = typename decltype(x_tag)::type;
@@ -257,6 +278,23 @@ void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad
     });
   });
 }
+
+}  // namespace
+
+#define FUSEDVAE_STRINGIFY(x) #x
+#define FUSEDVAE_NAME_OF(x) FUSEDVAE_STRINGIFY(x)
+extern const Kernels kKernels;  // external linkage: kernels.cpp or the module reads it
+const Kernels kKernels = {
+    FUSEDVAE_NAME_OF(CPU_CAPABILITY),
+    &recon_loss_forward,
+    &recon_loss_backward,
+    &gaussian_kl_forward,
+    &gaussian_kl_backward,
+    &cb_log_normalizer_forward,
+    &cb_log_normalizer_backward,
+};
+#undef FUSEDVAE_NAME_OF
+#undef FUSEDVAE_STRINGIFY
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu
