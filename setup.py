@@ -68,9 +68,13 @@ def _nvcc_targets(path: str):
             yield os.fsdecode(found)
 
 
+# Where a toolkit is looked for when neither CUDA_HOME nor nvcc on PATH names one.
+DEFAULT_TOOLKITS = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+
+
 def _find_cuda_home():
     """The CUDA toolkit root to build with, or None. CUDA_HOME (or CUDA_PATH) wins
-    when set; otherwise the toolkit behind ``nvcc`` on PATH, then /usr/local/cuda."""
+    when set; otherwise the toolkit behind ``nvcc`` on PATH, then DEFAULT_TOOLKITS."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
         root = os.environ.get(var)
         if root:
@@ -82,8 +86,7 @@ def _find_cuda_home():
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates += list(_nvcc_targets(nvcc))
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    return next((root for root in candidates if _is_toolkit(root)), None)
+    return next((root for root in candidates + DEFAULT_TOOLKITS if _is_toolkit(root)), None)
 
 
 def _nvcc_version(root: str):
@@ -117,17 +120,6 @@ def _cuda_home_for_build():
              f"building the CPU kernels only; {how} {wanted}.x")
         return None
     return root
-
-
-CUDA_HOME = _cuda_home_for_build()
-if CUDA_HOME is not None:
-    # torch.utils.cpp_extension reads CUDA_HOME when it is imported; its own
-    # guess from `nvcc` on PATH is wrong where nvcc is a wrapper script.
-    os.environ["CUDA_HOME"] = CUDA_HOME
-from torch.utils import cpp_extension  # noqa: E402
-
-if CUDA_HOME is not None:
-    cpp_extension.CUDA_HOME = CUDA_HOME
 
 
 # ---------------------------------------------------------------- OpenMP --
@@ -166,7 +158,7 @@ def _sources(pattern: str) -> list:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
-def _extensions():
+def _extensions(cpp_extension, cuda_home):
     openmp = _openmp_flags()
     include_dirs = [os.path.join(HERE, "csrc")]
     # No fast-math anywhere: the formulas rely on IEEE exp/log1p/tanh/sinh accuracy.
@@ -193,7 +185,7 @@ def _extensions():
     sources = _sources("csrc/*.cpp") + ["csrc/cpu/kernels.cpp", "csrc/cpu/kernels_default.cpp",
                                         "csrc/cpu/register.cpp"]
     cxx = base_flags + ["-DCPU_CAPABILITY=DEFAULT"]
-    if CUDA_HOME is None:
+    if cuda_home is None:
         main = cpp_extension.CppExtension(
             "fusedvae._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx}, extra_link_args=openmp,
@@ -230,10 +222,22 @@ def _write_build_info(with_cuda: bool, with_openmp: bool) -> None:
         f.write(f"CPU_BUILDS = {sorted(CPU_BUILDS) if X86_64 else []!r}\n")
 
 
-EXTENSIONS = _extensions()
-_write_build_info(CUDA_HOME is not None, "-fopenmp" in EXTENSIONS[0].extra_link_args)
+def main() -> None:
+    cuda_home = _cuda_home_for_build()
+    if cuda_home is not None:
+        # torch.utils.cpp_extension reads CUDA_HOME when it is imported; its own
+        # guess from `nvcc` on PATH is wrong where nvcc is a wrapper script.
+        os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils import cpp_extension
 
-setup(
-    ext_modules=EXTENSIONS,
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
-)
+    if cuda_home is not None:
+        cpp_extension.CUDA_HOME = cuda_home
+    extensions = _extensions(cpp_extension, cuda_home)
+    _write_build_info(cuda_home is not None, "-fopenmp" in extensions[0].extra_link_args)
+    setup(ext_modules=extensions, cmdclass={"build_ext": cpp_extension.BuildExtension})
+
+
+# pip's build backend runs this file as __main__ too; tests load its functions
+# under another name (tests/test_build.py).
+if __name__ == "__main__":
+    main()

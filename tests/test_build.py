@@ -241,3 +241,86 @@ def test_thread_measurement_tells_one_thread_from_two(restore_threads):
 def test_cpu_kernels_run_on_every_thread_torch_allows(kernel, restore_threads):
     torch.set_num_threads(2)
     assert threads_that_worked(KERNEL_CALLS[kernel]) == 2
+
+
+# ------------------------------------------------- finding the CUDA toolkit --
+
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py's functions, loaded without building anything, with no CUDA
+    variables set and no default toolkit locations."""
+    import runpy
+
+    functions = runpy.run_path(os.path.join(REPO_ROOT, "setup.py"), run_name="fusedvae_setup")
+    for var in ("CUDA_HOME", "CUDA_PATH", "FUSEDVAE_CPU_ONLY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setitem(functions["_find_cuda_home"].__globals__, "DEFAULT_TOOLKITS", [])
+    return functions
+
+
+def _fake_toolkit(root, release: str):
+    (root / "include").mkdir(parents=True)
+    (root / "include" / "cuda_runtime.h").write_text("")
+    (root / "bin").mkdir()
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.0'\n")
+    nvcc.chmod(0o755)
+    return root
+
+
+def _torch_cuda_major():
+    return int((torch.version.cuda or "13.0").split(".")[0])
+
+
+@pytest.mark.parametrize("how", ["wrapper script", "symbolic link"])
+def test_setup_finds_the_toolkit_behind_nvcc_on_path(setup_py, tmp_path, monkeypatch, how):
+    # As on machines where /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc:
+    # torch's own guess (the directory above nvcc's) would be /usr/local.
+    toolkit = _fake_toolkit(tmp_path / "cuda-13.0", f"{_torch_cuda_major()}.0")
+    bin_dir = tmp_path / "local" / "bin"
+    bin_dir.mkdir(parents=True)
+    if how == "wrapper script":
+        (bin_dir / "nvcc").write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+        (bin_dir / "nvcc").chmod(0o755)
+    else:
+        (bin_dir / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert setup_py["_find_cuda_home"]() == str(toolkit)
+
+
+def test_setup_prefers_cuda_home_and_names_a_wrong_one(setup_py, tmp_path, monkeypatch):
+    toolkit = _fake_toolkit(tmp_path / "cuda", "13.0")
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert setup_py["_find_cuda_home"]() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="CUDA_HOME=.*nowhere is not a CUDA toolkit"):
+        setup_py["_find_cuda_home"]()
+
+
+def _one_line(capsys) -> str:
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fusedvae: "), lines
+    return lines[0]
+
+
+def test_setup_without_a_toolkit_builds_the_cpu_kernels_and_says_so(setup_py, tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # as the CUDA build of torch
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert setup_py["_cuda_home_for_build"]() is None
+    assert "CPU kernels only" in _one_line(capsys)
+
+
+def test_setup_skips_a_toolkit_of_another_major_version(setup_py, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    _fake_toolkit(tmp_path / "cuda", "12.4")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    assert setup_py["_cuda_home_for_build"]() is None
+    line = _one_line(capsys)
+    assert "CUDA 12.4" in line and "CUDA 13.0" in line and "CPU kernels only" in line
+
+
+def test_setup_cpu_only_switch(setup_py, monkeypatch, capsys):
+    monkeypatch.setenv("FUSEDVAE_CPU_ONLY", "1")
+    assert setup_py["_cuda_home_for_build"]() is None
+    assert "CPU kernels only" in _one_line(capsys)
