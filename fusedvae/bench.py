@@ -407,6 +407,8 @@ def peak_memory_bytes(fn: Callable[..., Tensor], inputs: Sequence[Tensor], beta:
         for i, e in enumerate(prof.profiler.kineto_results.events())
         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
     ]
+    if not events:  # a step allocates at least the gradient: no events means no measurement
+        raise RuntimeError("torch.profiler recorded no CPU memory events; peak memory is unknown")
     events.sort()
     current = peak = 0
     for _, _, nbytes in events:
