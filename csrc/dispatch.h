@@ -31,6 +31,9 @@ void dispatch_dtype(DType dtype, F&& f) {
       return f(TypeTag<HalfT>{});
     case DType::kBFloat16:
       return f(TypeTag<BFloat16T>{});
+    case DType::kUInt8:
+    case DType::kBool:
+      return;  // targets only (dispatch_target); ops.cpp passes no other tensor of these
   }
 }
 
@@ -54,17 +57,48 @@ void dispatch_likelihood(math::Likelihood l, F&& f) {
   }
 }
 
-// Calls f(likelihood constant, TypeTag<T>, TypeTag<TargetT>) for a problem:
-// T the dtype of recon, TargetT that or uint8_t.
+// Calls f(TypeTag<TargetT>) for a target of `dtype` beside a recon of type T
+// (the combinations of ReconProblem's comment; others cannot reach here).
+template <typename T, typename HalfT, typename BFloat16T, typename F>
+void dispatch_target(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kUInt8:
+      return f(TypeTag<uint8_t>{});
+    case DType::kBool:
+      return f(TypeTag<bool>{});
+    default:
+      break;
+  }
+  if constexpr (std::is_same_v<T, double>) {
+    return f(TypeTag<double>{});
+  } else {
+    switch (dtype) {
+      case DType::kFloat16:
+        return f(TypeTag<HalfT>{});
+      case DType::kBFloat16:
+        return f(TypeTag<BFloat16T>{});
+      default:
+        return f(TypeTag<float>{});
+    }
+  }
+}
+
+// Calls f(likelihood constant, TypeTag<T>, TypeTag<TargetT>, TypeTag<ScaleT>)
+// for a problem: T the type of recon, TargetT that of target, ScaleT that of
+// log_scale for the heteroscedastic Gaussian (T's or float; T for the others,
+// which have none).
 template <typename HalfT, typename BFloat16T, typename F>
 void dispatch_recon(const ReconProblem& p, F&& f) {
   dispatch_dtype<HalfT, BFloat16T>(p.dtype, [&](auto x_tag) {
+    using T = typename decltype(x_tag)::type;
     dispatch_likelihood(p.likelihood, [&](auto l) {
-      if (p.target_is_uint8) {
-        f(l, x_tag, TypeTag<uint8_t>{});
-      } else {
-        f(l, x_tag, x_tag);
-      }
+      dispatch_target<T, HalfT, BFloat16T>(p.target_dtype, [&](auto t_tag) {
+        if constexpr (decltype(l)::value == math::Likelihood::kGaussian &&
+                      !std::is_same_v<T, float> && !std::is_same_v<T, double>) {
+          if (p.scale_dtype == DType::kFloat32) return f(l, x_tag, t_tag, TypeTag<float>{});
+        }
+        f(l, x_tag, t_tag, x_tag);
+      });
     });
   });
 }

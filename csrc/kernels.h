@@ -17,16 +17,29 @@
 
 namespace fusedvae {
 
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+enum class DType : int {
+  kFloat32 = 0,
+  kFloat64 = 1,
+  kFloat16 = 2,
+  kBFloat16 = 3,
+  kUInt8 = 4,  // pixels, read as value / 255
+  kBool = 5,   // read as 0 or 1
+};
 
 // A reconstruction problem: recon x, target t and, for the heteroscedastic
-// Gaussian only, a log-scale s shaped like x (otherwise null).
+// Gaussian only, a log-scale s shaped like x (otherwise null). Each is read in
+// its own dtype and converted on load, so no promoted copy is ever made; the
+// combinations the kernels take (dispatch.h's dispatch_recon) are:
+//   x float64: t float64, uint8 or bool; s float64;
+//   x float32, float16 or bfloat16: t float32, float16, bfloat16, uint8 or
+//   bool; s of x's dtype or float32.
 struct ReconProblem {
   const void* recon;
   const void* target;
   const void* log_scale;
-  DType dtype;           // of recon and log_scale
-  bool target_is_uint8;  // target holds pixels read as value / 255; else of `dtype`
+  DType dtype;         // of recon, and of its gradient
+  DType target_dtype;  //
+  DType scale_dtype;   // of log_scale and its gradient, where there is one
   int64_t batch;
   int64_t numel_per_sample;
   math::Likelihood likelihood;

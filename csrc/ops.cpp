@@ -28,6 +28,22 @@ DType to_dtype(const Tensor& t, const char* name) {
   }
 }
 
+// The target is read in its own dtype: a float64 one only beside a float64
+// recon (whose sums are float64), any other floating one, uint8 or bool beside
+// the others (kernels.h).
+DType to_target_dtype(const Tensor& target, const Tensor& recon) {
+  const at::ScalarType t = target.scalar_type();
+  if (t == at::kByte) return DType::kUInt8;
+  if (t == at::kBool) return DType::kBool;
+  TORCH_CHECK_TYPE(at::isFloatingType(t), "fusedvae: expected target to be a floating-point, ",
+                   "uint8 or bool tensor, got ", t);
+  const bool wide = recon.scalar_type() == at::kDouble;
+  TORCH_CHECK_TYPE((t == at::kDouble) == wide, "fusedvae: expected target of dtype ",
+                   wide ? "Double, Byte or Bool" : "Float, Half, BFloat16, Byte or Bool",
+                   " beside a recon of dtype ", recon.scalar_type(), ", got ", t);
+  return to_dtype(target, "target");
+}
+
 // Per-sample results and upstream gradients are in the accumulation type.
 at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -116,10 +132,7 @@ struct ReconInputs {
                       "fusedvae: expected recon of shape [batch, ...], got a 0-d tensor");
     check_same_shape(target_in, "target", recon_in, "recon");
     check_same_device(target_in, "target", recon_in, "recon");
-    const bool target_is_uint8 = target_in.scalar_type() == at::kByte;
-    TORCH_CHECK_TYPE(target_is_uint8 || target_in.scalar_type() == recon_in.scalar_type(),
-                     "fusedvae: expected target of dtype ", recon_in.scalar_type(),
-                     " (the dtype of recon) or uint8, got ", target_in.scalar_type());
+    const DType target_dtype = to_target_dtype(target_in, recon_in);
     const bool wants_scale = kind == math::Likelihood::kGaussian;
     TORCH_CHECK_VALUE(wants_scale == log_scale_in.has_value(), "fusedvae: likelihood '",
                       std::string(likelihood), "' ", wants_scale ? "needs" : "takes no",
@@ -130,9 +143,11 @@ struct ReconInputs {
       const Tensor& s = *log_scale_in;
       check_same_shape(s, "log_scale", recon_in, "recon");
       check_same_device(s, "log_scale", recon_in, "recon");
-      TORCH_CHECK_TYPE(s.scalar_type() == recon_in.scalar_type(), "fusedvae: expected log_scale ",
-                       "of dtype ", recon_in.scalar_type(), " (the dtype of recon), got ",
-                       s.scalar_type());
+      const at::ScalarType r = recon_in.scalar_type();
+      const bool narrow = r == at::kHalf || r == at::kBFloat16;
+      TORCH_CHECK_TYPE(s.scalar_type() == r || (narrow && s.scalar_type() == at::kFloat),
+                       "fusedvae: expected log_scale of dtype ", r, " (the dtype of recon)",
+                       narrow ? " or Float" : "", ", got ", s.scalar_type());
       log_scale = in_layout_of(s, recon);
     }
     const int64_t batch = recon.size(0);
@@ -140,7 +155,8 @@ struct ReconInputs {
                            target.const_data_ptr(),
                            wants_scale ? log_scale.const_data_ptr() : nullptr,
                            dtype,
-                           target_is_uint8,
+                           target_dtype,
+                           wants_scale ? to_dtype(log_scale, "log_scale") : dtype,
                            batch,
                            batch == 0 ? 0 : recon.numel() / batch,
                            kind};

@@ -83,8 +83,8 @@ def check_vae_loss_args(
     """Raise TypeError/ValueError for any argument vae_loss cannot take."""
     _check_float_tensor(recon, "recon")
     _check_tensor(target, "target")
-    if not (target.dtype.is_floating_point or target.dtype == torch.uint8):
-        raise TypeError(f"target must be a floating-point or uint8 tensor, got dtype {target.dtype}")
+    if not (target.dtype.is_floating_point or target.dtype in (torch.uint8, torch.bool)):
+        raise TypeError(f"target must be a floating-point, uint8 or bool tensor, got dtype {target.dtype}")
     if target.shape != recon.shape:
         raise ValueError(
             f"target must have the shape of recon {tuple(recon.shape)}, got {tuple(target.shape)}"

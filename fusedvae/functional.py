@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Optional
 import math
 
 import torch
@@ -56,10 +57,12 @@ def vae_loss(
             probabilities, or the Gaussian mean. float32, float64, float16 or bfloat16,
             in any layout (channels_last and other batch-outermost dense layouts run
             without a copy; other strides are copied first).
-        target (Tensor): data of the shape of ``recon``: floating point, or uint8 pixels
-            that are read as ``value / 255``. It receives no gradient. A floating ``target``
-            (or per-element ``log_scale``) of another dtype is promoted with ``recon``
-            (PyTorch's type promotion; the promoted copy costs one pass).
+        target (Tensor): data of the shape of ``recon``: floating point, uint8 pixels
+            that are read as ``value / 255``, or bool. It receives no gradient. The kernels
+            read ``target`` (and a per-element ``log_scale``) in its own dtype, with no
+            promoted copy: a bfloat16 ``recon`` against float32 images costs no more
+            memory than matched dtypes. A float64 ``target`` or ``log_scale`` makes the
+            whole computation float64, as PyTorch's type promotion would.
         mu (Tensor): posterior mean, ``[B, ...]`` (a flat ``[B, J]`` code or a spatial latent).
         logvar (Tensor): posterior log-variance, shaped like ``mu``.
         likelihood (str, optional): ``'bernoulli'`` | ``'cbernoulli'`` (continuous
@@ -99,9 +102,8 @@ def vae_loss(
     _checks.check_vae_loss_args(
         recon, target, mu, logvar, likelihood, logits, beta, reduction, log_scale, free_bits, validate
     )
-    # A per-element log σ takes part in type promotion like target does.
     full_scale = log_scale if isinstance(log_scale, Tensor) and log_scale.dim() > 0 else None
-    recon, target, full_scale = _promote(recon, target, full_scale)
+    recon, target, full_scale = _as_read(recon, target, full_scale)
     batch = recon.shape[0]
     n = _checks.per_sample_size(recon)
     j = _checks.per_sample_size(mu)
@@ -134,6 +136,21 @@ def vae_loss(
     else:
         loss = per_sample.mean()
     return VAELossOutput(loss, rec, kl)
+
+
+def _as_read(recon: Tensor, target: Tensor, full_scale: Optional[Tensor]):
+    """recon, target and a per-element log σ in the dtypes the kernels read them in
+    (``ReconProblem`` in csrc/kernels.h): each as it is, with float32 sums, and no
+    copy; but float64 anywhere makes every floating one float64 (float64 sums, as
+    PyTorch's type promotion gives), and a log σ of a dtype other than recon's or
+    float32 is read as float32.
+    """
+    floating = [t for t in (recon, target, full_scale) if t is not None and t.dtype.is_floating_point]
+    if any(t.dtype == torch.float64 for t in floating):
+        return _promote(recon, target, full_scale)
+    if full_scale is not None and full_scale.dtype not in (recon.dtype, torch.float32):
+        full_scale = full_scale.float()
+    return recon, target, full_scale
 
 
 def _promote(*tensors):

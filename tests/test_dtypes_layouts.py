@@ -1,8 +1,9 @@
 """Input dtypes, memory layouts and sizes: the fused loss against the float64 reference.
 
 Low precision (float32, float16, bfloat16, accumulated in float32), uint8 targets
-read as pixels, mixed dtypes promoted like the reference, every dense and strided
-layout of recon, target, log_scale and the latents, and batch and sample sizes
+read as pixels, every pair of recon and target dtypes read as it is (float64
+promoted as the reference does), every dense and strided layout of recon,
+target, log_scale and the latents, and batch and sample sizes
 that hit the kernels' vector tail and multi-chunk paths. The last section runs
 each dtype, layouts and unaligned storage on each device (``device`` fixture).
 """
@@ -201,6 +202,70 @@ def test_mixed_dtypes_promote(likelihood, logits, recon_dtype, target_dtype, lat
     for name in got_g:
         t = grad_tol[got_g[name].dtype]
         torch.testing.assert_close(got_g[name], exp_g[name], rtol=t, atol=t / 10)
+
+
+NARROW_DTYPES = [F32, torch.float16, torch.bfloat16]
+TARGET_DTYPES = [F32, torch.float16, torch.bfloat16, torch.uint8, torch.bool]
+_DTYPE_IDS = {F32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.uint8: "u8", torch.bool: "bool"}
+# A gradient is computed in float32 and rounded once to its dtype (DTYPE_TOLS).
+_GRAD_TOL = {F32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-5), torch.bfloat16: (8e-3, 1e-4)}
+
+
+_PAIR_LIKELIHOODS = [
+    ("bernoulli-logits", "bernoulli", True, None), ("bernoulli-probs", "bernoulli", False, None),
+    ("cbernoulli-logits", "cbernoulli", True, None), ("gaussian-optimal", "gaussian", True, "optimal"),
+    ("gaussian-full", "gaussian", True, "full_tensor"),
+]
+# Every likelihood with every (recon, target) dtype pair; a per-element log σ
+# also in float32 beside a 16-bit recon.
+DTYPE_PAIR_CASES = [
+    pytest.param(lik, lg, ls, rd, td, sd, id=f"{name}-recon-{_DTYPE_IDS[rd]}-target-{_DTYPE_IDS[td]}-scale-{sd}")
+    for name, lik, lg, ls in _PAIR_LIKELIHOODS
+    for rd in NARROW_DTYPES
+    for td in TARGET_DTYPES
+    for sd in (["recon", "f32"] if ls == "full_tensor" and rd != F32 else ["recon"])
+]
+
+
+@pytest.mark.parametrize("likelihood,logits,ls_kind,recon_dtype,target_dtype,scale_dtype", DTYPE_PAIR_CASES)
+def test_every_dtype_pair_read_as_it_is(device, likelihood, logits, ls_kind, recon_dtype, target_dtype,
+                                        scale_dtype):
+    # recon, target and a per-element log σ each in its own dtype, with no
+    # promoted copy (test_memory.py bounds the bytes): float32 sums, the
+    # gradient in recon's dtype (log σ's in its own), as exact as matched dtypes.
+    inp = make_inputs(likelihood, logits, recon_dtype, (5,), sample_shape=(3, 7, 5),
+                      target_dtype=torch.uint8 if target_dtype == torch.uint8 else None, device=device)
+    target = inp.target
+    if target_dtype == torch.bool:
+        target = make_inputs(likelihood, logits, F64, (5,), sample_shape=(3, 7, 5), device=device).target > 0.5
+    elif target_dtype != torch.uint8:
+        target = make_inputs(likelihood, logits, F64, (5,), sample_shape=(3, 7, 5), device=device).target.to(target_dtype)
+    inp = inp._replace(target=target)
+    ls = make_log_scale(ls_kind, inp.recon.shape, dtype=recon_dtype if scale_dtype == "recon" else F32, device=device)
+    kw = loss_kw(likelihood, logits, "none")
+    got, got_g = run_loss(fusedvae.vae_loss, inp, log_scale=ls, upstream=weighted_upstream, **kw)
+    exp, exp_g = run_loss(reference.vae_loss, on_cpu_float64(inp), log_scale=on_cpu_float64(ls),
+                          upstream=weighted_upstream, **kw)
+    assert got.rec.dtype == F32
+    torch.testing.assert_close(on_cpu(got.rec).double(), exp.rec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(on_cpu(got.loss).double(), exp.loss, rtol=1e-5, atol=1e-5)
+    for name, g in got_g.items():
+        dtype = (ls if name == "log_scale" else getattr(inp, name)).dtype
+        assert g.dtype == dtype, name
+        rtol, atol = _GRAD_TOL[dtype]
+        torch.testing.assert_close(on_cpu(g).double(), exp_g[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("target_dtype", [torch.uint8, torch.bool], ids=["u8", "bool"])
+def test_float64_recon_reads_pixel_and_bool_targets(target_dtype):
+    inp = make_inputs("bernoulli", True, F64, (5,), target_dtype=target_dtype if target_dtype == torch.uint8 else None)
+    if target_dtype == torch.bool:
+        inp = inp._replace(target=inp.target > 0.5)
+    got, got_g = run_loss(fusedvae.vae_loss, inp, reduction="none")
+    exp, exp_g = run_loss(reference.vae_loss, inp, reduction="none")
+    assert got.rec.dtype == F64
+    assert_outputs_close(got, exp, RTOL64, ATOL64)
+    assert_grads_close(got_g, exp_g, RTOL64, ATOL64)
 
 
 def test_float32_recon_float64_target_uses_float64_values():

@@ -18,10 +18,8 @@ copy of the target).
 On CUDA, ``torch.cuda.max_memory_allocated`` (beyond ``memory_allocated`` before
 the step) plays the profiler's role, with the same bounds.
 
-A bfloat16 ``recon`` with a float32 ``target`` is promoted to float32 before the
-kernels run: a float32 copy of ``recon`` and a float32 gradient, 4x recon's bytes
-on both devices. That case is kept with the bound it should meet, 1.2x the
-gradient's bytes, as an expected failure until the promotion goes.
+A bfloat16 ``recon`` with a float32 ``target`` is read as it is, with no float32
+copy of either: one forward+backward holds at most 1.2x the gradient's bytes.
 """
 from __future__ import annotations
 
@@ -56,12 +54,6 @@ def _full_scale_kw(device):
     return dict(likelihood="gaussian", log_scale=torch.full(SHAPE, -0.3, device=device).requires_grad_())
 
 
-PROMOTED_FIRST = pytest.mark.xfail(
-    strict=True,
-    reason="a bfloat16 recon with a float32 target is promoted to float32 first (a float32 copy of recon "
-    "and a float32 gradient: 4x recon's bytes); the bound is 1.2x the gradient's bytes",
-)
-
 # (id, fused loss, eager loss, recon dtype, target dtype)
 CASES = [
     ("bernoulli-f32-target", bench.fused_loss, bench.eager_loss, torch.float32, "float32"),
@@ -71,8 +63,7 @@ CASES = [
     ("gaussian-optimal-uint8", _fused(likelihood="gaussian", log_scale="optimal"), _eager(likelihood="gaussian", log_scale="optimal"), torch.float32, "uint8"),
     ("bernoulli-bf16-uint8", bench.fused_loss, bench.eager_loss, torch.bfloat16, "uint8"),
     ("cbernoulli-bf16-uint8", _fused(likelihood="cbernoulli"), _eager(likelihood="cbernoulli"), torch.bfloat16, "uint8"),
-    pytest.param("bernoulli-bf16-f32-target", bench.fused_loss, bench.eager_loss, torch.bfloat16, "float32",
-                 marks=PROMOTED_FIRST, id="bernoulli-bf16-f32-target"),
+    ("bernoulli-bf16-f32-target", bench.fused_loss, bench.eager_loss, torch.bfloat16, "float32"),
 ]
 CASE_IDS = [c[0] if isinstance(c, tuple) else c.id for c in CASES]
 
@@ -80,7 +71,7 @@ CASE_IDS = [c[0] if isinstance(c, tuple) else c.id for c in CASES]
 def _bound(recon, target_dtype):
     """The most one fused forward+backward may allocate beyond its inputs."""
     if recon.dtype != torch.float32 and target_dtype == "float32":
-        return 1.2 * recon.nbytes  # 1.2x the gradient's bytes, once recon is no longer promoted
+        return 1.2 * recon.nbytes  # 1.2x the gradient's bytes: neither recon nor target is promoted
     return 1.1 * recon.nbytes + (0 if target_dtype == "uint8" else 64 * KIB)
 
 

@@ -46,7 +46,8 @@ void convert_run(const From* src, To* dst, int64_t count) {
 }
 
 // Loads `count` (<= lanes) elements as a vector of the accumulation type.
-// Lanes past `count` are zero. uint8 targets are pixels: value / 255.
+// Lanes past `count` are zero. uint8 targets are pixels: value / 255; bool
+// targets are 0 or 1.
 template <typename Acc, typename T>
 at::vec::Vectorized<Acc> load(const T* ptr, int64_t count) {
   using Vec = at::vec::Vectorized<Acc>;
@@ -149,14 +150,14 @@ void for_each_vector(int64_t batch, int64_t numel_per_sample, const Body& body) 
   });
 }
 
-template <Likelihood L, typename T, typename TargetT>
+template <Likelihood L, typename T, typename TargetT, typename ScaleT>
 void recon_forward_typed(const ReconProblem& p, acc_t<T>* rec) {
   using Acc = acc_t<T>;
   using O = VecOps<Acc>;
   const T* x = static_cast<const T*>(p.recon);
   const TargetT* t = static_cast<const TargetT*>(p.target);
   if constexpr (L == Likelihood::kGaussian) {
-    const T* s = static_cast<const T*>(p.log_scale);
+    const ScaleT* s = static_cast<const ScaleT*>(p.log_scale);
     sum_per_sample<Acc>(p.batch, p.numel_per_sample, rec, [&](int64_t i, int64_t n) {
       return math::gaussian_loss<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n));
     });
@@ -167,15 +168,16 @@ void recon_forward_typed(const ReconProblem& p, acc_t<T>* rec) {
   }
 }
 
-template <Likelihood L, typename T, typename TargetT>
-void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* grad_x, T* grad_s) {
+template <Likelihood L, typename T, typename TargetT, typename ScaleT>
+void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* grad_x,
+                          ScaleT* grad_s) {
   using Acc = acc_t<T>;
   using O = VecOps<Acc>;
   using Vec = at::vec::Vectorized<Acc>;
   const T* x = static_cast<const T*>(p.recon);
   const TargetT* t = static_cast<const TargetT*>(p.target);
   if constexpr (L == Likelihood::kGaussian) {
-    const T* s = static_cast<const T*>(p.log_scale);
+    const ScaleT* s = static_cast<const ScaleT*>(p.log_scale);
     for_each_vector<Acc>(p.batch, p.numel_per_sample, [&](int64_t b, int64_t i, int64_t n) {
       Vec gx, gs;
       math::gaussian_grad<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n), &gx,
@@ -194,21 +196,21 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
 
 // The entries of this instruction set's kernel table.
 void recon_loss_forward(const ReconProblem& p, void* rec) {
-  dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag) {
+  dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
     using T = typename decltype(x_tag)::type;
-    using TargetT = typename decltype(t_tag)::type;
-    recon_forward_typed<decltype(l)::value, T, TargetT>(p, static_cast<acc_t<T>*>(rec));
+    recon_forward_typed<decltype(l)::value, T, typename decltype(t_tag)::type,
+                        typename decltype(s_tag)::type>(p, static_cast<acc_t<T>*>(rec));
   });
 }
 
 void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
                          void* grad_log_scale) {
-  dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag) {
+  dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
     using T = typename decltype(x_tag)::type;
-    using TargetT = typename decltype(t_tag)::type;
-    recon_backward_typed<decltype(l)::value, T, TargetT>(p, static_cast<const acc_t<T>*>(grad_rec),
-                                                         static_cast<T*>(grad_recon),
-                                                         static_cast<T*>(grad_log_scale));
+    using ScaleT = typename decltype(s_tag)::type;
+    recon_backward_typed<decltype(l)::value, T, typename decltype(t_tag)::type, ScaleT>(
+        p, static_cast<const acc_t<T>*>(grad_rec), static_cast<T*>(grad_recon),
+        static_cast<ScaleT*>(grad_log_scale));
   });
 }
 

@@ -79,12 +79,12 @@ __device__ __forceinline__ void store(T* ptr, int64_t i, const Acc (&in)[VEC]) {
 // ------------------------------------------------------------- per element --
 // Each functor maps element i (and, for maps, its sample b) to its result.
 
-template <Likelihood L, typename T, typename TargetT>
+template <Likelihood L, typename T, typename TargetT, typename ScaleT>
 struct ReconTerm {
   using Acc = acc_t<T>;
   const T* x;
   const TargetT* t;
-  const T* s;
+  const ScaleT* s;
   template <int VEC>
   __device__ __forceinline__ Acc sum(int64_t i) const {
     using O = math::ScalarOps<Acc>;
@@ -105,15 +105,15 @@ struct ReconTerm {
   }
 };
 
-template <Likelihood L, typename T, typename TargetT>
+template <Likelihood L, typename T, typename TargetT, typename ScaleT>
 struct ReconGrad {
   using Acc = acc_t<T>;
   const T* x;
   const TargetT* t;
-  const T* s;
+  const ScaleT* s;
   const Acc* grad_rec;  // [batch]
   T* grad_x;
-  T* grad_s;
+  ScaleT* grad_s;
   template <int VEC>
   __device__ __forceinline__ void apply(int64_t b, int64_t i) const {
     using O = math::ScalarOps<Acc>;
@@ -420,17 +420,18 @@ int64_t gaussian_kl_workspace_bytes(const KlProblem& p, int device) {
 }
 
 void recon_loss_forward(const ReconProblem& p, void* rec, void* workspace, void* stream) {
-  dispatch_recon<__half, __nv_bfloat16>(p, [&](auto l, auto x_tag, auto t_tag) {
+  dispatch_recon<__half, __nv_bfloat16>(p, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
     using T = typename decltype(x_tag)::type;
     using TargetT = typename decltype(t_tag)::type;
+    using ScaleT = typename decltype(s_tag)::type;
     constexpr int VEC = vec_width<T>();
-    const ReconTerm<decltype(l)::value, T, TargetT> term{static_cast<const T*>(p.recon),
-                                                         static_cast<const TargetT*>(p.target),
-                                                         static_cast<const T*>(p.log_scale)};
+    const ReconTerm<decltype(l)::value, T, TargetT, ScaleT> term{
+        static_cast<const T*>(p.recon), static_cast<const TargetT*>(p.target),
+        static_cast<const ScaleT*>(p.log_scale)};
     const bool vectorize = aligned<VEC>(p.batch, p.numel_per_sample,
                                         {{p.recon, int(sizeof(T))},
                                          {p.target, int(sizeof(TargetT))},
-                                         {p.log_scale, int(sizeof(T))}});
+                                         {p.log_scale, int(sizeof(ScaleT))}});
     launch_sum<VEC>(term, vectorize, p.batch, p.numel_per_sample, static_cast<acc_t<T>*>(rec),
                     workspace, static_cast<cudaStream_t>(stream));
   });
@@ -438,20 +439,21 @@ void recon_loss_forward(const ReconProblem& p, void* rec, void* workspace, void*
 
 void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
                          void* grad_log_scale, void* stream) {
-  dispatch_recon<__half, __nv_bfloat16>(p, [&](auto l, auto x_tag, auto t_tag) {
+  dispatch_recon<__half, __nv_bfloat16>(p, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
     using T = typename decltype(x_tag)::type;
     using TargetT = typename decltype(t_tag)::type;
+    using ScaleT = typename decltype(s_tag)::type;
     constexpr int VEC = vec_width<T>();
-    const ReconGrad<decltype(l)::value, T, TargetT> body{
-        static_cast<const T*>(p.recon),     static_cast<const TargetT*>(p.target),
-        static_cast<const T*>(p.log_scale), static_cast<const acc_t<T>*>(grad_rec),
-        static_cast<T*>(grad_recon),        static_cast<T*>(grad_log_scale)};
+    const ReconGrad<decltype(l)::value, T, TargetT, ScaleT> body{
+        static_cast<const T*>(p.recon),          static_cast<const TargetT*>(p.target),
+        static_cast<const ScaleT*>(p.log_scale), static_cast<const acc_t<T>*>(grad_rec),
+        static_cast<T*>(grad_recon),             static_cast<ScaleT*>(grad_log_scale)};
     const bool vectorize = aligned<VEC>(p.batch, p.numel_per_sample,
                                         {{p.recon, int(sizeof(T))},
                                          {p.target, int(sizeof(TargetT))},
-                                         {p.log_scale, int(sizeof(T))},
+                                         {p.log_scale, int(sizeof(ScaleT))},
                                          {grad_recon, int(sizeof(T))},
-                                         {grad_log_scale, int(sizeof(T))}});
+                                         {grad_log_scale, int(sizeof(ScaleT))}});
     launch_map<VEC>(body, vectorize, p.batch, p.numel_per_sample,
                     static_cast<cudaStream_t>(stream));
   });
