@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -244,23 +245,36 @@ struct Grid {
   int64_t chunks;  // blocks per sample
 };
 
-// Multiprocessors of `device`, queried once per device. 108 (an A100's count)
-// is only a fallback for a failed query or a device index past the cache; it
-// sets how many blocks run, so the partial sums, and with them the last bits of
-// a result, depend on it (results are reproducible per device, not across
+// Devices whose multiprocessor count is cached; a larger index is queried on
+// every call.
+constexpr int kMaxCachedDevices = 64;
+// An A100's multiprocessor count, used only where the query fails. It sets how
+// many blocks run, so the partial sums, and with them the last bits of a
+// result, depend on it (results are reproducible per device, not across
 // devices).
-int sm_count(int device) {
-  static int cached[64] = {};
-  if (device < 0 || device >= 64) return 108;
-  if (cached[device] == 0) {
-    int count = 0;
-    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        count <= 0) {
-      count = 108;
-    }
-    cached[device] = count;
+constexpr int kFallbackSmCount = 108;
+
+int query_sm_count(int device) {
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      count <= 0) {
+    return kFallbackSmCount;
   }
-  return cached[device];
+  return count;
+}
+
+// Multiprocessors of `device`, queried once per device. Any thread may call
+// this (each CUDA stream of a process can run the ops): every thread that
+// finds the cache empty queries and stores the same value.
+int sm_count(int device) {
+  static std::atomic<int> cached[kMaxCachedDevices] = {};
+  if (device < 0 || device >= kMaxCachedDevices) return query_sm_count(device);
+  int count = cached[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    count = query_sm_count(device);
+    cached[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
 }
 
 int current_device() {
@@ -269,21 +283,25 @@ int current_device() {
   return device;
 }
 
-// Enough blocks to fill the device: 8 per multiprocessor, as 8 blocks of
-// kThreads = 256 are the 2048 threads an sm_80/sm_90 multiprocessor holds at
-// once; none smaller than kMinChunk. The chunk is rounded up to a multiple of
-// 16, a multiple of every vector width (vec_width() is at most 8), so every
-// chunk of an aligned sample starts on a pack boundary.
+// Blocks per multiprocessor that fill it: 8 blocks of kThreads = 256 are the
+// 2048 threads an sm_80/sm_90 multiprocessor holds at once.
+constexpr int64_t kBlocksPerSm = 2048 / kThreads;
+// Every chunk starts on a pack boundary of an aligned sample: chunks are a
+// multiple of this, a multiple of every vector width (vec_width() <= 8).
+constexpr int64_t kChunkMultiple = 16;
+
+// Enough blocks to fill the device (kBlocksPerSm per multiprocessor), none
+// smaller than kMinChunk, chunks rounded up to kChunkMultiple.
 Grid make_grid(int64_t batch, int64_t numel_per_sample, int device) {
-  const int64_t target_blocks = int64_t(sm_count(device)) * 8;
+  const int64_t target_blocks = int64_t(sm_count(device)) * kBlocksPerSm;
   int64_t chunks = batch > 0 ? (target_blocks + batch - 1) / batch : 1;
   const int64_t max_chunks = (numel_per_sample + kMinChunk - 1) / kMinChunk;
   chunks = chunks < max_chunks ? chunks : max_chunks;
   if (chunks < 1) chunks = 1;
   int64_t chunk = (numel_per_sample + chunks - 1) / chunks;
-  chunk = (chunk + 15) / 16 * 16;
+  chunk = (chunk + kChunkMultiple - 1) / kChunkMultiple * kChunkMultiple;
   chunks = chunk > 0 ? (numel_per_sample + chunk - 1) / chunk : 1;
-  return Grid{chunk > 0 ? chunk : 16, chunks > 0 ? chunks : 1};
+  return Grid{chunk > 0 ? chunk : kChunkMultiple, chunks > 0 ? chunks : 1};
 }
 
 template <typename Acc>
@@ -354,9 +372,12 @@ __global__ void __launch_bounds__(kThreads)
 // Elements per vector access: 16 bytes of recon's type T (4 floats, 2 doubles,
 // 8 halves), at most 8. The other operands of a kernel load the same number of
 // their own elements, so a uint8 target is read VEC bytes at a time.
+constexpr int kLoadBytes = 16;   // the widest load one thread issues
+constexpr int kMaxVecWidth = 8;  // kChunkMultiple is a multiple of it
+static_assert(kChunkMultiple % kMaxVecWidth == 0, "a chunk must start on a pack boundary");
 template <typename T>
 constexpr int vec_width() {
-  return 16 / sizeof(T) > 8 ? 8 : int(16 / sizeof(T));
+  return kLoadBytes / sizeof(T) > kMaxVecWidth ? kMaxVecWidth : int(kLoadBytes / sizeof(T));
 }
 
 // The vector path needs every pointer aligned to its pack and every sample
@@ -387,9 +408,9 @@ void launch_sum(const Term& term, bool vectorize, int64_t batch, int64_t numel_p
   } else {
     sum_chunks_kernel<1><<<blocks, kThreads, 0, stream>>>(term, numel_per_sample, grid, partial);
   }
-  // One thread per sample, 256 to a block.
-  sum_partials_kernel<<<static_cast<unsigned>((batch + 255) / 256), 256, 0, stream>>>(
-      partial, batch, grid.chunks, out);
+  // One thread per sample, kThreads to a block.
+  sum_partials_kernel<<<static_cast<unsigned>((batch + kThreads - 1) / kThreads), kThreads, 0,
+                        stream>>>(partial, batch, grid.chunks, out);
 }
 
 template <int VEC, class Body>
@@ -445,9 +466,12 @@ void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad
     using ScaleT = typename decltype(s_tag)::type;
     constexpr int VEC = vec_width<T>();
     const ReconGrad<decltype(l)::value, T, TargetT, ScaleT> body{
-        static_cast<const T*>(p.recon),          static_cast<const TargetT*>(p.target),
-        static_cast<const ScaleT*>(p.log_scale), static_cast<const acc_t<T>*>(grad_rec),
-        static_cast<T*>(grad_recon),             static_cast<ScaleT*>(grad_log_scale)};
+        static_cast<const T*>(p.recon),
+        static_cast<const TargetT*>(p.target),
+        static_cast<const ScaleT*>(p.log_scale),
+        static_cast<const acc_t<T>*>(grad_rec),
+        static_cast<T*>(grad_recon),
+        static_cast<ScaleT*>(grad_log_scale)};
     const bool vectorize = aligned<VEC>(p.batch, p.numel_per_sample,
                                         {{p.recon, int(sizeof(T))},
                                          {p.target, int(sizeof(TargetT))},
