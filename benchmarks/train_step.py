@@ -60,6 +60,7 @@ import copy
 import dataclasses
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -445,6 +446,7 @@ def run_model(spec: ModelSpec, device: str, repeats: int, warmup: int, block_ms:
         return Runner(copy.deepcopy(model), LOSSES[loss], x, capturable=capturable)
 
     timers: Dict[str, Timer] = {}
+    runners: List[Runner] = []
     if device == "cuda":
         for loss in losses:
             graphed = runner(loss, capturable=True)
@@ -453,16 +455,20 @@ def run_model(spec: ModelSpec, device: str, repeats: int, warmup: int, block_ms:
             for _ in range(warmup):
                 eager.step()
             timers[loss] = cuda_timer(graphed, graph, eager)
+            runners += [graphed, eager]
     else:
         for loss in losses:
             r = runner(loss)
             for _ in range(warmup):
                 r.step()
             timers[loss] = cpu_timer(r)
+            runners.append(r)
     block = block_size(timers, block_ms)
     samples = interleave(timers, repeats, block)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    # The last step of every runner (for a graph: of its last replay) computed a finite loss.
+    bad = [f"{r.loss_fn.__name__}: {float(r.loss)}" for r in runners if not bool(torch.isfinite(r.loss))]
+    if bad:
+        raise AssertionError(f"{spec.title}: training steps gave non-finite losses: " + ", ".join(bad))
     return {
         "key": spec.key, "model": spec.title, "batch": spec.batch, "device": device,
         "repeats": repeats, "block": block, "accuracy": accuracy,
@@ -518,6 +524,12 @@ def machine_line(device: str) -> str:
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         line += f"; GPU {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    try:
+        # Other processes on the cores stall every parallel region of a
+        # multi-threaded step (a worker waits for a time slice): say so.
+        line += f"; load average {os.getloadavg()[0]:.1f} at the start"
+    except OSError:
+        pass
     return line + "."
 
 
@@ -679,7 +691,8 @@ def _run(args: argparse.Namespace) -> List[str]:
         repeats = args.repeats or (QUICK_REPEATS if args.quick else 20)
         calls = 20 if args.quick else HOST_CALLS
         result = host_overhead(args.device, repeats=repeats, calls=calls)
-        lines += [format_host(result), "", bench.format_accuracy([("host", result["accuracy"])])]
+        case = bench.case_name(HOST_SHAPE, HOST_LATENT, "float32")
+        lines += [format_host(result), "", bench.format_accuracy([(case, result["accuracy"])])]
     else:
         repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
         warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP)
