@@ -7,8 +7,9 @@
 # is visible and the CUDA kernels are registered, runs the whole test suite
 # (tests/: the GPU cases run wherever a GPU is visible, nothing names test
 # files), the slow GPU tests, compute-sanitizer (memcheck, racecheck) on a small
-# case and the GPU benchmark (benchmarks/gpu_bench.py, which checks every method
-# against a float64 truth). Each step's full output goes to REPORT's log folder
+# case, the GPU benchmark (benchmarks/gpu_bench.py, which checks every method
+# against a float64 truth) and whole training steps and host time per call
+# (benchmarks/train_step.py). Each step's full output goes to REPORT's log folder
 # (gpu_report_logs/ for gpu_report.md); REPORT holds, per step, the command,
 # its exit status and the end of its log. Exits 1 if any step failed.
 set -uo pipefail
@@ -102,6 +103,12 @@ for lik in ("bernoulli", "cbernoulli", "gaussian"):
     fusedvae.vae_loss(x, t, mu, mu.detach(), likelihood=lik, free_bits=0.1).loss.backward()
 fusedvae.vae_loss(x.half(), t, mu, mu.detach()).loss.backward()
 fusedvae.vae_loss(x[:, :, :, 1:], t[:, :, :, 1:], mu, mu.detach()).loss.backward()  # strided, unaligned
+# targets and log-scales read in their own dtypes beside a 16-bit recon
+xb = x.detach().bfloat16().requires_grad_()
+fusedvae.vae_loss(xb, t.float() / 255, mu, mu.detach()).loss.backward()
+fusedvae.vae_loss(xb, t > 127, mu, mu.detach(), likelihood="cbernoulli").loss.backward()
+s = torch.zeros(3, 3, 17, 19, device="cuda", requires_grad=True)
+fusedvae.vae_loss(xb, t.half(), mu, mu.detach(), likelihood="gaussian", log_scale=s).loss.backward()
 torch.cuda.synchronize()
 print("ok")
 '
@@ -119,6 +126,8 @@ step sanitizer-memcheck sanitize memcheck
 step sanitizer-racecheck sanitize racecheck
 
 step benchmark python benchmarks/gpu_bench.py
+step train-step python benchmarks/train_step.py --device cuda
+step host-time python benchmarks/train_step.py --device cuda --host-overhead
 
 echo >> "$report"
 echo "status: $status" >> "$report"
