@@ -124,6 +124,31 @@ def test_every_cpu_build_computes_the_same(runs_at_each_capability):
         torch.testing.assert_close(run["values"], runs[0]["values"], rtol=2e-6, atol=1e-6)
 
 
+_MISSING_BUILDS_SCRIPT = """
+import sys, warnings
+for isa in ("avx2", "avx512"):
+    sys.modules["fusedvae._cpu_" + isa] = None  # importing it raises ModuleNotFoundError
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from fusedvae import _C
+print(_C.cpu_kernels)
+for w in caught:
+    print(w.category.__name__, w.message)
+"""
+
+
+@pytest.mark.skipif(not X86_64, reason="instruction-set builds exist on x86-64 only")
+def test_a_missing_build_is_a_warning_and_the_baseline_runs():
+    out = subprocess.run([sys.executable, "-c", _MISSING_BUILDS_SCRIPT], check=True, cwd=REPO_ROOT,
+                         capture_output=True, text=True).stdout.splitlines()
+    assert out[0] == "DEFAULT"
+    tried = [isa for isa in ("AVX512", "AVX2") if isa in _capabilities_of_this_cpu()]
+    assert len(out) == 1 + len(tried), out
+    for isa, line in zip(tried, out[1:]):
+        assert line.startswith(f"RuntimeWarning fusedvae: could not load the {isa} CPU kernels"), line
+        assert "ModuleNotFoundError" in line and "using a slower build" in line, line
+
+
 def _disassembly(path: str) -> str:
     objdump = shutil.which("objdump")
     assert objdump, "objdump (binutils) is needed to inspect the built modules"
