@@ -213,12 +213,11 @@ def _extensions(cpp_extension, cuda_home):
     return [main] + kernel_modules
 
 
-def _write_build_info(with_cuda: bool, with_openmp: bool) -> None:
+def _write_build_info(with_cuda: bool) -> None:
     # Lets the tests assert that an installation meant to have CUDA kernels has them.
     with open(os.path.join(HERE, "fusedvae", "_build_info.py"), "w") as f:
         f.write('"""Written by setup.py: how this copy of fusedvae\'s modules was built."""\n')
         f.write(f"WITH_CUDA = {with_cuda}\n")
-        f.write(f"WITH_OPENMP = {with_openmp}\n")
         f.write(f"CPU_BUILDS = {sorted(CPU_BUILDS) if X86_64 else []!r}\n")
 
 
@@ -233,7 +232,7 @@ def main() -> None:
     if cuda_home is not None:
         cpp_extension.CUDA_HOME = cuda_home
     extensions = _extensions(cpp_extension, cuda_home)
-    _write_build_info(cuda_home is not None, "-fopenmp" in extensions[0].extra_link_args)
+    _write_build_info(cuda_home is not None)
     setup(ext_modules=extensions, cmdclass={"build_ext": cpp_extension.BuildExtension})
 
 

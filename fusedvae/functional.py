@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
