@@ -183,7 +183,7 @@ def _extensions(cpp_extension, cuda_home):
 
     # fusedvae._C: baseline code only, so it loads on any CPU of the platform.
     sources = _sources("csrc/*.cpp") + ["csrc/cpu/kernels.cpp", "csrc/cpu/kernels_default.cpp",
-                                        "csrc/cpu/register.cpp"]
+                                        "csrc/cpu/register.cpp", "csrc/cpu/objective.cpp"]
     cxx = base_flags + ["-DCPU_CAPABILITY=DEFAULT"]
     if cuda_home is None:
         main = cpp_extension.CppExtension(

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "objective.h"
 #include "vae_math.h"
 
 namespace fusedvae {
@@ -54,6 +55,39 @@ struct KlProblem {
   int64_t latent_dim;
 };
 
+// The coefficient each KL element's derivatives (∂/∂μ, ∂/∂lv) are multiplied
+// by, in the accumulation type: per_element[b, j] where given, else
+// per_sample[b] + per_dim[j], either term 0 where null.
+struct KlCoefficients {
+  const void* per_element;
+  const void* per_sample;
+  const void* per_dim;
+};
+
+// The whole objective: the reconstruction (likelihood kSquaredError for a
+// shared-scale Gaussian, whose σ objective.scale says how to find), the KL of
+// the posterior, and the scalars of objective.h. recon's and kl's dtypes have
+// the same accumulation type.
+struct ObjectiveProblem {
+  ReconProblem recon;
+  KlProblem kl;
+  Objective objective;
+  const void* log_scale_scalar;  // ScaleKind::kTensor: one value of the accumulation type
+  const void* beta;  // one value of the accumulation type, or null: objective.beta_value
+};
+
+// The outputs of the objective's backward, each null where not wanted:
+// gradients of recon (recon's dtype and layout), mu and logvar (theirs),
+// log_scale (per element: of the scale's dtype, shaped like recon; shared:
+// one value of the accumulation type) and beta (one value, accumulation type).
+struct ObjectiveGrads {
+  void* recon;
+  void* mu;
+  void* logvar;
+  void* log_scale;
+  void* beta;
+};
+
 // Elementwise continuous-Bernoulli log-normaliser over `numel` dense values.
 struct CbProblem {
   const void* logits;
@@ -72,19 +106,26 @@ struct Kernels {
   // rec[b] = Σ_i ℓ(x_bi, t_bi).
   void (*recon_loss_forward)(const ReconProblem& p, void* rec);
   // grad_recon = grad_rec[b] · ∂ℓ/∂x (dtype of recon); grad_log_scale likewise
-  // for the Gaussian (ignored otherwise, may be null).
+  // for the Gaussian where grad_log_scale is not null (ignored otherwise).
   void (*recon_loss_backward)(const ReconProblem& p, const void* grad_rec, void* grad_recon,
                               void* grad_log_scale);
   // per_dim == false: kl[b] = Σ_j kl_bj (accumulation type, [batch]);
   // per_dim == true:  kl[b, j] (accumulation type, [batch, latent]).
   void (*gaussian_kl_forward)(const KlProblem& p, bool per_dim, void* kl);
-  // grad is [batch] (per_dim == false) or [batch, latent]; grads are of `dtype`.
-  void (*gaussian_kl_backward)(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
+  // grad_mu = c_bj·μ, grad_logvar = c_bj·∂kl/∂lv (of `dtype`), c from `coef`.
+  void (*gaussian_kl_backward)(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
                                void* grad_logvar);
   // out (of `dtype`) = log C(logits); grad_logits = grad · d log C / dη.
   void (*cb_log_normalizer_forward)(const CbProblem& p, void* out);
   void (*cb_log_normalizer_backward)(const CbProblem& p, const void* grad, void* grad_logits);
 };
+
+// The objective (objective.h) from the kernels() in use: forward writes loss
+// (one value, or [batch] for Reduction::kNone), rec and kl ([batch]) and aux
+// (AuxLayout), all in the accumulation type; backward writes `out`.
+void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* kl, void* aux);
+void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, const void* aux,
+                        const ObjectiveGrads& out);
 
 // The kernels in use: the baseline build until select_kernels() has run.
 const Kernels& kernels();
@@ -97,18 +138,19 @@ bool select_kernels();
 namespace cuda {
 // Same contracts as the CPU functions; `stream` is a cudaStream_t. Nothing here
 // synchronises with the host.
-void recon_loss_forward(const ReconProblem& p, void* rec, void* workspace, void* stream);
-void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
-                         void* grad_log_scale, void* stream);
-void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl, void* workspace, void* stream);
-void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
+void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* kl, void* aux,
+                       void* workspace, void* stream);
+void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, const void* aux,
+                        const ObjectiveGrads& out, void* stream);
+// kl[b, j] (accumulation type, [batch, latent]).
+void gaussian_kl_per_dim(const KlProblem& p, void* kl, void* stream);
+void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
                           void* grad_logvar, void* stream);
 void cb_log_normalizer_forward(const CbProblem& p, void* out, void* stream);
 void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits,
                                 void* stream);
-// Bytes of scratch the reductions need (per-block partial sums).
-int64_t recon_loss_workspace_bytes(const ReconProblem& p, int device);
-int64_t gaussian_kl_workspace_bytes(const KlProblem& p, int device);
+// Bytes of scratch objective_forward needs (per-block partial sums).
+int64_t objective_workspace_bytes(const ObjectiveProblem& p, int device);
 }  // namespace cuda
 
 }  // namespace fusedvae

@@ -1,10 +1,14 @@
 #include "ops.h"
 
+#include <ATen/ExpandUtils.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/ScalarType.h>
 
+#include <array>
+#include <cmath>
+#include <optional>
 #include <vector>
 
 namespace fusedvae {
@@ -111,64 +115,170 @@ math::Likelihood parse_likelihood(c10::string_view likelihood, bool logits) {
   if (likelihood == "cbernoulli") {
     return logits ? L::kContinuousBernoulliLogits : L::kContinuousBernoulliProbs;
   }
-  if (likelihood == "squared_error") return L::kSquaredError;
   if (likelihood == "gaussian") return L::kGaussian;
   TORCH_CHECK_VALUE(false,
-                    "fusedvae: expected likelihood to be 'bernoulli', 'cbernoulli', "
-                    "'squared_error' or 'gaussian', got '",
+                    "fusedvae: expected likelihood to be 'bernoulli', 'cbernoulli' or 'gaussian', "
+                    "got '",
                     std::string(likelihood), "'");
 }
 
-// Checks the reconstruction arguments and puts them in the working layout.
-struct ReconInputs {
-  Tensor recon, target, log_scale;
-  ReconProblem problem;
+Reduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "batchmean") return Reduction::kBatchMean;
+  if (reduction == "sum") return Reduction::kSum;
+  if (reduction == "mean") return Reduction::kMean;
+  if (reduction == "none") return Reduction::kNone;
+  TORCH_CHECK_VALUE(false,
+                    "fusedvae: expected reduction to be 'batchmean', 'sum', 'mean' or 'none', "
+                    "got '",
+                    std::string(reduction), "'");
+}
 
-  ReconInputs(const Tensor& recon_in, const Tensor& target_in,
-              const std::optional<Tensor>& log_scale_in, c10::string_view likelihood, bool logits) {
-    const math::Likelihood kind = parse_likelihood(likelihood, logits);
+// A 0-d tensor's value where the kernels read it: on the device of `ref` in
+// the accumulation type (no copy when it is already), or, for a CPU tensor
+// beside a CUDA `ref`, read on the host into `host_value` (no device sync).
+const void* scalar_operand(const Tensor& t, const char* name, const Tensor& ref, at::ScalarType acc,
+                           Tensor& holder, double& host_value) {
+  TORCH_CHECK_VALUE(t.dim() == 0, "fusedvae: expected ", name, " to be a 0-d tensor, got shape ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "fusedvae: expected ", name,
+                   " to be a floating-point tensor, got ", t.scalar_type());
+  if (t.device() != ref.device()) {
+    TORCH_CHECK(t.device().is_cpu(), "fusedvae: expected ", name, " on the device of recon (",
+                ref.device(), ") or the CPU, got ", t.device());
+    host_value = t.item<double>();
+    return nullptr;
+  }
+  holder = t.scalar_type() == acc ? t : t.to(acc);
+  return holder.const_data_ptr();
+}
+
+// The arguments of vae_loss and vae_loss_backward, checked, in the working
+// layout, as the kernels' ObjectiveProblem.
+struct ObjectiveInputs {
+  Tensor recon, target, mu, logvar, log_scale, log_scale_scalar, beta;
+  bool per_element_scale = false;
+  at::ScalarType acc;
+  ObjectiveProblem problem;
+
+  ObjectiveInputs(const Tensor& recon_in, const Tensor& target_in, const Tensor& mu_in,
+                  const Tensor& logvar_in, const std::optional<Tensor>& log_scale_in,
+                  const std::optional<Tensor>& beta_in, c10::string_view likelihood, bool logits,
+                  c10::string_view reduction, double log_scale_value, bool optimal_scale,
+                  double beta_value, double free_bits) {
+    math::Likelihood kind = parse_likelihood(likelihood, logits);
+    const Reduction reduction_kind = parse_reduction(reduction);
     const DType dtype = to_dtype(recon_in, "recon");
     TORCH_CHECK_VALUE(recon_in.dim() >= 1,
                       "fusedvae: expected recon of shape [batch, ...], got a 0-d tensor");
     check_same_shape(target_in, "target", recon_in, "recon");
     check_same_device(target_in, "target", recon_in, "recon");
     const DType target_dtype = to_target_dtype(target_in, recon_in);
-    const bool wants_scale = kind == math::Likelihood::kGaussian;
-    TORCH_CHECK_VALUE(wants_scale == log_scale_in.has_value(), "fusedvae: likelihood '",
-                      std::string(likelihood), "' ", wants_scale ? "needs" : "takes no",
-                      " log_scale tensor");
+    acc = accumulate_type(recon_in.scalar_type());
+
+    const DType kl_dtype = to_dtype(mu_in, "mu");
+    TORCH_CHECK_VALUE(mu_in.dim() >= 1 && mu_in.size(0) == recon_in.size(0),
+                      "fusedvae: expected mu of shape [", recon_in.size(0),
+                      ", ...] (the batch size of recon), got ", mu_in.sizes());
+    check_same_shape(logvar_in, "logvar", mu_in, "mu");
+    check_same_device(mu_in, "mu", recon_in, "recon");
+    check_same_device(logvar_in, "logvar", recon_in, "recon");
+    TORCH_CHECK_TYPE(logvar_in.scalar_type() == mu_in.scalar_type(), "fusedvae: expected logvar ",
+                     "of dtype ", mu_in.scalar_type(), " (the dtype of mu), got ",
+                     logvar_in.scalar_type());
+    TORCH_CHECK_TYPE(accumulate_type(mu_in.scalar_type()) == acc, "fusedvae: expected mu of dtype ",
+                     acc == at::kDouble ? "Double" : "Float, Half or BFloat16",
+                     " beside a recon of dtype ", recon_in.scalar_type(), ", got ",
+                     mu_in.scalar_type());
+    TORCH_CHECK_VALUE(std::isfinite(free_bits) && free_bits >= 0,
+                      "fusedvae: expected free_bits to be a finite number >= 0, got ", free_bits);
+    TORCH_CHECK_VALUE(std::isfinite(beta_value) && beta_value >= 0,
+                      "fusedvae: expected beta_value to be a finite number >= 0, got ", beta_value);
+    TORCH_CHECK_VALUE(std::isfinite(log_scale_value),
+                      "fusedvae: expected log_scale_value to be finite, got ", log_scale_value);
+    TORCH_CHECK_VALUE(!(optimal_scale && log_scale_in.has_value()),
+                      "fusedvae: expected no log_scale tensor with optimal_scale=True");
+
+    ScaleKind scale = ScaleKind::kNone;
+    const bool gaussian = kind == math::Likelihood::kGaussian;
+    TORCH_CHECK_VALUE(gaussian || (!log_scale_in.has_value() && !optimal_scale),
+                      "fusedvae: likelihood '", std::string(likelihood), "' takes no log_scale");
     recon = working_layout(recon_in);
     target = in_layout_of(target_in, recon);
-    if (wants_scale) {
-      const Tensor& s = *log_scale_in;
-      check_same_shape(s, "log_scale", recon_in, "recon");
-      check_same_device(s, "log_scale", recon_in, "recon");
-      const at::ScalarType r = recon_in.scalar_type();
-      const bool narrow = r == at::kHalf || r == at::kBFloat16;
-      TORCH_CHECK_TYPE(s.scalar_type() == r || (narrow && s.scalar_type() == at::kFloat),
-                       "fusedvae: expected log_scale of dtype ", r, " (the dtype of recon)",
-                       narrow ? " or Float" : "", ", got ", s.scalar_type());
-      log_scale = in_layout_of(s, recon);
+    const void* scale_scalar = nullptr;
+    if (gaussian) {
+      if (log_scale_in.has_value() && log_scale_in->dim() > 0) {
+        const Tensor& s = *log_scale_in;
+        check_same_device(s, "log_scale", recon_in, "recon");
+        TORCH_CHECK_VALUE(
+            s.dim() <= recon_in.dim() && at::is_expandable_to(s.sizes(), recon_in.sizes()),
+            "fusedvae: expected log_scale of 0 dimensions or broadcastable to ", recon_in.sizes(),
+            " (the shape of recon), got ", s.sizes());
+        const at::ScalarType r = recon_in.scalar_type();
+        const bool narrow = r == at::kHalf || r == at::kBFloat16;
+        TORCH_CHECK_TYPE(s.scalar_type() == r || (narrow && s.scalar_type() == at::kFloat),
+                         "fusedvae: expected log_scale of dtype ", r, " (the dtype of recon)",
+                         narrow ? " or Float" : "", ", got ", s.scalar_type());
+        log_scale =
+            in_layout_of(s.sizes() == recon_in.sizes() ? s : s.expand(recon_in.sizes()), recon);
+        per_element_scale = true;
+      } else {
+        kind = math::Likelihood::kSquaredError;
+        if (optimal_scale) {
+          scale = ScaleKind::kOptimal;
+        } else if (log_scale_in.has_value()) {
+          scale_scalar = scalar_operand(*log_scale_in, "log_scale", recon_in, acc, log_scale_scalar,
+                                        log_scale_value);
+          scale = scale_scalar != nullptr ? ScaleKind::kTensor : ScaleKind::kValue;
+        } else {
+          scale = ScaleKind::kValue;
+        }
+      }
     }
+    const void* beta_ptr = nullptr;
+    if (beta_in.has_value()) {
+      beta_ptr = scalar_operand(*beta_in, "beta", recon_in, acc, beta, beta_value);
+    }
+    mu = mu_in.contiguous();
+    logvar = logvar_in.contiguous();
+
     const int64_t batch = recon.size(0);
-    problem = ReconProblem{recon.const_data_ptr(),
-                           target.const_data_ptr(),
-                           wants_scale ? log_scale.const_data_ptr() : nullptr,
-                           dtype,
-                           target_dtype,
-                           wants_scale ? to_dtype(log_scale, "log_scale") : dtype,
-                           batch,
-                           batch == 0 ? 0 : recon.numel() / batch,
-                           kind};
+    const int64_t n = batch == 0 ? 0 : recon.numel() / batch;
+    const int64_t j = batch == 0 ? 0 : mu.numel() / batch;
+    problem.recon = ReconProblem{recon.const_data_ptr(),
+                                 target.const_data_ptr(),
+                                 per_element_scale ? log_scale.const_data_ptr() : nullptr,
+                                 dtype,
+                                 target_dtype,
+                                 per_element_scale ? to_dtype(log_scale, "log_scale") : dtype,
+                                 batch,
+                                 n,
+                                 kind};
+    problem.kl = KlProblem{mu.const_data_ptr(), logvar.const_data_ptr(), kl_dtype, batch, j};
+    problem.objective =
+        Objective{batch, n, j, reduction_kind, scale, log_scale_value, beta_value, free_bits};
+    problem.log_scale_scalar = scale_scalar;
+    problem.beta = beta_ptr;
   }
 };
 
-Tensor per_sample_vector(const Tensor& grad, const char* name, int64_t batch, at::ScalarType acc,
-                         const Tensor& ref) {
-  check_same_device(grad, name, ref, "the input");
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == batch, "fusedvae: expected ", name,
-                    " of shape [", batch, "], got ", grad.sizes());
-  return grad.to(acc).contiguous();
+// An optional upstream gradient as the kernels read it: [batch] (or 0-d for a
+// reduced loss), in the accumulation type, on the device, with its stride.
+const void* grad_operand(const std::optional<Tensor>& grad, const char* name, int64_t batch,
+                         bool per_sample, at::ScalarType acc, const Tensor& ref, Tensor& holder,
+                         int64_t& stride) {
+  stride = 0;
+  if (!grad.has_value() || !grad->defined()) return nullptr;
+  check_same_device(*grad, name, ref, "recon");
+  if (per_sample) {
+    TORCH_CHECK_VALUE(grad->dim() == 1 && grad->size(0) == batch, "fusedvae: expected ", name,
+                      " of shape [", batch, "], got ", grad->sizes());
+    stride = grad->stride(0);
+  } else {
+    TORCH_CHECK_VALUE(grad->dim() == 0, "fusedvae: expected ", name,
+                      " of shape [] (the loss is reduced), got ", grad->sizes());
+  }
+  holder = grad->scalar_type() == acc ? *grad : grad->to(acc);
+  return holder.const_data_ptr();
 }
 
 struct KlInputs {
@@ -193,62 +303,133 @@ struct KlInputs {
 
 }  // namespace
 
-Tensor recon_loss(const Backend& backend, const Tensor& recon, const Tensor& target,
-                  const std::optional<Tensor>& log_scale, c10::string_view likelihood,
-                  bool logits) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss(
+    const Backend& backend, const Tensor& recon, const Tensor& target, const Tensor& mu,
+    const Tensor& logvar, const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta,
+    c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
+    bool optimal_scale, double beta_value, double free_bits) {
   const c10::OptionalDeviceGuard guard(recon.device());
-  ReconInputs in(recon, target, log_scale, likelihood, logits);
-  Tensor rec =
-      at::empty({in.problem.batch}, recon.options().dtype(accumulate_type(recon.scalar_type())));
-  backend.recon_forward(in.problem, rec.data_ptr());
-  return rec;
+  ObjectiveInputs in(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
+                     log_scale_value, optimal_scale, beta_value, free_bits);
+  const Objective& o = in.problem.objective;
+  const auto options = recon.options().dtype(in.acc);
+  Tensor loss =
+      o.reduction == Reduction::kNone ? at::empty({o.batch}, options) : at::empty({}, options);
+  Tensor rec = at::empty({o.batch}, options);
+  Tensor kl = at::empty({o.batch}, options);
+  Tensor aux = at::empty({AuxLayout{o.batch, o.j}.size()}, options);
+  backend.objective_forward(in.problem, loss.data_ptr(), rec.data_ptr(), kl.data_ptr(),
+                            aux.data_ptr());
+  return {loss, rec, kl, aux};
 }
 
-std::tuple<Tensor, Tensor> recon_loss_backward(const Backend& backend, const Tensor& grad,
-                                               const Tensor& recon, const Tensor& target,
-                                               const std::optional<Tensor>& log_scale,
-                                               c10::string_view likelihood, bool logits) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward(
+    const Backend& backend, const std::optional<Tensor>& grad_loss,
+    const std::optional<Tensor>& grad_rec, const std::optional<Tensor>& grad_kl,
+    const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar,
+    const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta, const Tensor& aux,
+    c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
+    bool optimal_scale, double beta_value, double free_bits, std::array<bool, 4> output_mask) {
   const c10::OptionalDeviceGuard guard(recon.device());
-  ReconInputs in(recon, target, log_scale, likelihood, logits);
-  const Tensor grad_rec = per_sample_vector(grad, "grad", in.problem.batch,
-                                            accumulate_type(recon.scalar_type()), recon);
-  Output grad_recon(recon, in.recon);
-  if (log_scale.has_value()) {
-    Output grad_scale(*log_scale, in.recon);
-    backend.recon_backward(in.problem, grad_rec.const_data_ptr(), grad_recon.work.data_ptr(),
-                           grad_scale.work.data_ptr());
-    return {grad_recon.finish(), grad_scale.finish()};
+  ObjectiveInputs in(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
+                     log_scale_value, optimal_scale, beta_value, free_bits);
+  const Objective& o = in.problem.objective;
+  check_same_device(aux, "aux", recon, "recon");
+  const int64_t aux_size = AuxLayout{o.batch, o.j}.size();
+  TORCH_CHECK_VALUE(aux.dim() == 1 && aux.size(0) == aux_size && aux.scalar_type() == in.acc &&
+                        aux.is_contiguous(),
+                    "fusedvae: expected aux to be the fourth output of vae_loss for these "
+                    "arguments: contiguous, of shape [",
+                    aux_size, "] and dtype ", in.acc, ", got shape ", aux.sizes(), " and dtype ",
+                    aux.scalar_type());
+
+  Tensor loss_holder, rec_holder, kl_holder;
+  OutputGrads grads{};
+  grads.loss = grad_operand(grad_loss, "grad_loss", o.batch, o.reduction == Reduction::kNone,
+                            in.acc, recon, loss_holder, grads.loss_stride);
+  grads.rec = grad_operand(grad_rec, "grad_rec", o.batch, true, in.acc, recon, rec_holder,
+                           grads.rec_stride);
+  grads.kl =
+      grad_operand(grad_kl, "grad_kl", o.batch, true, in.acc, recon, kl_holder, grads.kl_stride);
+
+  const auto none = [&] { return at::empty({0}, recon.options()); };
+  const bool want_scale = output_mask[2] && log_scale.has_value();
+  // A per-element log_scale's gradient comes from the same kernel as recon's.
+  const bool want_recon = output_mask[0] || (want_scale && in.per_element_scale);
+  const bool want_latent = output_mask[1];
+  const bool want_beta = output_mask[3] && beta.has_value();
+  const auto scalar_options = recon.options().dtype(in.acc);
+
+  ObjectiveGrads out{};
+  std::optional<Output> grad_recon, grad_scale_full;
+  if (want_recon) {
+    grad_recon.emplace(recon, in.recon);
+    out.recon = grad_recon->work.data_ptr();
   }
-  backend.recon_backward(in.problem, grad_rec.const_data_ptr(), grad_recon.work.data_ptr(),
-                         nullptr);
-  // No log_scale, no gradient for it: an empty tensor keeps the schema fixed.
-  return {grad_recon.finish(), at::empty({0}, recon.options())};
+  Tensor grad_mu = want_latent ? at::empty(mu.sizes(), mu.options()) : none();
+  Tensor grad_logvar = want_latent ? at::empty(mu.sizes(), mu.options()) : none();
+  if (want_latent) {
+    out.mu = grad_mu.data_ptr();
+    out.logvar = grad_logvar.data_ptr();
+  }
+  Tensor grad_scale_scalar;
+  if (want_scale) {
+    if (in.per_element_scale) {
+      // Shaped like the log_scale given where it is full-size, else like
+      // recon (reduced to the log_scale's shape below).
+      const bool full = log_scale->sizes() == recon.sizes();
+      grad_scale_full.emplace(full ? *log_scale : in.log_scale, in.recon);
+      out.log_scale = grad_scale_full->work.data_ptr();
+    } else {
+      grad_scale_scalar = at::empty({}, scalar_options);
+      out.log_scale = grad_scale_scalar.data_ptr();
+    }
+  }
+  Tensor grad_beta = want_beta ? at::empty({}, scalar_options) : none();
+  if (want_beta) out.beta = grad_beta.data_ptr();
+
+  backend.objective_backward(in.problem, grads, aux.const_data_ptr(), out);
+
+  Tensor result_recon = output_mask[0] ? grad_recon->finish() : none();
+  Tensor result_scale = none();
+  if (want_scale) {
+    const Tensor& s = *log_scale;
+    if (in.per_element_scale) {
+      result_scale = grad_scale_full->finish();
+      if (result_scale.sizes() != s.sizes()) result_scale = result_scale.sum_to_size(s.sizes());
+    } else {
+      result_scale = grad_scale_scalar;
+    }
+    if (result_scale.scalar_type() != s.scalar_type() || result_scale.device() != s.device()) {
+      result_scale = result_scale.to(s.device(), s.scalar_type());
+    }
+  }
+  if (want_beta &&
+      (grad_beta.scalar_type() != beta->scalar_type() || grad_beta.device() != beta->device())) {
+    grad_beta = grad_beta.to(beta->device(), beta->scalar_type());
+  }
+  return {result_recon, grad_mu, grad_logvar, result_scale, grad_beta};
 }
 
-Tensor gaussian_kl(const Backend& backend, const Tensor& mu, const Tensor& logvar, bool per_dim) {
+Tensor gaussian_kl_per_dim(const Backend& backend, const Tensor& mu, const Tensor& logvar) {
   const c10::OptionalDeviceGuard guard(mu.device());
   KlInputs in(mu, logvar);
-  const auto options = mu.options().dtype(accumulate_type(mu.scalar_type()));
-  Tensor kl = per_dim ? at::empty(mu.sizes(), options) : at::empty({in.problem.batch}, options);
-  backend.kl_forward(in.problem, per_dim, kl.data_ptr());
+  Tensor kl = at::empty(mu.sizes(), mu.options().dtype(accumulate_type(mu.scalar_type())));
+  backend.kl_per_dim(in.problem, kl.data_ptr());
   return kl;
 }
 
-std::tuple<Tensor, Tensor> gaussian_kl_backward(const Backend& backend, const Tensor& grad,
-                                                const Tensor& mu, const Tensor& logvar) {
+std::tuple<Tensor, Tensor> gaussian_kl_per_dim_backward(const Backend& backend, const Tensor& grad,
+                                                        const Tensor& mu, const Tensor& logvar) {
   const c10::OptionalDeviceGuard guard(mu.device());
   KlInputs in(mu, logvar);
-  const at::ScalarType acc = accumulate_type(mu.scalar_type());
   check_same_device(grad, "grad", mu, "mu");
-  const bool per_dim = grad.sizes() == mu.sizes();
-  TORCH_CHECK_VALUE(per_dim || (grad.dim() == 1 && grad.size(0) == in.problem.batch),
-                    "fusedvae: expected grad of shape [", in.problem.batch, "] or ", mu.sizes(),
-                    ", got ", grad.sizes());
-  const Tensor g = grad.to(acc).contiguous();
+  check_same_shape(grad, "grad", mu, "mu");
+  const Tensor g = grad.to(accumulate_type(mu.scalar_type())).contiguous();
   Tensor grad_mu = at::empty(mu.sizes(), mu.options());
   Tensor grad_logvar = at::empty(mu.sizes(), mu.options());
-  backend.kl_backward(in.problem, per_dim, g.const_data_ptr(), grad_mu.data_ptr(),
-                      grad_logvar.data_ptr());
+  backend.kl_backward(in.problem, KlCoefficients{g.const_data_ptr(), nullptr, nullptr},
+                      grad_mu.data_ptr(), grad_logvar.data_ptr());
   return {grad_mu, grad_logvar};
 }
 

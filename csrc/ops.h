@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <array>
 #include <string>
 #include <tuple>
 
@@ -16,34 +17,41 @@ namespace fusedvae {
 class Backend {
  public:
   virtual ~Backend() = default;
-  virtual void recon_forward(const ReconProblem& p, void* rec) const = 0;
-  virtual void recon_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
-                              void* grad_log_scale) const = 0;
-  virtual void kl_forward(const KlProblem& p, bool per_dim, void* kl) const = 0;
-  virtual void kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
+  virtual void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* kl,
+                                 void* aux) const = 0;
+  virtual void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads,
+                                  const void* aux, const ObjectiveGrads& out) const = 0;
+  virtual void kl_per_dim(const KlProblem& p, void* kl) const = 0;
+  virtual void kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
                            void* grad_logvar) const = 0;
   virtual void cb_forward(const CbProblem& p, void* out) const = 0;
   virtual void cb_backward(const CbProblem& p, const void* grad, void* grad_logits) const = 0;
 };
 
-at::Tensor recon_loss(const Backend& backend, const at::Tensor& recon, const at::Tensor& target,
-                      const std::optional<at::Tensor>& log_scale, c10::string_view likelihood,
-                      bool logits);
+// The schemas are in registration.cpp (FUSEDVAE_OP_SCHEMAS).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss(
+    const Backend& backend, const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mu,
+    const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
+    const std::optional<at::Tensor>& beta, c10::string_view likelihood, bool logits,
+    c10::string_view reduction, double log_scale_value, bool optimal_scale, double beta_value,
+    double free_bits);
 
-std::tuple<at::Tensor, at::Tensor> recon_loss_backward(const Backend& backend,
-                                                       const at::Tensor& grad,
-                                                       const at::Tensor& recon,
-                                                       const at::Tensor& target,
-                                                       const std::optional<at::Tensor>& log_scale,
-                                                       c10::string_view likelihood, bool logits);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward(
+    const Backend& backend, const std::optional<at::Tensor>& grad_loss,
+    const std::optional<at::Tensor>& grad_rec, const std::optional<at::Tensor>& grad_kl,
+    const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mu,
+    const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
+    const std::optional<at::Tensor>& beta, const at::Tensor& aux, c10::string_view likelihood,
+    bool logits, c10::string_view reduction, double log_scale_value, bool optimal_scale,
+    double beta_value, double free_bits, std::array<bool, 4> output_mask);
 
-at::Tensor gaussian_kl(const Backend& backend, const at::Tensor& mu, const at::Tensor& logvar,
-                       bool per_dim);
+at::Tensor gaussian_kl_per_dim(const Backend& backend, const at::Tensor& mu,
+                               const at::Tensor& logvar);
 
-std::tuple<at::Tensor, at::Tensor> gaussian_kl_backward(const Backend& backend,
-                                                        const at::Tensor& grad,
-                                                        const at::Tensor& mu,
-                                                        const at::Tensor& logvar);
+std::tuple<at::Tensor, at::Tensor> gaussian_kl_per_dim_backward(const Backend& backend,
+                                                                const at::Tensor& grad,
+                                                                const at::Tensor& mu,
+                                                                const at::Tensor& logvar);
 
 at::Tensor cb_log_normalizer(const Backend& backend, const at::Tensor& logits);
 

@@ -13,24 +13,33 @@ template <class BackendT>
 void register_kernels(torch::Library& m) {
   using at::Tensor;
   using OptTensor = std::optional<Tensor>;
-  m.impl("recon_loss", [](const Tensor& recon, const Tensor& target, const OptTensor& log_scale,
-                          c10::string_view likelihood, bool logits) {
-    return recon_loss(BackendT{}, recon, target, log_scale, likelihood, logits);
+  m.impl("vae_loss", [](const Tensor& recon, const Tensor& target, const Tensor& mu,
+                        const Tensor& logvar, const OptTensor& log_scale, const OptTensor& beta,
+                        c10::string_view likelihood, bool logits, c10::string_view reduction,
+                        double log_scale_value, bool optimal_scale, double beta_value,
+                        double free_bits) {
+    return vae_loss(BackendT{}, recon, target, mu, logvar, log_scale, beta, likelihood, logits,
+                    reduction, log_scale_value, optimal_scale, beta_value, free_bits);
   });
-  m.impl("recon_loss_backward", [](const Tensor& grad, const Tensor& recon, const Tensor& target,
-                                   const OptTensor& log_scale, c10::string_view likelihood,
-                                   bool logits) {
-    return recon_loss_backward(BackendT{}, grad, recon, target, log_scale, likelihood, logits);
-  });
-  m.impl("gaussian_kl", [](const Tensor& mu, const Tensor& logvar) {
-    return gaussian_kl(BackendT{}, mu, logvar, /*per_dim=*/false);
-  });
+  m.impl("vae_loss_backward",
+         [](const OptTensor& grad_loss, const OptTensor& grad_rec, const OptTensor& grad_kl,
+            const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar,
+            const OptTensor& log_scale, const OptTensor& beta, const Tensor& aux,
+            c10::string_view likelihood, bool logits, c10::string_view reduction,
+            double log_scale_value, bool optimal_scale, double beta_value, double free_bits,
+            std::array<bool, 4> output_mask) {
+           return vae_loss_backward(BackendT{}, grad_loss, grad_rec, grad_kl, recon, target, mu,
+                                    logvar, log_scale, beta, aux, likelihood, logits, reduction,
+                                    log_scale_value, optimal_scale, beta_value, free_bits,
+                                    output_mask);
+         });
   m.impl("gaussian_kl_per_dim", [](const Tensor& mu, const Tensor& logvar) {
-    return gaussian_kl(BackendT{}, mu, logvar, /*per_dim=*/true);
+    return gaussian_kl_per_dim(BackendT{}, mu, logvar);
   });
-  m.impl("gaussian_kl_backward", [](const Tensor& grad, const Tensor& mu, const Tensor& logvar) {
-    return gaussian_kl_backward(BackendT{}, grad, mu, logvar);
-  });
+  m.impl("gaussian_kl_per_dim_backward",
+         [](const Tensor& grad, const Tensor& mu, const Tensor& logvar) {
+           return gaussian_kl_per_dim_backward(BackendT{}, grad, mu, logvar);
+         });
   m.impl("cb_log_normalizer",
          [](const Tensor& logits) { return cb_log_normalizer(BackendT{}, logits); });
   m.impl("cb_log_normalizer_backward", [](const Tensor& grad, const Tensor& logits) {

@@ -1,6 +1,7 @@
 // Op schemas and the Python module that loads them. The kernels for each
 // device key are registered next to their backends (cpu/register.cpp,
-// cuda/register.cpp); fake kernels and autograd live in fusedvae/_ops.py.
+// cuda/register.cpp), autograd in autograd.cpp; fake kernels and vmap rules
+// live in fusedvae/_ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -21,22 +22,32 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fusedvae, m) {
-  // Per-sample sums Σ_i ℓ(recon_bi, target_bi), shape [batch], in float32
-  // (float64 for float64 recon). likelihood: bernoulli | cbernoulli |
-  // squared_error | gaussian (the last takes a log_scale shaped like recon).
+  // The VAE objective (objective.h): loss, and the per-sample [batch] rec and
+  // kl, in float32 (float64 for float64 inputs); aux holds what the backward
+  // needs (AuxLayout). likelihood: bernoulli | cbernoulli | gaussian. A
+  // Gaussian's log σ is log_scale (0-d, or broadcastable to recon), else
+  // log_scale_value, or the batch optimum where optimal_scale; β is beta where
+  // given, else beta_value.
   m.def(
-      "recon_loss(Tensor recon, Tensor target, Tensor? log_scale, str likelihood, "
-      "bool logits) -> Tensor");
-  // (grad_recon, grad_log_scale); grad_log_scale is empty without log_scale.
+      "vae_loss(Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor? log_scale, "
+      "Tensor? beta, str likelihood, bool logits, str reduction, float log_scale_value, "
+      "bool optimal_scale, float beta_value, float free_bits) "
+      "-> (Tensor loss, Tensor rec, Tensor kl, Tensor aux)");
+  // Gradients of recon, mu, logvar, log_scale and beta from the gradients of
+  // any subset of (loss, rec, kl); output_mask selects (recon, mu and logvar,
+  // log_scale, beta), and an unselected gradient is an empty tensor.
   m.def(
-      "recon_loss_backward(Tensor grad, Tensor recon, Tensor target, Tensor? log_scale, "
-      "str likelihood, bool logits) -> (Tensor, Tensor)");
-  // KL(N(mu, exp(logvar)) || N(0, I)) per sample, shape [batch].
-  m.def("gaussian_kl(Tensor mu, Tensor logvar) -> Tensor");
-  // The same per latent dimension, shaped like mu.
+      "vae_loss_backward(Tensor? grad_loss, Tensor? grad_rec, Tensor? grad_kl, Tensor recon, "
+      "Tensor target, Tensor mu, Tensor logvar, Tensor? log_scale, Tensor? beta, Tensor aux, "
+      "str likelihood, bool logits, str reduction, float log_scale_value, bool optimal_scale, "
+      "float beta_value, float free_bits, bool[4] output_mask) "
+      "-> (Tensor grad_recon, Tensor grad_mu, Tensor grad_logvar, Tensor grad_log_scale, "
+      "Tensor grad_beta)");
+  // KL(N(mu, exp(logvar)) || N(0, I)) per latent dimension, shaped like mu.
   m.def("gaussian_kl_per_dim(Tensor mu, Tensor logvar) -> Tensor");
-  // grad is [batch] (from gaussian_kl) or shaped like mu (from gaussian_kl_per_dim).
-  m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar) -> (Tensor, Tensor)");
+  m.def(
+      "gaussian_kl_per_dim_backward(Tensor grad, Tensor mu, Tensor logvar) "
+      "-> (Tensor grad_mu, Tensor grad_logvar)");
   // log C(logits) of the continuous Bernoulli, elementwise.
   m.def("cb_log_normalizer(Tensor logits) -> Tensor");
   m.def("cb_log_normalizer_backward(Tensor grad, Tensor logits) -> Tensor");

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
@@ -21,8 +19,6 @@ __all__ = [
     "normalized_beta",
     "unnormalized_beta",
 ]
-
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def vae_loss(
@@ -61,8 +57,9 @@ def vae_loss(
             that are read as ``value / 255``, or bool. It receives no gradient. The kernels
             read ``target`` (and a per-element ``log_scale``) in its own dtype, with no
             promoted copy: a bfloat16 ``recon`` against float32 images costs no more
-            memory than matched dtypes. A float64 ``target`` or ``log_scale`` makes the
-            whole computation float64, as PyTorch's type promotion would.
+            memory than matched dtypes. A float64 tensor anywhere (``target``, ``log_scale``,
+            ``mu`` or ``logvar``) makes the whole computation float64; ``rec`` and ``kl``
+            come back in the dtypes PyTorch's type promotion gives their own inputs.
         mu (Tensor): posterior mean, ``[B, ...]`` (a flat ``[B, J]`` code or a spatial latent).
         logvar (Tensor): posterior log-variance, shaped like ``mu``.
         likelihood (str, optional): ``'bernoulli'`` | ``'cbernoulli'`` (continuous
@@ -102,55 +99,50 @@ def vae_loss(
     _checks.check_vae_loss_args(
         recon, target, mu, logvar, likelihood, logits, beta, reduction, log_scale, free_bits, validate
     )
-    full_scale = log_scale if isinstance(log_scale, Tensor) and log_scale.dim() > 0 else None
-    recon, target, full_scale = _as_read(recon, target, full_scale)
-    batch = recon.shape[0]
-    n = _checks.per_sample_size(recon)
-    j = _checks.per_sample_size(mu)
-
-    if likelihood != "gaussian":
-        rec = ops.recon_loss(recon, target, None, likelihood, logits)
-    elif full_scale is not None:
-        rec = ops.recon_loss(recon, target, full_scale.expand(recon.shape), "gaussian", True)
-    else:
-        squared_error = ops.recon_loss(recon, target, None, "squared_error", True)
-        rec = _gaussian_from_squared_error(squared_error, log_scale, n)
-
-    mu, logvar = _promote(mu, logvar)
-    if free_bits > 0:
-        kl_per_dim = ops.gaussian_kl_per_dim(mu, logvar).reshape(batch, j)
-        kl = kl_per_dim.sum(dim=1)
-        kl_term = torch.clamp(kl_per_dim.mean(dim=0), min=free_bits).sum()
-    else:
-        kl = ops.gaussian_kl(mu, logvar)
-        kl_term = kl
-
-    if reduction == "mean":
-        per_sample = rec / n + beta * (kl_term / j)
-    else:
-        per_sample = rec + beta * kl_term
-    if reduction == "none":
-        loss = per_sample
-    elif reduction == "sum":
-        loss = per_sample.sum()
-    else:
-        loss = per_sample.mean()
+    in_dtypes = (recon.dtype, target.dtype, mu.dtype, logvar.dtype)
+    recon, target, log_scale, mu, logvar = _as_read(recon, target, log_scale, mu, logvar)
+    scale_tensor = log_scale if isinstance(log_scale, Tensor) else None
+    optimal = isinstance(log_scale, str)
+    scale_value = float(log_scale) if not (optimal or scale_tensor is not None or log_scale is None) else 0.0
+    beta_tensor = beta if isinstance(beta, Tensor) else None
+    beta_value = 0.0 if beta_tensor is not None else float(beta)
+    loss, rec, kl, _ = _vae_loss_op(
+        recon, target, mu, logvar, scale_tensor, beta_tensor, likelihood, logits, reduction,
+        scale_value, optimal, beta_value, float(free_bits),
+    )
+    if recon.dtype == torch.float64 and torch.float64 not in in_dtypes[:2]:
+        rec = rec.float()  # computed in float64 for the latents' sake; rec's own inputs are narrower
+    if recon.dtype == torch.float64 and torch.float64 not in in_dtypes[2:]:
+        kl = kl.float()
     return VAELossOutput(loss, rec, kl)
 
 
-def _as_read(recon: Tensor, target: Tensor, full_scale: Optional[Tensor]):
-    """recon, target and a per-element log σ in the dtypes the kernels read them in
-    (``ReconProblem`` in csrc/kernels.h): each as it is, with float32 sums, and no
-    copy; but float64 anywhere makes every floating one float64 (float64 sums, as
-    PyTorch's type promotion gives), and a log σ of a dtype other than recon's or
-    float32 is read as float32.
+_vae_loss_op = ops.vae_loss.default
+
+
+def _as_read(recon: Tensor, target: Tensor, log_scale, mu: Tensor, logvar: Tensor):
+    """The tensors in the dtypes the op reads them in (``ObjectiveProblem`` in
+    csrc/kernels.h): each as it is, with float32 sums, and no copy; but float64
+    anywhere makes every floating one float64 (float64 sums, as PyTorch's type
+    promotion gives); mu and logvar share a dtype; and a per-element log σ of a
+    dtype other than recon's or float32 is read as float32.
     """
-    floating = [t for t in (recon, target, full_scale) if t is not None and t.dtype.is_floating_point]
-    if any(t.dtype == torch.float64 for t in floating):
-        return _promote(recon, target, full_scale)
-    if full_scale is not None and full_scale.dtype not in (recon.dtype, torch.float32):
-        full_scale = full_scale.float()
-    return recon, target, full_scale
+    full_scale = log_scale if isinstance(log_scale, Tensor) and log_scale.dim() > 0 else None
+    wide = torch.float64 in (recon.dtype, target.dtype, mu.dtype, logvar.dtype) or (
+        full_scale is not None and full_scale.dtype == torch.float64
+    )
+    if wide:
+        recon, target, full_scale, mu, logvar = (
+            t.double() if t is not None and t.dtype.is_floating_point else t
+            for t in (recon, target, full_scale, mu, logvar)
+        )
+    elif mu.dtype != logvar.dtype:
+        mu, logvar = _promote(mu, logvar)
+    if full_scale is not None:
+        if full_scale.dtype not in (recon.dtype, torch.float32):
+            full_scale = full_scale.float()
+        log_scale = full_scale
+    return recon, target, log_scale, mu, logvar
 
 
 def _promote(*tensors):
@@ -163,25 +155,6 @@ def _promote(*tensors):
     return tuple(
         t.to(common) if t is not None and t.dtype.is_floating_point else t for t in tensors
     )
-
-
-def _gaussian_from_squared_error(squared_error: Tensor, log_scale, n: int) -> Tensor:
-    """Σ_i ℓ for a σ shared by all elements, from the per-sample squared error.
-
-    With s = log σ: rec_b = SSE_b / (2σ²) + N·(s + ½ log 2π). For "optimal",
-    σ² = Σ_b SSE_b / (B·N); autograd carries its dependence on the data.
-    """
-    if isinstance(log_scale, str):
-        mse = squared_error.sum() / (squared_error.shape[0] * n)
-        s_min = _checks.OPTIMAL_LOG_SCALE_MIN
-        s = s_min + F.softplus(0.5 * torch.log(mse) - s_min)
-    elif isinstance(log_scale, Tensor):
-        s = log_scale.to(device=squared_error.device, dtype=squared_error.dtype)
-    else:
-        s = 0.0 if log_scale is None else float(log_scale)
-    if isinstance(s, Tensor):
-        return 0.5 * squared_error * torch.exp(-2 * s) + n * (s + _HALF_LOG_2PI)
-    return 0.5 * math.exp(-2 * s) * squared_error + n * (s + _HALF_LOG_2PI)
 
 
 def continuous_bernoulli_log_normalizer(logits: Tensor) -> Tensor:

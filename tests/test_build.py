@@ -16,11 +16,10 @@ import fusedvae
 from fusedvae import _build_info, _C
 
 OPS = (
-    "recon_loss",
-    "recon_loss_backward",
-    "gaussian_kl",
+    "vae_loss",
+    "vae_loss_backward",
     "gaussian_kl_per_dim",
-    "gaussian_kl_backward",
+    "gaussian_kl_per_dim_backward",
     "cb_log_normalizer",
     "cb_log_normalizer_backward",
 )
@@ -224,30 +223,45 @@ def threads_that_worked(work, seconds: float = 0.3, settle: float = 0.25) -> int
 
 
 def _kernel_calls():
+    # Every op's CPU kernel on inputs big enough that each of two threads gets
+    # work: a sample of 3*64*64 elements is several kChunk (16384) chunks, and
+    # the latent of 8 x 32768 is 16 of them. vae_loss and its backward spread
+    # only their per-element reconstruction and KL kernels over the threads
+    # (the [B]- and [J]-sized finalisation runs on the calling thread), so the
+    # reconstruction is the large part of each call.
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 64, 64, generator=g)
     t = torch.rand(8, 3, 64, 64, generator=g)
     s = 0.1 * torch.randn(8, 3, 64, 64, generator=g)
-    per_sample = torch.ones(8)
     mu, lv = torch.randn(8, 32768, generator=g), torch.randn(8, 32768, generator=g)
+    per_dim = torch.randn(8, 32768, generator=g)
     eta = torch.randn(8 * 12288, generator=g)
     ops = torch.ops.fusedvae
     calls = {
-        "gaussian_kl": lambda: ops.gaussian_kl(mu, lv),
         "gaussian_kl_per_dim": lambda: ops.gaussian_kl_per_dim(mu, lv),
-        "gaussian_kl_backward": lambda: ops.gaussian_kl_backward(per_sample, mu, lv),
+        "gaussian_kl_per_dim_backward": lambda: ops.gaussian_kl_per_dim_backward(per_dim, mu, lv),
         "cb_log_normalizer": lambda: ops.cb_log_normalizer(eta),
         "cb_log_normalizer_backward": lambda: ops.cb_log_normalizer_backward(eta, eta),
     }
-    for lik, logits, scale in (("bernoulli", True, None), ("bernoulli", False, None),
-                               ("cbernoulli", True, None), ("squared_error", True, None),
-                               ("gaussian", True, s)):
+    grad_loss = torch.ones(())
+    # (name, likelihood, logits, per-element log_scale, log_scale_value)
+    for name, lik, logits, scale, scale_value in (
+        ("bernoulli-logits", "bernoulli", True, None, 0.0),
+        ("bernoulli-probs", "bernoulli", False, None, 0.0),
+        ("cbernoulli-logits", "cbernoulli", True, None, 0.0),
+        ("gaussian-log_scale_tensor", "gaussian", True, s, 0.0),
+        ("gaussian-log_scale_value", "gaussian", True, None, -0.3),
+    ):
         xx = x if logits else torch.sigmoid(x)
-        calls[f"recon_loss-{lik}-{logits}"] = (
-            lambda xx=xx, lik=lik, lg=logits, sc=scale: ops.recon_loss(xx, t, sc, lik, lg))
-        calls[f"recon_loss_backward-{lik}-{logits}"] = (
-            lambda xx=xx, lik=lik, lg=logits, sc=scale:
-            ops.recon_loss_backward(per_sample, xx, t, sc, lik, lg))
+        # (recon, target, mu, logvar, log_scale, beta, likelihood, logits,
+        #  reduction, log_scale_value, optimal_scale, beta_value, free_bits)
+        args = (xx, t, mu, lv, scale, None, lik, logits, "batchmean", scale_value, False, 0.7, 0.0)
+        aux = ops.vae_loss(*args)[3]
+        mask = [True, True, scale is not None, False]
+        calls[f"vae_loss-{name}"] = lambda args=args: ops.vae_loss(*args)
+        calls[f"vae_loss_backward-{name}"] = (
+            lambda args=args, aux=aux, mask=mask:
+            ops.vae_loss_backward(grad_loss, None, None, *args[:6], aux, *args[6:], mask))
     return calls
 
 
@@ -255,7 +269,7 @@ KERNEL_CALLS = _kernel_calls()
 
 
 def test_thread_measurement_tells_one_thread_from_two(restore_threads):
-    work = KERNEL_CALLS["recon_loss-bernoulli-True"]
+    work = KERNEL_CALLS["vae_loss-bernoulli-logits"]
     torch.set_num_threads(1)
     assert threads_that_worked(work) == 1
     torch.set_num_threads(2)

@@ -184,7 +184,7 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
                              &gs);
       const Vec g(grad_rec[b]);
       store(grad_x + i, g * gx, n);
-      store(grad_s + i, g * gs, n);
+      if (grad_s != nullptr) store(grad_s + i, g * gs, n);
     });
   } else {
     for_each_vector<Acc>(p.batch, p.numel_per_sample, [&](int64_t b, int64_t i, int64_t n) {
@@ -234,7 +234,7 @@ void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl) {
   });
 }
 
-void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
+void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
                           void* grad_logvar) {
   dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -243,13 +243,22 @@ void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, vo
     using Vec = at::vec::Vectorized<Acc>;
     const T* mu = static_cast<const T*>(p.mu);
     const T* lv = static_cast<const T*>(p.logvar);
-    const Acc* g = static_cast<const Acc*>(grad);
+    const Acc* per_element = static_cast<const Acc*>(coef.per_element);
+    const Acc* per_sample = static_cast<const Acc*>(coef.per_sample);
+    const Acc* per_dim = static_cast<const Acc*>(coef.per_dim);
     T* gmu = static_cast<T*>(grad_mu);
     T* glv = static_cast<T*>(grad_logvar);
-    for_each_vector<Acc>(p.batch, p.latent_dim, [&](int64_t b, int64_t i, int64_t n) {
-      const Vec up = per_dim ? load<Acc>(g + i, n) : Vec(g[b]);
-      store(gmu + i, up * load<Acc>(mu + i, n), n);
-      store(glv + i, up * math::kl_grad_logvar<O>(load<Acc>(lv + i, n)), n);
+    const int64_t latent = p.latent_dim;
+    for_each_vector<Acc>(p.batch, latent, [&](int64_t b, int64_t i, int64_t n) {
+      Vec c;
+      if (per_element != nullptr) {
+        c = load<Acc>(per_element + i, n);
+      } else {
+        c = Vec(per_sample != nullptr ? per_sample[b] : Acc(0));
+        if (per_dim != nullptr) c = c + load<Acc>(per_dim + (i - b * latent), n);
+      }
+      store(gmu + i, c * load<Acc>(mu + i, n), n);
+      store(glv + i, c * math::kl_grad_logvar<O>(load<Acc>(lv + i, n)), n);
     });
   });
 }

@@ -4,19 +4,20 @@
 namespace fusedvae {
 class CpuBackend final : public Backend {
  public:
-  void recon_forward(const ReconProblem& p, void* rec) const override {
-    cpu::kernels().recon_loss_forward(p, rec);
+  void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* kl,
+                         void* aux) const override {
+    cpu::objective_forward(p, loss, rec, kl, aux);
   }
-  void recon_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
-                      void* grad_log_scale) const override {
-    cpu::kernels().recon_loss_backward(p, grad_rec, grad_recon, grad_log_scale);
+  void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, const void* aux,
+                          const ObjectiveGrads& out) const override {
+    cpu::objective_backward(p, grads, aux, out);
   }
-  void kl_forward(const KlProblem& p, bool per_dim, void* kl) const override {
-    cpu::kernels().gaussian_kl_forward(p, per_dim, kl);
+  void kl_per_dim(const KlProblem& p, void* kl) const override {
+    cpu::kernels().gaussian_kl_forward(p, /*per_dim=*/true, kl);
   }
-  void kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
+  void kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
                    void* grad_logvar) const override {
-    cpu::kernels().gaussian_kl_backward(p, per_dim, grad, grad_mu, grad_logvar);
+    cpu::kernels().gaussian_kl_backward(p, coef, grad_mu, grad_logvar);
   }
   void cb_forward(const CbProblem& p, void* out) const override {
     cpu::kernels().cb_log_normalizer_forward(p, out);

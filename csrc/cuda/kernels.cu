@@ -106,19 +106,19 @@ struct ReconTerm {
   }
 };
 
+// grad_x = g·∂ℓ/∂x (and grad_s = g·∂ℓ/∂s for the heteroscedastic Gaussian),
+// with g the sample's coefficient (objective.h).
 template <Likelihood L, typename T, typename TargetT, typename ScaleT>
 struct ReconGrad {
   using Acc = acc_t<T>;
   const T* x;
   const TargetT* t;
   const ScaleT* s;
-  const Acc* grad_rec;  // [batch]
   T* grad_x;
   ScaleT* grad_s;
   template <int VEC>
-  __device__ __forceinline__ void apply(int64_t b, int64_t i) const {
+  __device__ __forceinline__ void apply(Acc g, int64_t i) const {
     using O = math::ScalarOps<Acc>;
-    const Acc g = grad_rec[b];
     Acc xv[VEC], tv[VEC], gx[VEC];
     load<VEC>(x, i, xv);
     load<VEC>(t, i, tv);
@@ -131,7 +131,7 @@ struct ReconGrad {
         gx[k] *= g;
         gs[k] *= g;
       }
-      store<VEC>(grad_s, i, gs);
+      if (grad_s != nullptr) store<VEC>(grad_s, i, gs);
     } else {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) gx[k] = g * math::recon_loss_grad<L, O>(xv[k], tv[k]);
@@ -140,22 +140,45 @@ struct ReconGrad {
   }
 };
 
-template <typename T>
-struct KlTerm {
-  using Acc = acc_t<T>;
-  const T* mu;
-  const T* lv;
-  template <int VEC>
-  __device__ __forceinline__ Acc sum(int64_t i) const {
-    Acc m[VEC], l[VEC];
-    load<VEC>(mu, i, m);
-    load<VEC>(lv, i, l);
-    Acc total = 0;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) total += math::kl_per_dim<math::ScalarOps<Acc>>(m[k], l[k]);
-    return total;
+// The latent tensors' element i as Acc, whatever their dtype: the KL is a small
+// part of the work, so one kernel per accumulation type serves every dtype.
+template <typename Acc>
+__device__ __forceinline__ Acc load_latent(const void* ptr, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return __half2float(static_cast<const __half*>(ptr)[i]);
+    case DType::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(ptr)[i]);
+    case DType::kFloat64:
+      return static_cast<Acc>(static_cast<const double*>(ptr)[i]);
+    default:
+      return static_cast<Acc>(static_cast<const float*>(ptr)[i]);
   }
-};
+}
+
+template <typename Acc>
+__device__ __forceinline__ void store_latent(void* ptr, DType dtype, int64_t i, Acc v) {
+  switch (dtype) {
+    case DType::kFloat16:
+      static_cast<__half*>(ptr)[i] = __float2half_rn(static_cast<float>(v));
+      return;
+    case DType::kBFloat16:
+      static_cast<__nv_bfloat16*>(ptr)[i] = __float2bfloat16_rn(static_cast<float>(v));
+      return;
+    case DType::kFloat64:
+      static_cast<double*>(ptr)[i] = static_cast<double>(v);
+      return;
+    default:
+      static_cast<float*>(ptr)[i] = static_cast<float>(v);
+      return;
+  }
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc kl_element(const KlProblem& p, int64_t i) {
+  return math::kl_per_dim<math::ScalarOps<Acc>>(load_latent<Acc>(p.mu, p.dtype, i),
+                                                load_latent<Acc>(p.logvar, p.dtype, i));
+}
 
 template <typename T>
 struct KlPerDim {
@@ -171,36 +194,6 @@ struct KlPerDim {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) kl[k] = math::kl_per_dim<math::ScalarOps<Acc>>(m[k], l[k]);
     store<VEC>(out, i, kl);
-  }
-};
-
-template <typename T>
-struct KlGrad {
-  using Acc = acc_t<T>;
-  const T* mu;
-  const T* lv;
-  const Acc* grad;  // [batch] or per element
-  bool per_dim;
-  T* grad_mu;
-  T* grad_lv;
-  template <int VEC>
-  __device__ __forceinline__ void apply(int64_t b, int64_t i) const {
-    Acc m[VEC], l[VEC], g[VEC];
-    load<VEC>(mu, i, m);
-    load<VEC>(lv, i, l);
-    if (per_dim) {
-      load<VEC>(grad, i, g);
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) g[k] = grad[b];
-    }
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      m[k] = g[k] * m[k];
-      l[k] = g[k] * math::kl_grad_logvar<math::ScalarOps<Acc>>(l[k]);
-    }
-    store<VEC>(grad_mu, i, m);
-    store<VEC>(grad_lv, i, l);
   }
 };
 
@@ -321,11 +314,11 @@ __device__ __forceinline__ Acc block_sum(Acc v) {
   return v;
 }
 
-// Visits this block's chunk: f(b, i, width) for element i of sample b, with
-// width an integral_constant: VEC for the aligned runs, then 1 for the tail.
+// Visits chunk `item` (a block's index in its part of the grid): f(b, i, width) for element i of
+// sample b, with width an integral_constant: VEC for the aligned runs, then 1 for the tail.
 template <int VEC, class F>
-__device__ __forceinline__ void for_each_in_chunk(int64_t numel_per_sample, Grid grid, F&& f) {
-  const int64_t item = blockIdx.x;
+__device__ __forceinline__ void for_each_in_chunk(int64_t item, int64_t numel_per_sample, Grid grid,
+                                                  F&& f) {
   const int64_t b = item / grid.chunks;
   const int64_t first = (item - b * grid.chunks) * grid.chunk;
   const int64_t last = min(first + grid.chunk, numel_per_sample);
@@ -344,29 +337,270 @@ template <int VEC, class Term, typename Acc>
 __global__ void __launch_bounds__(kThreads)
     sum_chunks_kernel(Term term, int64_t numel_per_sample, Grid grid, Acc* partial) {
   Acc acc = 0;
-  for_each_in_chunk<VEC>(numel_per_sample, grid, [&](int64_t, int64_t i, auto width) {
+  for_each_in_chunk<VEC>(blockIdx.x, numel_per_sample, grid, [&](int64_t, int64_t i, auto width) {
     acc += term.template sum<decltype(width)::value>(i);
   });
   acc = block_sum(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-// out[b] = Σ_c partial[b, c] in chunk order (double, then rounded).
+// v summed over the block in a fixed order (block_sum), returned to every
+// thread. Every thread of the block must call it.
 template <typename Acc>
-__global__ void sum_partials_kernel(const Acc* partial, int64_t batch, int64_t chunks, Acc* out) {
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= batch) return;
-  double total = 0;
-  for (int64_t c = 0; c < chunks; ++c) total += static_cast<double>(partial[b * chunks + c]);
-  out[b] = static_cast<Acc>(total);
+__device__ __forceinline__ Acc block_sum_all(Acc v) {
+  __shared__ Acc total;
+  v = block_sum(v);
+  if (threadIdx.x == 0) total = v;
+  __syncthreads();
+  const Acc result = total;
+  __syncthreads();
+  return result;
 }
 
 template <int VEC, class Body>
 __global__ void __launch_bounds__(kThreads)
     map_chunks_kernel(Body body, int64_t numel_per_sample, Grid grid) {
-  for_each_in_chunk<VEC>(numel_per_sample, grid, [&](int64_t b, int64_t i, auto width) {
+  for_each_in_chunk<VEC>(blockIdx.x, numel_per_sample, grid, [&](int64_t b, int64_t i, auto width) {
     body.template apply<decltype(width)::value>(b, i);
   });
+}
+
+// ------------------------------------------------------------ objective -----
+// Forward: three kernels. (1) sum_chunks_kernel: the reconstruction's partial
+// sums, one per (sample, chunk) block; (2) kl_forward_kernel: kl_b, one block
+// per sample, and with free bits m_j = mean_b kl_bj, one thread per latent
+// dimension; (3) finalize_kernel, one block: each sample's partials in chunk
+// order, the shared scale, free bits, β and the reduction (objective.h).
+// Backward: one kernel, the reconstruction's and the KL's gradients in one
+// grid, each block first forming the batch-wide sums it needs itself.
+
+template <typename Acc>
+Acc* as_acc(void* p) {
+  return static_cast<Acc*>(p);
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    kl_forward_kernel(KlProblem p, bool free_bits, Acc* kl, Acc* aux_kl, Acc* aux_dim_mean) {
+  const int64_t block = blockIdx.x;
+  if (block < p.batch) {
+    const int64_t base = block * p.latent_dim;
+    Acc acc = 0;
+    for (int64_t j = threadIdx.x; j < p.latent_dim; j += kThreads)
+      acc += kl_element<Acc>(p, base + j);
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) {
+      kl[block] = acc;
+      aux_kl[block] = acc;
+    }
+  } else if (free_bits) {
+    const int64_t j = (block - p.batch) * kThreads + threadIdx.x;
+    if (j >= p.latent_dim) return;
+    Acc total = 0;
+    for (int64_t b = 0; b < p.batch; ++b) total += kl_element<Acc>(p, b * p.latent_dim + j);
+    aux_dim_mean[j] = total / Acc(p.batch);
+  }
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(ObjectiveProblem p, const Acc* partial, int64_t chunks, Acc* loss, Acc* rec,
+                    const Acc* kl, Acc* aux) {
+  using namespace objective;
+  const Objective& o = p.objective;
+  const AuxLayout layout{o.batch, o.j};
+  const int64_t batch = o.batch;
+  const bool free_bits = o.free_bits > 0;
+  const bool shared = uses_shared_scale(o);
+  for (int64_t b = threadIdx.x; b < batch; b += kThreads) {
+    double total = 0;
+    for (int64_t c = 0; c < chunks; ++c) total += static_cast<double>(partial[b * chunks + c]);
+    rec[b] = static_cast<Acc>(total);
+    if (!shared) aux[layout.sse() + b] = Acc(0);
+  }
+  if (!free_bits) {
+    for (int64_t j = threadIdx.x; j < o.j; j += kThreads) aux[layout.kl_dim_mean() + j] = Acc(0);
+  }
+  Acc free_bits_term = 0;
+  if (free_bits) {
+    Acc part = 0;
+    for (int64_t j = threadIdx.x; j < o.j; j += kThreads) {
+      part += free_bits_clamp(aux[layout.kl_dim_mean() + j], Acc(o.free_bits));
+    }
+    free_bits_term = block_sum_all(part);
+  }
+  Acc s = 0;
+  if (shared) {
+    if (o.scale == ScaleKind::kValue) {
+      s = Acc(o.log_scale_value);
+    } else if (o.scale == ScaleKind::kTensor) {
+      s = *static_cast<const Acc*>(p.log_scale_scalar);
+    } else {
+      Acc part = 0;
+      for (int64_t b = threadIdx.x; b < batch; b += kThreads) part += rec[b];
+      s = optimal_log_scale(block_sum_all(part) / (Acc(batch) * Acc(o.n)));
+    }
+    for (int64_t b = threadIdx.x; b < batch; b += kThreads) {
+      aux[layout.sse() + b] = rec[b];
+      rec[b] = gaussian_rec_from_sse(rec[b], s, o.n);
+    }
+  }
+  if (threadIdx.x == 0) {
+    aux[AuxLayout::kLogScale] = s;
+    aux[AuxLayout::kFreeBitsTerm] = free_bits_term;
+  }
+  const Acc beta = p.beta != nullptr ? *static_cast<const Acc*>(p.beta) : Acc(o.beta_value);
+  Acc part = 0;
+  for (int64_t b = threadIdx.x; b < batch; b += kThreads) {
+    const Acc value = sample_loss(o, rec[b], free_bits ? free_bits_term : kl[b], beta);
+    if (o.reduction == Reduction::kNone) {
+      loss[b] = value;
+    } else {
+      part += value;
+    }
+  }
+  if (o.reduction != Reduction::kNone) {
+    const Acc total = block_sum_all(part);
+    if (threadIdx.x == 0) loss[0] = o.reduction == Reduction::kSum ? total : total / Acc(batch);
+  }
+}
+
+// The batch-wide sums of the backward (objective.h), formed by each block that
+// needs them, in the same order in every block.
+template <typename Acc>
+struct BatchSums {
+  Acc weight = 0;  // Σ_b d loss / d loss_b
+  Acc grad_s = 0;  // Σ_b c_b·(N - SSE_b·e^{-2s}), c_b the coefficient of rec_b
+  Acc sse = 0;     // Σ_b SSE_b
+  Acc grad_beta = 0;
+};
+
+template <typename Acc>
+__device__ Acc rec_coefficient(const ObjectiveProblem& p, const OutputGrads& g, int64_t b) {
+  using namespace objective;
+  return sample_weight(p.objective, static_cast<const Acc*>(g.loss), g.loss_stride, b) *
+             rec_weight<Acc>(p.objective) +
+         per_sample_grad(static_cast<const Acc*>(g.rec), g.rec_stride, b);
+}
+
+template <typename Acc>
+__device__ BatchSums<Acc> batch_sums(const ObjectiveProblem& p, const OutputGrads& g,
+                                     const Acc* aux, bool want_weight, bool want_scale,
+                                     bool want_beta) {
+  using namespace objective;
+  const Objective& o = p.objective;
+  const AuxLayout layout{o.batch, o.j};
+  const Acc s = aux[AuxLayout::kLogScale];
+  const Acc inv_var = exp(Acc(-2) * s);
+  Acc weight = 0, grad_s = 0, sse = 0, grad_beta = 0;
+  for (int64_t b = threadIdx.x; b < o.batch; b += kThreads) {
+    const Acc w = sample_weight(o, static_cast<const Acc*>(g.loss), g.loss_stride, b);
+    weight += w;
+    const Acc sse_b = aux[layout.sse() + b];
+    grad_s += rec_coefficient<Acc>(p, g, b) * (Acc(o.n) - sse_b * inv_var);
+    sse += sse_b;
+    const Acc kl_term = o.free_bits > 0 ? aux[AuxLayout::kFreeBitsTerm] : aux[layout.kl() + b];
+    grad_beta += w * kl_weight<Acc>(o) * kl_term;
+  }
+  BatchSums<Acc> sums;
+  if (want_weight) sums.weight = block_sum_all(weight);
+  if (want_scale) {
+    sums.grad_s = block_sum_all(grad_s);
+    sums.sse = block_sum_all(sse);
+  }
+  if (want_beta) sums.grad_beta = block_sum_all(grad_beta);
+  return sums;
+}
+
+template <int VEC, Likelihood L, typename T, typename TargetT, typename ScaleT>
+__global__ void __launch_bounds__(kThreads)
+    objective_backward_kernel(ObjectiveProblem p, OutputGrads g, const acc_t<T>* aux,
+                              ObjectiveGrads out, Grid recon_grid, int64_t recon_blocks,
+                              Grid kl_grid) {
+  using Acc = acc_t<T>;
+  using namespace objective;
+  const Objective& o = p.objective;
+  const AuxLayout layout{o.batch, o.j};
+  const bool shared = uses_shared_scale(o);
+  const bool free_bits = o.free_bits > 0;
+  const bool recon_part = blockIdx.x < recon_blocks;
+  const bool first = blockIdx.x == 0;
+  const BatchSums<Acc> sums =
+      batch_sums<Acc>(p, g, aux, /*want_weight=*/free_bits && !recon_part,
+                      /*want_scale=*/shared && ((recon_part && o.scale == ScaleKind::kOptimal) ||
+                                                (first && out.log_scale != nullptr)),
+                      /*want_beta=*/first && out.beta != nullptr);
+  if (first && threadIdx.x == 0) {
+    if (shared && out.log_scale != nullptr) *static_cast<Acc*>(out.log_scale) = sums.grad_s;
+    if (out.beta != nullptr) *static_cast<Acc*>(out.beta) = sums.grad_beta;
+  }
+  const Acc beta = p.beta != nullptr ? *static_cast<const Acc*>(p.beta) : Acc(o.beta_value);
+
+  if (recon_part) {
+    const int64_t b = blockIdx.x / recon_grid.chunks;
+    Acc c = rec_coefficient<Acc>(p, g, b);
+    if (shared) {
+      // ∂rec_b/∂x = e^{-2s}(x - t), plus for "optimal" the path through s;
+      // the squared-error kernel's derivative is 2(x - t).
+      const Acc inv_var = exp(Acc(-2) * aux[AuxLayout::kLogScale]);
+      Acc through_scale = 0;
+      if (o.scale == ScaleKind::kOptimal) {
+        const Acc bn = Acc(o.batch) * Acc(o.n);
+        through_scale = sums.grad_s * optimal_log_scale_grad(sums.sse / bn) * Acc(2) / bn;
+      }
+      c = Acc(0.5) * (c * inv_var + through_scale);
+    }
+    const ReconGrad<L, T, TargetT, ScaleT> body{
+        static_cast<const T*>(p.recon.recon), static_cast<const TargetT*>(p.recon.target),
+        static_cast<const ScaleT*>(p.recon.log_scale), static_cast<T*>(out.recon),
+        shared ? nullptr : static_cast<ScaleT*>(out.log_scale)};
+    for_each_in_chunk<VEC>(blockIdx.x, o.n, recon_grid, [&](int64_t, int64_t i, auto width) {
+      body.template apply<decltype(width)::value>(c, i);
+    });
+    return;
+  }
+  if (out.mu == nullptr) return;
+  const int64_t item = blockIdx.x - recon_blocks;
+  const int64_t b = item / kl_grid.chunks;
+  if (b >= o.batch) return;
+  const Acc w = sample_weight(o, static_cast<const Acc*>(g.loss), g.loss_stride, b);
+  const Acc row = (free_bits ? Acc(0) : w * beta * kl_weight<Acc>(o)) +
+                  per_sample_grad(static_cast<const Acc*>(g.kl), g.kl_stride, b);
+  const Acc col_scale = sums.weight * beta * kl_weight<Acc>(o) / Acc(o.batch);
+  for_each_in_chunk<1>(item, o.j, kl_grid, [&](int64_t, int64_t i, auto) {
+    Acc c = row;
+    if (free_bits) {
+      c += col_scale * free_bits_pass(aux[layout.kl_dim_mean() + (i - b * o.j)], Acc(o.free_bits));
+    }
+    const Acc mu = load_latent<Acc>(p.kl.mu, p.kl.dtype, i);
+    const Acc lv = load_latent<Acc>(p.kl.logvar, p.kl.dtype, i);
+    store_latent<Acc>(out.mu, p.kl.dtype, i, c * mu);
+    store_latent<Acc>(out.logvar, p.kl.dtype, i,
+                      c * math::kl_grad_logvar<math::ScalarOps<Acc>>(lv));
+  });
+}
+
+// grad_mu, grad_logvar = c·∂kl/∂(μ, lv) with c from KlCoefficients, one thread
+// per element.
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+    kl_backward_kernel(KlProblem p, KlCoefficients coef, void* grad_mu, void* grad_logvar) {
+  const int64_t numel = p.batch * p.latent_dim;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < numel;
+       i += int64_t(gridDim.x) * kThreads) {
+    const int64_t b = i / p.latent_dim;
+    Acc c;
+    if (coef.per_element != nullptr) {
+      c = static_cast<const Acc*>(coef.per_element)[i];
+    } else {
+      c = coef.per_sample != nullptr ? static_cast<const Acc*>(coef.per_sample)[b] : Acc(0);
+      if (coef.per_dim != nullptr) c += static_cast<const Acc*>(coef.per_dim)[i - b * p.latent_dim];
+    }
+    store_latent<Acc>(grad_mu, p.dtype, i, c * load_latent<Acc>(p.mu, p.dtype, i));
+    store_latent<Acc>(
+        grad_logvar, p.dtype, i,
+        c * math::kl_grad_logvar<math::ScalarOps<Acc>>(load_latent<Acc>(p.logvar, p.dtype, i)));
+  }
 }
 
 // Elements per vector access: 16 bytes of recon's type T (4 floats, 2 doubles,
@@ -396,23 +630,6 @@ bool aligned(int64_t batch, int64_t numel_per_sample,
   return true;
 }
 
-template <int VEC, class Term, typename Acc>
-void launch_sum(const Term& term, bool vectorize, int64_t batch, int64_t numel_per_sample, Acc* out,
-                void* workspace, cudaStream_t stream) {
-  if (batch == 0) return;
-  const Grid grid = make_grid(batch, numel_per_sample, current_device());
-  Acc* partial = static_cast<Acc*>(workspace);
-  const unsigned blocks = static_cast<unsigned>(batch * grid.chunks);
-  if (vectorize) {
-    sum_chunks_kernel<VEC><<<blocks, kThreads, 0, stream>>>(term, numel_per_sample, grid, partial);
-  } else {
-    sum_chunks_kernel<1><<<blocks, kThreads, 0, stream>>>(term, numel_per_sample, grid, partial);
-  }
-  // One thread per sample, kThreads to a block.
-  sum_partials_kernel<<<static_cast<unsigned>((batch + kThreads - 1) / kThreads), kThreads, 0,
-                        stream>>>(partial, batch, grid.chunks, out);
-}
-
 template <int VEC, class Body>
 void launch_map(const Body& body, bool vectorize, int64_t batch, int64_t numel_per_sample,
                 cudaStream_t stream) {
@@ -426,103 +643,137 @@ void launch_map(const Body& body, bool vectorize, int64_t batch, int64_t numel_p
   }
 }
 
+// Blocks of a grid-stride elementwise kernel over `numel` elements.
+unsigned elementwise_blocks(int64_t numel) {
+  const int64_t wanted = (numel + kThreads - 1) / kThreads;
+  const int64_t most = int64_t(sm_count(current_device())) * kBlocksPerSm;
+  return static_cast<unsigned>(wanted < most ? (wanted > 0 ? wanted : 1) : most);
+}
+
 int64_t acc_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
+
+template <typename F>
+void dispatch_acc(DType recon_dtype, F&& f) {
+  if (recon_dtype == DType::kFloat64) {
+    f(TypeTag<double>{});
+  } else {
+    f(TypeTag<float>{});
+  }
+}
 
 }  // namespace
 
-int64_t recon_loss_workspace_bytes(const ReconProblem& p, int device) {
-  const Grid grid = make_grid(p.batch, p.numel_per_sample, device);
-  return p.batch * grid.chunks * acc_size(p.dtype);
+int64_t objective_workspace_bytes(const ObjectiveProblem& p, int device) {
+  const Grid grid = make_grid(p.recon.batch, p.recon.numel_per_sample, device);
+  return p.recon.batch * grid.chunks * acc_size(p.recon.dtype);
 }
 
-int64_t gaussian_kl_workspace_bytes(const KlProblem& p, int device) {
-  const Grid grid = make_grid(p.batch, p.latent_dim, device);
-  return p.batch * grid.chunks * acc_size(p.dtype);
-}
-
-void recon_loss_forward(const ReconProblem& p, void* rec, void* workspace, void* stream) {
-  dispatch_recon<__half, __nv_bfloat16>(p, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
-    using T = typename decltype(x_tag)::type;
-    using TargetT = typename decltype(t_tag)::type;
-    using ScaleT = typename decltype(s_tag)::type;
-    constexpr int VEC = vec_width<T>();
-    const ReconTerm<decltype(l)::value, T, TargetT, ScaleT> term{
-        static_cast<const T*>(p.recon), static_cast<const TargetT*>(p.target),
-        static_cast<const ScaleT*>(p.log_scale)};
-    const bool vectorize = aligned<VEC>(p.batch, p.numel_per_sample,
-                                        {{p.recon, int(sizeof(T))},
-                                         {p.target, int(sizeof(TargetT))},
-                                         {p.log_scale, int(sizeof(ScaleT))}});
-    launch_sum<VEC>(term, vectorize, p.batch, p.numel_per_sample, static_cast<acc_t<T>*>(rec),
-                    workspace, static_cast<cudaStream_t>(stream));
+void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* kl, void* aux,
+                       void* workspace, void* stream_ptr) {
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const int64_t batch = p.objective.batch;
+  const Grid grid = make_grid(batch, p.recon.numel_per_sample, current_device());
+  if (batch > 0) {
+    dispatch_recon<__half, __nv_bfloat16>(p.recon, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
+      using T = typename decltype(x_tag)::type;
+      using TargetT = typename decltype(t_tag)::type;
+      using ScaleT = typename decltype(s_tag)::type;
+      using Acc = acc_t<T>;
+      constexpr int VEC = vec_width<T>();
+      const ReconTerm<decltype(l)::value, T, TargetT, ScaleT> term{
+          static_cast<const T*>(p.recon.recon), static_cast<const TargetT*>(p.recon.target),
+          static_cast<const ScaleT*>(p.recon.log_scale)};
+      const bool vectorize = aligned<VEC>(batch, p.recon.numel_per_sample,
+                                          {{p.recon.recon, int(sizeof(T))},
+                                           {p.recon.target, int(sizeof(TargetT))},
+                                           {p.recon.log_scale, int(sizeof(ScaleT))}});
+      const unsigned blocks = static_cast<unsigned>(batch * grid.chunks);
+      Acc* partial = static_cast<Acc*>(workspace);
+      if (vectorize) {
+        sum_chunks_kernel<VEC>
+            <<<blocks, kThreads, 0, stream>>>(term, p.recon.numel_per_sample, grid, partial);
+      } else {
+        sum_chunks_kernel<1>
+            <<<blocks, kThreads, 0, stream>>>(term, p.recon.numel_per_sample, grid, partial);
+      }
+    });
+  }
+  dispatch_acc(p.recon.dtype, [&](auto tag) {
+    using Acc = typename decltype(tag)::type;
+    const AuxLayout layout{batch, p.objective.j};
+    Acc* aux_acc = as_acc<Acc>(aux);
+    const bool free_bits = p.objective.free_bits > 0;
+    const int64_t kl_blocks = batch + (free_bits ? (p.objective.j + kThreads - 1) / kThreads : 0);
+    if (kl_blocks > 0) {
+      kl_forward_kernel<Acc><<<static_cast<unsigned>(kl_blocks), kThreads, 0, stream>>>(
+          p.kl, free_bits, as_acc<Acc>(kl), aux_acc + layout.kl(), aux_acc + layout.kl_dim_mean());
+    }
+    finalize_kernel<Acc><<<1, kThreads, 0, stream>>>(p, static_cast<const Acc*>(workspace),
+                                                     grid.chunks, as_acc<Acc>(loss),
+                                                     as_acc<Acc>(rec), as_acc<Acc>(kl), aux_acc);
   });
 }
 
-void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
-                         void* grad_log_scale, void* stream) {
-  dispatch_recon<__half, __nv_bfloat16>(p, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
+void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, const void* aux,
+                        const ObjectiveGrads& out, void* stream_ptr) {
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const Objective& o = p.objective;
+  const int device = current_device();
+  const Grid recon_grid = make_grid(o.batch, o.n, device);
+  const Grid kl_grid = make_grid(o.batch, o.j, device);
+  const int64_t recon_blocks = out.recon != nullptr && o.n > 0 ? o.batch * recon_grid.chunks : 0;
+  const int64_t kl_blocks = out.mu != nullptr && o.j > 0 ? o.batch * kl_grid.chunks : 0;
+  const int64_t blocks = recon_blocks + kl_blocks > 0 ? recon_blocks + kl_blocks : 1;
+  dispatch_recon<__half, __nv_bfloat16>(p.recon, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
     using T = typename decltype(x_tag)::type;
     using TargetT = typename decltype(t_tag)::type;
     using ScaleT = typename decltype(s_tag)::type;
+    constexpr auto L = decltype(l)::value;
     constexpr int VEC = vec_width<T>();
-    const ReconGrad<decltype(l)::value, T, TargetT, ScaleT> body{
-        static_cast<const T*>(p.recon),
-        static_cast<const TargetT*>(p.target),
-        static_cast<const ScaleT*>(p.log_scale),
-        static_cast<const acc_t<T>*>(grad_rec),
-        static_cast<T*>(grad_recon),
-        static_cast<ScaleT*>(grad_log_scale)};
-    const bool vectorize = aligned<VEC>(p.batch, p.numel_per_sample,
-                                        {{p.recon, int(sizeof(T))},
-                                         {p.target, int(sizeof(TargetT))},
-                                         {p.log_scale, int(sizeof(ScaleT))},
-                                         {grad_recon, int(sizeof(T))},
-                                         {grad_log_scale, int(sizeof(ScaleT))}});
-    launch_map<VEC>(body, vectorize, p.batch, p.numel_per_sample,
-                    static_cast<cudaStream_t>(stream));
+    const bool vectorize = aligned<VEC>(
+        o.batch, o.n,
+        {{p.recon.recon, int(sizeof(T))},
+         {p.recon.target, int(sizeof(TargetT))},
+         {p.recon.log_scale, int(sizeof(ScaleT))},
+         {out.recon, int(sizeof(T))},
+         {objective::uses_shared_scale(o) ? nullptr : out.log_scale, int(sizeof(ScaleT))}});
+    const auto* aux_acc = static_cast<const acc_t<T>*>(aux);
+    if (vectorize) {
+      objective_backward_kernel<VEC, L, T, TargetT, ScaleT>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+              p, grads, aux_acc, out, recon_grid, recon_blocks, kl_grid);
+    } else {
+      objective_backward_kernel<1, L, T, TargetT, ScaleT>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+              p, grads, aux_acc, out, recon_grid, recon_blocks, kl_grid);
+    }
   });
 }
 
-void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl, void* workspace,
-                         void* stream) {
+void gaussian_kl_per_dim(const KlProblem& p, void* kl, void* stream) {
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = acc_t<T>;
     constexpr int VEC = vec_width<T>();
     const T* mu = static_cast<const T*>(p.mu);
     const T* lv = static_cast<const T*>(p.logvar);
-    const auto s = static_cast<cudaStream_t>(stream);
-    if (per_dim) {
-      const bool vectorize =
-          aligned<VEC>(p.batch, p.latent_dim,
-                       {{mu, int(sizeof(T))}, {lv, int(sizeof(T))}, {kl, int(sizeof(Acc))}});
-      launch_map<VEC>(KlPerDim<T>{mu, lv, static_cast<Acc*>(kl)}, vectorize, p.batch, p.latent_dim,
-                      s);
-    } else {
-      const bool vectorize =
-          aligned<VEC>(p.batch, p.latent_dim, {{mu, int(sizeof(T))}, {lv, int(sizeof(T))}});
-      launch_sum<VEC>(KlTerm<T>{mu, lv}, vectorize, p.batch, p.latent_dim, static_cast<Acc*>(kl),
-                      workspace, s);
-    }
+    const bool vectorize =
+        aligned<VEC>(p.batch, p.latent_dim,
+                     {{mu, int(sizeof(T))}, {lv, int(sizeof(T))}, {kl, int(sizeof(Acc))}});
+    launch_map<VEC>(KlPerDim<T>{mu, lv, static_cast<Acc*>(kl)}, vectorize, p.batch, p.latent_dim,
+                    static_cast<cudaStream_t>(stream));
   });
 }
 
-void gaussian_kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
+void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
                           void* grad_logvar, void* stream) {
-  dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    using Acc = acc_t<T>;
-    constexpr int VEC = vec_width<T>();
-    const KlGrad<T> body{static_cast<const T*>(p.mu),   static_cast<const T*>(p.logvar),
-                         static_cast<const Acc*>(grad), per_dim,
-                         static_cast<T*>(grad_mu),      static_cast<T*>(grad_logvar)};
-    const bool vectorize = aligned<VEC>(p.batch, p.latent_dim,
-                                        {{p.mu, int(sizeof(T))},
-                                         {p.logvar, int(sizeof(T))},
-                                         {per_dim ? grad : nullptr, int(sizeof(Acc))},
-                                         {grad_mu, int(sizeof(T))},
-                                         {grad_logvar, int(sizeof(T))}});
-    launch_map<VEC>(body, vectorize, p.batch, p.latent_dim, static_cast<cudaStream_t>(stream));
+  const int64_t numel = p.batch * p.latent_dim;
+  if (numel == 0) return;
+  dispatch_acc(p.dtype, [&](auto tag) {
+    using Acc = typename decltype(tag)::type;
+    kl_backward_kernel<Acc>
+        <<<elementwise_blocks(numel), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+            p, coef, grad_mu, grad_logvar);
   });
 }
 

@@ -25,26 +25,24 @@ void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 
 class CudaBackend final : public Backend {
  public:
-  void recon_forward(const ReconProblem& p, void* rec) const override {
-    at::Tensor scratch =
-        workspace(cuda::recon_loss_workspace_bytes(p, c10::cuda::current_device()));
-    cuda::recon_loss_forward(p, rec, scratch.data_ptr(), stream());
+  void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* kl,
+                         void* aux) const override {
+    at::Tensor scratch = workspace(cuda::objective_workspace_bytes(p, c10::cuda::current_device()));
+    cuda::objective_forward(p, loss, rec, kl, aux, scratch.data_ptr(), stream());
     check_launch();
   }
-  void recon_backward(const ReconProblem& p, const void* grad_rec, void* grad_recon,
-                      void* grad_log_scale) const override {
-    cuda::recon_loss_backward(p, grad_rec, grad_recon, grad_log_scale, stream());
+  void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, const void* aux,
+                          const ObjectiveGrads& out) const override {
+    cuda::objective_backward(p, grads, aux, out, stream());
     check_launch();
   }
-  void kl_forward(const KlProblem& p, bool per_dim, void* kl) const override {
-    at::Tensor scratch =
-        workspace(per_dim ? 0 : cuda::gaussian_kl_workspace_bytes(p, c10::cuda::current_device()));
-    cuda::gaussian_kl_forward(p, per_dim, kl, scratch.data_ptr(), stream());
+  void kl_per_dim(const KlProblem& p, void* kl) const override {
+    cuda::gaussian_kl_per_dim(p, kl, stream());
     check_launch();
   }
-  void kl_backward(const KlProblem& p, bool per_dim, const void* grad, void* grad_mu,
+  void kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
                    void* grad_logvar) const override {
-    cuda::gaussian_kl_backward(p, per_dim, grad, grad_mu, grad_logvar, stream());
+    cuda::gaussian_kl_backward(p, coef, grad_mu, grad_logvar, stream());
     check_launch();
   }
   void cb_forward(const CbProblem& p, void* out) const override {

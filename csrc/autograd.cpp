@@ -1,0 +1,316 @@
+// Autograd for the fusedvae ops, as C++ torch::autograd::Function nodes at the
+// Autograd key (the way torchvision's ops do it): each forward op records one
+// node whose backward calls the matching fused backward op once, with whatever
+// subset of output gradients arrived. The backward ops compute first
+// derivatives only; differentiating them is an error, never a silent zero.
+//
+// The forward redispatches below autograd, so the device kernels and the fake
+// kernels (fusedvae/_ops.py) see plain tensors: torch.compile traces the op as
+// one node, and torch.library.opcheck checks it. Forward-mode AD (jvp,
+// torch.autograd.forward_ad) has no formula here and raises; torch.func's
+// reverse-mode transforms (grad, vjp, jacrev) refuse C++ autograd Functions
+// with PyTorch's own error.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <string>
+#include <unordered_map>
+
+namespace fusedvae {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr const char* kSecondOrderMessage =
+    "fusedvae: second-order gradients (double backward, hessian, jvp of a gradient) through "
+    "fusedvae::{} are not supported: the fused kernels compute first derivatives only. "
+    "Differentiate fusedvae.reference.vae_loss instead where higher-order gradients are needed.";
+
+std::string second_order_message(const char* name) {
+  std::string message = kSecondOrderMessage;
+  message.replace(message.find("{}"), 2, name);
+  return message;
+}
+
+bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
+bool requires_grad(const OptTensor& t) { return t.has_value() && requires_grad(*t); }
+
+OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// A forward-mode tangent (torch.autograd.forward_ad, torch.func.jvp/jacfwd)
+// has no formula here; without this check it would be dropped, a silent zero.
+bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+bool has_tangent(const OptTensor& t) { return t.has_value() && has_tangent(*t); }
+
+template <typename... Ts>
+void refuse_tangents(const char* op, const Ts&... tensors) {
+  TORCH_CHECK(
+      !(has_tangent(tensors) || ...), "fusedvae: forward-mode derivatives (torch.func.jvp, ",
+      "jacfwd, torch.autograd.forward_ad) through fusedvae::", op,
+      " are not supported: the fused kernels have reverse-mode derivatives only. Use ",
+      "fusedvae.reference (the same objective in plain PyTorch) where tangents are needed.");
+}
+
+// ------------------------------------------------------------------ vae_loss --
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using VaeLossOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+    c10::string_view, bool, c10::string_view, double, bool, double, double);
+using VaeLossBackwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
+    c10::string_view, bool, c10::string_view, double, bool, double, double, std::array<bool, 4>);
+
+const c10::TypedOperatorHandle<VaeLossOp>& vae_loss_op() {
+  static const auto op = find_op<VaeLossOp>("fusedvae::vae_loss");
+  return op;
+}
+
+const c10::TypedOperatorHandle<VaeLossBackwardOp>& vae_loss_backward_op() {
+  static const auto op = find_op<VaeLossBackwardOp>("fusedvae::vae_loss_backward");
+  return op;
+}
+
+// The non-tensor arguments of vae_loss, kept for the backward.
+struct VaeLossOptions {
+  std::string likelihood;
+  bool logits;
+  std::string reduction;
+  double log_scale_value;
+  bool optimal_scale;
+  double beta_value;
+  double free_bits;
+};
+
+class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& target,
+                               const Tensor& mu, const Tensor& logvar, const OptTensor& log_scale,
+                               const OptTensor& beta, const VaeLossOptions& o) {
+    Tensor loss, rec, kl, aux;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(loss, rec, kl, aux) = vae_loss_op().call(
+          recon, target, mu, logvar, log_scale, beta, o.likelihood, o.logits, o.reduction,
+          o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits);
+    }
+    ctx->save_for_backward(
+        {recon, target, mu, logvar, log_scale.value_or(Tensor()), beta.value_or(Tensor()), aux});
+    ctx->saved_data["likelihood"] = o.likelihood;
+    ctx->saved_data["logits"] = o.logits;
+    ctx->saved_data["reduction"] = o.reduction;
+    ctx->saved_data["log_scale_value"] = o.log_scale_value;
+    ctx->saved_data["optimal_scale"] = o.optimal_scale;
+    ctx->saved_data["beta_value"] = o.beta_value;
+    ctx->saved_data["free_bits"] = o.free_bits;
+    ctx->mark_non_differentiable({aux});
+    ctx->set_materialize_grads(false);
+    return {loss, rec, kl, aux};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!ctx->needs_input_grad(1),
+                "fusedvae: the loss has no gradient with respect to target");
+    const variable_list saved = ctx->get_saved_variables();
+    // The node's inputs are the tensors given: log_scale and beta only when present.
+    const bool has_scale = saved[4].defined();
+    const bool has_beta = saved[5].defined();
+    const bool scale_grad = has_scale && ctx->needs_input_grad(4);
+    const bool beta_grad = has_beta && ctx->needs_input_grad(has_scale ? 5 : 4);
+    const std::array<bool, 4> mask = {ctx->needs_input_grad(0),
+                                      ctx->needs_input_grad(2) || ctx->needs_input_grad(3),
+                                      scale_grad, beta_grad};
+    variable_list result(7);
+    const bool any_grad = grads[0].defined() || grads[1].defined() || grads[2].defined();
+    if (!any_grad || !(mask[0] || mask[1] || mask[2] || mask[3])) return result;
+    auto& d = ctx->saved_data;
+    const VaeLossOptions o{d["likelihood"].toStringRef(), d["logits"].toBool(),
+                           d["reduction"].toStringRef(),  d["log_scale_value"].toDouble(),
+                           d["optimal_scale"].toBool(),   d["beta_value"].toDouble(),
+                           d["free_bits"].toDouble()};
+    auto [grad_recon, grad_mu, grad_logvar, grad_scale, grad_beta] = vae_loss_backward_op().call(
+        optional(grads[0]), optional(grads[1]), optional(grads[2]), saved[0], saved[1], saved[2],
+        saved[3], optional(saved[4]), optional(saved[5]), saved[6], o.likelihood, o.logits,
+        o.reduction, o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits, mask);
+    if (mask[0]) result[0] = grad_recon;
+    if (ctx->needs_input_grad(2)) result[2] = grad_mu;
+    if (ctx->needs_input_grad(3)) result[3] = grad_logvar;
+    if (mask[2]) result[4] = grad_scale;
+    if (mask[3]) result[5] = grad_beta;
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_autograd(
+    const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar,
+    const OptTensor& log_scale, const OptTensor& beta, c10::string_view likelihood, bool logits,
+    c10::string_view reduction, double log_scale_value, bool optimal_scale, double beta_value,
+    double free_bits) {
+  refuse_tangents("vae_loss", recon, target, mu, logvar, log_scale, beta);
+  const bool record = at::GradMode::is_enabled() &&
+                      (requires_grad(recon) || requires_grad(mu) || requires_grad(logvar) ||
+                       requires_grad(log_scale) || requires_grad(beta));
+  if (!record) {  // no_grad, inference_mode, or nothing to differentiate: nothing is saved
+    at::AutoDispatchBelowADInplaceOrView below;
+    return vae_loss_op().call(recon, target, mu, logvar, log_scale, beta, likelihood, logits,
+                              reduction, log_scale_value, optimal_scale, beta_value, free_bits);
+  }
+  const VaeLossOptions options{std::string(likelihood),
+                               logits,
+                               std::string(reduction),
+                               log_scale_value,
+                               optimal_scale,
+                               beta_value,
+                               free_bits};
+  const variable_list out =
+      VaeLossFunction::apply(recon, target, mu, logvar, log_scale, beta, options);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+// ------------------------------------------------------- elementwise helpers --
+
+using UnaryOp = Tensor(const Tensor&);
+using PairOp = Tensor(const Tensor&, const Tensor&);
+using PairToPairOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&);
+
+class GaussianKlPerDimFunction : public torch::autograd::Function<GaussianKlPerDimFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({mu, logvar});
+    static const auto op = find_op<PairOp>("fusedvae::gaussian_kl_per_dim");
+    return {op.call(mu, logvar)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    static const auto op = find_op<PairToPairOp>("fusedvae::gaussian_kl_per_dim_backward");
+    auto [grad_mu, grad_logvar] = op.call(grads[0], saved[0], saved[1]);
+    return {grad_mu, grad_logvar};
+  }
+};
+
+Tensor gaussian_kl_per_dim_autograd(const Tensor& mu, const Tensor& logvar) {
+  refuse_tangents("gaussian_kl_per_dim", mu, logvar);
+  return GaussianKlPerDimFunction::apply(mu, logvar)[0];
+}
+
+class CbLogNormalizerFunction : public torch::autograd::Function<CbLogNormalizerFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({logits});
+    static const auto op = find_op<UnaryOp>("fusedvae::cb_log_normalizer");
+    return {op.call(logits)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    static const auto op = find_op<PairOp>("fusedvae::cb_log_normalizer_backward");
+    return {op.call(grads[0], saved[0])};
+  }
+};
+
+Tensor cb_log_normalizer_autograd(const Tensor& logits) {
+  refuse_tangents("cb_log_normalizer", logits);
+  return CbLogNormalizerFunction::apply(logits)[0];
+}
+
+// ------------------------------------------------------------ backward ops --
+// The outputs of a fused backward op carry a node that refuses to be
+// differentiated: create_graph=True still works as long as nothing
+// differentiates through a fused backward.
+
+struct Computed {
+  variable_list outputs;
+};
+
+class SecondOrderError : public torch::autograd::Function<SecondOrderError> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList /*inputs*/,
+                               const Computed& computed, const char* name) {
+    ctx->saved_data["name"] = std::string(name);
+    return computed.outputs;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list) {
+    TORCH_CHECK(false, second_order_message(ctx->saved_data["name"].toStringRef().c_str()));
+  }
+};
+
+variable_list refuse_second_order(const char* name, const variable_list& inputs,
+                                  variable_list outputs) {
+  if (!at::GradMode::is_enabled()) return outputs;
+  variable_list differentiable;
+  for (const Tensor& t : inputs) {
+    if (requires_grad(t)) differentiable.push_back(t);
+  }
+  if (differentiable.empty()) return outputs;
+  return SecondOrderError::apply(at::TensorList(differentiable), Computed{std::move(outputs)},
+                                 name);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward_autograd(
+    const OptTensor& grad_loss, const OptTensor& grad_rec, const OptTensor& grad_kl,
+    const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar,
+    const OptTensor& log_scale, const OptTensor& beta, const Tensor& aux,
+    c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
+    bool optimal_scale, double beta_value, double free_bits, std::array<bool, 4> output_mask) {
+  Tensor a, b, c, d, e;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(a, b, c, d, e) = vae_loss_backward_op().call(
+        grad_loss, grad_rec, grad_kl, recon, target, mu, logvar, log_scale, beta, aux, likelihood,
+        logits, reduction, log_scale_value, optimal_scale, beta_value, free_bits, output_mask);
+  }
+  const variable_list out = refuse_second_order(
+      "vae_loss_backward",
+      {grad_loss.value_or(Tensor()), grad_rec.value_or(Tensor()), grad_kl.value_or(Tensor()), recon,
+       mu, logvar, log_scale.value_or(Tensor()), beta.value_or(Tensor())},
+      {a, b, c, d, e});
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+std::tuple<Tensor, Tensor> gaussian_kl_per_dim_backward_autograd(const Tensor& grad,
+                                                                 const Tensor& mu,
+                                                                 const Tensor& logvar) {
+  Tensor a, b;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static const auto op = find_op<PairToPairOp>("fusedvae::gaussian_kl_per_dim_backward");
+    std::tie(a, b) = op.call(grad, mu, logvar);
+  }
+  const variable_list out =
+      refuse_second_order("gaussian_kl_per_dim_backward", {grad, mu, logvar}, {a, b});
+  return {out[0], out[1]};
+}
+
+Tensor cb_log_normalizer_backward_autograd(const Tensor& grad, const Tensor& logits) {
+  Tensor a;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static const auto op = find_op<PairOp>("fusedvae::cb_log_normalizer_backward");
+    a = op.call(grad, logits);
+  }
+  return refuse_second_order("cb_log_normalizer_backward", {grad, logits}, {a})[0];
+}
+
+}  // namespace
+}  // namespace fusedvae
+
+TORCH_LIBRARY_IMPL(fusedvae, Autograd, m) {
+  using namespace fusedvae;
+  m.impl("vae_loss", &vae_loss_autograd);
+  m.impl("vae_loss_backward", &vae_loss_backward_autograd);
+  m.impl("gaussian_kl_per_dim", &gaussian_kl_per_dim_autograd);
+  m.impl("gaussian_kl_per_dim_backward", &gaussian_kl_per_dim_backward_autograd);
+  m.impl("cb_log_normalizer", &cb_log_normalizer_autograd);
+  m.impl("cb_log_normalizer_backward", &cb_log_normalizer_backward_autograd);
+}

@@ -1,0 +1,176 @@
+// The objective on the CPU: the per-element kernels of the selected build
+// (kernels()) for the per-sample sums and the gradients, and objective.h's
+// formulas over the [batch]- and [latent]-sized vectors in between, as plain
+// loops on the calling thread (no torch operator, no allocation by torch).
+#include <cmath>
+#include <vector>
+
+#include "../kernels.h"
+
+namespace fusedvae {
+namespace cpu {
+namespace {
+
+using namespace objective;
+
+template <typename Acc>
+Acc beta_of(const ObjectiveProblem& p) {
+  return p.beta != nullptr ? *static_cast<const Acc*>(p.beta) : Acc(p.objective.beta_value);
+}
+
+template <typename Acc>
+void forward(const ObjectiveProblem& p, Acc* loss, Acc* rec, Acc* kl, Acc* aux) {
+  const Objective& o = p.objective;
+  const int64_t batch = o.batch;
+  const AuxLayout layout{batch, o.j};
+  for (int64_t k = 0; k < layout.size(); ++k) aux[k] = Acc(0);
+
+  kernels().recon_loss_forward(p.recon, rec);
+  const bool free_bits = o.free_bits > 0;
+  if (free_bits) {
+    // kl[b] and m[j] from the per-dimension terms, each summed in index order.
+    std::vector<Acc> per_dim(static_cast<size_t>(batch * o.j));
+    kernels().gaussian_kl_forward(p.kl, /*per_dim=*/true, per_dim.data());
+    Acc* mean = aux + layout.kl_dim_mean();
+    for (int64_t b = 0; b < batch; ++b) {
+      double sum = 0;
+      for (int64_t j = 0; j < o.j; ++j) {
+        sum += per_dim[b * o.j + j];
+        mean[j] += per_dim[b * o.j + j];
+      }
+      kl[b] = static_cast<Acc>(sum);
+    }
+    Acc total = 0;
+    for (int64_t j = 0; j < o.j; ++j) {
+      mean[j] /= Acc(batch);
+      total += free_bits_clamp(mean[j], Acc(o.free_bits));
+    }
+    aux[AuxLayout::kFreeBitsTerm] = total;
+  } else {
+    kernels().gaussian_kl_forward(p.kl, /*per_dim=*/false, kl);
+  }
+  for (int64_t b = 0; b < batch; ++b) aux[layout.kl() + b] = kl[b];
+
+  if (uses_shared_scale(o)) {
+    Acc s = 0;
+    if (o.scale == ScaleKind::kValue) {
+      s = Acc(o.log_scale_value);
+    } else if (o.scale == ScaleKind::kTensor) {
+      s = *static_cast<const Acc*>(p.log_scale_scalar);
+    } else {
+      Acc total = 0;
+      for (int64_t b = 0; b < batch; ++b) total += rec[b];
+      s = optimal_log_scale(total / (Acc(batch) * Acc(o.n)));
+    }
+    aux[AuxLayout::kLogScale] = s;
+    for (int64_t b = 0; b < batch; ++b) {
+      aux[layout.sse() + b] = rec[b];
+      rec[b] = gaussian_rec_from_sse(rec[b], s, o.n);
+    }
+  }
+
+  const Acc beta = beta_of<Acc>(p);
+  Acc total = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const Acc kl_term = free_bits ? aux[AuxLayout::kFreeBitsTerm] : kl[b];
+    const Acc value = sample_loss(o, rec[b], kl_term, beta);
+    if (o.reduction == Reduction::kNone) {
+      loss[b] = value;
+    } else {
+      total += value;
+    }
+  }
+  if (o.reduction == Reduction::kSum) loss[0] = total;
+  if (o.reduction == Reduction::kBatchMean || o.reduction == Reduction::kMean) {
+    loss[0] = total / Acc(batch);
+  }
+}
+
+template <typename Acc>
+void backward(const ObjectiveProblem& p, const OutputGrads& g, const Acc* aux,
+              const ObjectiveGrads& out) {
+  const Objective& o = p.objective;
+  const int64_t batch = o.batch;
+  const AuxLayout layout{batch, o.j};
+  const Acc* grad_loss = static_cast<const Acc*>(g.loss);
+  const Acc beta = beta_of<Acc>(p);
+  const bool free_bits = o.free_bits > 0;
+
+  // Per-sample coefficients of ∂rec_b and ∂kl_b, and the scalar gradients.
+  std::vector<Acc> rec_coef(static_cast<size_t>(batch)), kl_coef(static_cast<size_t>(batch));
+  Acc weight_sum = 0, grad_beta = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const Acc w = sample_weight(o, grad_loss, g.loss_stride, b);
+    weight_sum += w;
+    rec_coef[b] =
+        w * rec_weight<Acc>(o) + per_sample_grad(static_cast<const Acc*>(g.rec), g.rec_stride, b);
+    const Acc kl_term = free_bits ? aux[AuxLayout::kFreeBitsTerm] : aux[layout.kl() + b];
+    grad_beta += w * kl_weight<Acc>(o) * kl_term;
+    kl_coef[b] = (free_bits ? Acc(0) : w * beta * kl_weight<Acc>(o)) +
+                 per_sample_grad(static_cast<const Acc*>(g.kl), g.kl_stride, b);
+  }
+  if (out.beta != nullptr) *static_cast<Acc*>(out.beta) = grad_beta;
+
+  if (uses_shared_scale(o)) {
+    // ∂rec_b/∂s = N - SSE_b·e^{-2s}; ∂rec_b/∂x = e^{-2s}·(x - t), plus for
+    // "optimal" the path through s: ∂s/∂MSE · 2(x - t)/(B·N).
+    const Acc s = aux[AuxLayout::kLogScale];
+    const Acc inv_var = std::exp(Acc(-2) * s);
+    Acc grad_s = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+      grad_s += rec_coef[b] * (Acc(o.n) - aux[layout.sse() + b] * inv_var);
+    }
+    if (out.log_scale != nullptr) *static_cast<Acc*>(out.log_scale) = grad_s;
+    Acc through_scale = 0;
+    if (o.scale == ScaleKind::kOptimal) {
+      Acc sse = 0;
+      for (int64_t b = 0; b < batch; ++b) sse += aux[layout.sse() + b];
+      const Acc bn = Acc(batch) * Acc(o.n);
+      through_scale = grad_s * optimal_log_scale_grad(sse / bn) * Acc(2) / bn;
+    }
+    // The squared-error kernel's derivative is 2(x - t).
+    for (int64_t b = 0; b < batch; ++b) {
+      rec_coef[b] = Acc(0.5) * (rec_coef[b] * inv_var + through_scale);
+    }
+  }
+  if (out.recon != nullptr) {
+    kernels().recon_loss_backward(p.recon, rec_coef.data(), out.recon,
+                                  uses_shared_scale(o) ? nullptr : out.log_scale);
+  }
+  if (out.mu != nullptr) {
+    std::vector<Acc> dim_coef;
+    if (free_bits) {
+      const Acc scale = weight_sum * beta * kl_weight<Acc>(o) / Acc(batch);
+      dim_coef.resize(static_cast<size_t>(o.j));
+      for (int64_t j = 0; j < o.j; ++j) {
+        dim_coef[j] = scale * free_bits_pass(aux[layout.kl_dim_mean() + j], Acc(o.free_bits));
+      }
+    }
+    const KlCoefficients coef{nullptr, kl_coef.data(), free_bits ? dim_coef.data() : nullptr};
+    kernels().gaussian_kl_backward(p.kl, coef, out.mu, out.logvar);
+  }
+}
+
+}  // namespace
+
+void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* kl, void* aux) {
+  if (p.recon.dtype == DType::kFloat64) {
+    forward<double>(p, static_cast<double*>(loss), static_cast<double*>(rec),
+                    static_cast<double*>(kl), static_cast<double*>(aux));
+  } else {
+    forward<float>(p, static_cast<float*>(loss), static_cast<float*>(rec), static_cast<float*>(kl),
+                   static_cast<float*>(aux));
+  }
+}
+
+void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, const void* aux,
+                        const ObjectiveGrads& out) {
+  if (p.recon.dtype == DType::kFloat64) {
+    backward<double>(p, grads, static_cast<const double*>(aux), out);
+  } else {
+    backward<float>(p, grads, static_cast<const float*>(aux), out);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fusedvae

@@ -1,0 +1,163 @@
+// The objective on per-sample vectors, shared by the CPU and CUDA backends:
+// how the per-sample sums of the reconstruction loss and of the KL become
+// (loss, rec, kl), and how the gradients of those outputs become the
+// per-sample (and, with free bits, per-dimension) coefficients that the
+// backward map kernels multiply the per-element derivatives by.
+//
+// With rec_b the reconstruction NLL and kl_b the KL of sample b (N data and J
+// latent elements per sample), β the KL weight and λ the free bits:
+//   kl_term_b = kl_b, or with λ > 0 the same K = Σ_j max(λ, mean_b kl_bj) for
+//               every sample (Kingma et al. 2016, "Improved variational
+//               inference with inverse autoregressive flow", eq. 15);
+//   loss_b    = rec_b + β·kl_term_b, or for reduction "mean" rec_b/N + β·kl_term_b/J;
+//   loss      = loss_b ("none"), Σ_b loss_b ("sum"), or mean_b loss_b.
+// A Gaussian with one σ = exp(s) for the whole batch is computed from the
+// per-sample squared error SSE_b: rec_b = SSE_b·e^{-2s}/2 + N·(s + log(2π)/2);
+// for "optimal", σ² is the batch MSE with s softly clipped below (σ-VAE,
+// Rybkin et al. 2021, "Simple and effective VAE training with calibrated
+// decoders").
+#pragma once
+
+#include <cstdint>
+
+#include "vae_math.h"
+
+namespace fusedvae {
+
+enum class Reduction : int { kBatchMean = 0, kSum = 1, kMean = 2, kNone = 3 };
+
+// How a Gaussian's scale is given when it is one number for the whole batch.
+enum class ScaleKind : int {
+  kNone = 0,     // no shared scale: not a Gaussian, or a per-element log_scale
+  kValue = 1,    // log σ, a number known on the host
+  kTensor = 2,   // log σ, a 0-d tensor (learnable), read where the kernels run
+  kOptimal = 3,  // σ² = the batch's mean squared error
+};
+
+// Lower soft clip on log σ for ScaleKind::kOptimal: s = s_min + softplus(log(MSE)/2 - s_min).
+constexpr double kOptimalLogScaleMin = -6.0;
+// torch.nn.functional.softplus's default threshold, above which softplus(u) = u.
+constexpr double kSoftplusThreshold = 20.0;
+
+// The scalars that turn per-sample sums into the objective.
+struct Objective {
+  int64_t batch;  // B
+  int64_t n;      // data elements per sample
+  int64_t j;      // latent elements per sample
+  Reduction reduction;
+  ScaleKind scale;
+  double log_scale_value;  // ScaleKind::kValue
+  double beta_value;       // β where no β tensor is given
+  double free_bits;        // λ, nats per latent dimension; 0 for none
+};
+
+// The saved statistics of a forward (the op's fourth output, "aux"), in the
+// accumulation type: [s, K, SSE_0..SSE_{B-1}, kl_0..kl_{B-1}, m_0..m_{J-1}],
+// with s the log σ used (0 where there is none), K the free-bits KL term (0
+// without free bits), SSE_b the per-sample squared error of a shared-scale
+// Gaussian (0 otherwise), kl_b the per-sample KL and m_j = mean_b kl_bj (0
+// without free bits).
+struct AuxLayout {
+  int64_t batch, j;
+  static constexpr int64_t kLogScale = 0;
+  static constexpr int64_t kFreeBitsTerm = 1;
+  FUSEDVAE_HD int64_t sse() const { return 2; }
+  FUSEDVAE_HD int64_t kl() const { return 2 + batch; }
+  FUSEDVAE_HD int64_t kl_dim_mean() const { return 2 + 2 * batch; }
+  FUSEDVAE_HD int64_t size() const { return 2 + 2 * batch + j; }
+};
+
+namespace objective {
+
+FUSEDVAE_HD bool uses_shared_scale(const Objective& o) { return o.scale != ScaleKind::kNone; }
+
+// torch.nn.functional.softplus and its derivative, threshold included.
+template <typename Acc>
+FUSEDVAE_HD Acc softplus(Acc u) {
+  using O = math::ScalarOps<Acc>;
+  return u > Acc(kSoftplusThreshold) ? u : O::log1p(O::exp(u));
+}
+template <typename Acc>
+FUSEDVAE_HD Acc softplus_grad(Acc u) {
+  using O = math::ScalarOps<Acc>;
+  if (u > Acc(kSoftplusThreshold)) return Acc(1);
+  const Acc z = O::exp(u);
+  return z / (z + Acc(1));
+}
+
+// log σ* = s_min + softplus(log(mse)/2 - s_min), and d log σ* / d mse.
+template <typename Acc>
+FUSEDVAE_HD Acc optimal_log_scale(Acc mse) {
+  using O = math::ScalarOps<Acc>;
+  const Acc s_min = Acc(kOptimalLogScaleMin);
+  return s_min + softplus(Acc(0.5) * O::log(mse) - s_min);
+}
+template <typename Acc>
+FUSEDVAE_HD Acc optimal_log_scale_grad(Acc mse) {
+  using O = math::ScalarOps<Acc>;
+  const Acc s_min = Acc(kOptimalLogScaleMin);
+  return softplus_grad(Acc(0.5) * O::log(mse) - s_min) * Acc(0.5) / mse;
+}
+
+// rec_b of a shared-scale Gaussian from its squared error.
+template <typename Acc>
+FUSEDVAE_HD Acc gaussian_rec_from_sse(Acc sse, Acc s, int64_t n) {
+  using O = math::ScalarOps<Acc>;
+  return Acc(0.5) * sse * O::exp(Acc(-2) * s) + Acc(n) * (s + Acc(math::kHalfLog2Pi));
+}
+
+// max(λ, m), NaN kept (torch.clamp(m, min=λ)).
+template <typename Acc>
+FUSEDVAE_HD Acc free_bits_clamp(Acc m, Acc lambda) {
+  return m < lambda ? lambda : m;
+}
+// Its derivative, where torch.clamp passes the gradient: m >= λ.
+template <typename Acc>
+FUSEDVAE_HD Acc free_bits_pass(Acc m, Acc lambda) {
+  return m >= lambda ? Acc(1) : Acc(0);
+}
+
+// The weights of rec_b and kl_term_b in loss_b.
+template <typename Acc>
+FUSEDVAE_HD Acc rec_weight(const Objective& o) {
+  return o.reduction == Reduction::kMean ? Acc(1) / Acc(o.n) : Acc(1);
+}
+template <typename Acc>
+FUSEDVAE_HD Acc kl_weight(const Objective& o) {
+  return o.reduction == Reduction::kMean ? Acc(1) / Acc(o.j) : Acc(1);
+}
+
+template <typename Acc>
+FUSEDVAE_HD Acc sample_loss(const Objective& o, Acc rec, Acc kl_term, Acc beta) {
+  return rec * rec_weight<Acc>(o) + beta * (kl_term * kl_weight<Acc>(o));
+}
+
+// d loss / d loss_b, given the gradient of the loss output: per sample for
+// "none" (element b at stride `stride`), else one number.
+template <typename Acc>
+FUSEDVAE_HD Acc sample_weight(const Objective& o, const Acc* grad_loss, int64_t stride, int64_t b) {
+  if (grad_loss == nullptr) return Acc(0);
+  if (o.reduction == Reduction::kNone) return grad_loss[b * stride];
+  if (o.reduction == Reduction::kSum) return grad_loss[0];
+  return grad_loss[0] / Acc(o.batch);
+}
+
+// A [B] upstream gradient (of rec or kl) at sample b; 0 where none arrived.
+template <typename Acc>
+FUSEDVAE_HD Acc per_sample_grad(const Acc* grad, int64_t stride, int64_t b) {
+  return grad == nullptr ? Acc(0) : grad[b * stride];
+}
+
+}  // namespace objective
+
+// The upstream gradients of (loss, rec, kl), each null where none arrived, and
+// each with the stride of its [B] vector (0 where it is expanded from one
+// number; grad_loss's is ignored unless the reduction is "none").
+struct OutputGrads {
+  const void* loss;
+  const void* rec;
+  const void* kl;
+  int64_t loss_stride, rec_stride, kl_stride;
+};
+
+}  // namespace fusedvae
