@@ -109,6 +109,21 @@ fusedvae.vae_loss(xb, t.float() / 255, mu, mu.detach()).loss.backward()
 fusedvae.vae_loss(xb, t > 127, mu, mu.detach(), likelihood="cbernoulli").loss.backward()
 s = torch.zeros(3, 3, 17, 19, device="cuda", requires_grad=True)
 fusedvae.vae_loss(xb, t.half(), mu, mu.detach(), likelihood="gaussian", log_scale=s).loss.backward()
+# the objective'"'"'s [B]-sized stages: every scale form, beta tensors, free bits on a
+# spatial 16-bit latent, each output alone, and a batch wider than a block
+s0 = torch.zeros((), device="cuda", requires_grad=True)
+beta = torch.tensor(0.5, device="cuda", requires_grad=True)
+ml = torch.randn(3, 4, 5, 6, device="cuda", dtype=torch.half, requires_grad=True)
+for scale in ("optimal", s0, -0.3):
+    out = fusedvae.vae_loss(x, t, ml, ml.detach(), likelihood="gaussian", log_scale=scale, beta=beta,
+                            free_bits=0.2, reduction="none")
+    for o in out:
+        o.sum().backward(retain_graph=True)
+wide = torch.randn(300, 2, 3, device="cuda", requires_grad=True)
+mw = torch.randn(300, 700, device="cuda", requires_grad=True)
+for reduction in ("batchmean", "sum", "mean", "none"):
+    fusedvae.vae_loss(wide, torch.rand(300, 2, 3, device="cuda"), mw, mw.detach(), free_bits=0.1,
+                      reduction=reduction, likelihood="gaussian", log_scale="optimal").loss.sum().backward()
 torch.cuda.synchronize()
 print("ok")
 '
