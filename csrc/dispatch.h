@@ -37,26 +37,6 @@ void dispatch_dtype(DType dtype, F&& f) {
   }
 }
 
-// Calls f(std::integral_constant<Likelihood, L>) for the runtime likelihood.
-template <typename F>
-void dispatch_likelihood(math::Likelihood l, F&& f) {
-  using L = math::Likelihood;
-  switch (l) {
-    case L::kBernoulliLogits:
-      return f(std::integral_constant<L, L::kBernoulliLogits>{});
-    case L::kBernoulliProbs:
-      return f(std::integral_constant<L, L::kBernoulliProbs>{});
-    case L::kContinuousBernoulliLogits:
-      return f(std::integral_constant<L, L::kContinuousBernoulliLogits>{});
-    case L::kContinuousBernoulliProbs:
-      return f(std::integral_constant<L, L::kContinuousBernoulliProbs>{});
-    case L::kSquaredError:
-      return f(std::integral_constant<L, L::kSquaredError>{});
-    case L::kGaussian:
-      return f(std::integral_constant<L, L::kGaussian>{});
-  }
-}
-
 // Calls f(TypeTag<TargetT>) for a target of `dtype` beside a recon of type T
 // (the combinations of ReconProblem's comment; others cannot reach here).
 template <typename T, typename HalfT, typename BFloat16T, typename F>
@@ -83,23 +63,41 @@ void dispatch_target(DType dtype, F&& f) {
   }
 }
 
-// Calls f(likelihood constant, TypeTag<T>, TypeTag<TargetT>, TypeTag<ScaleT>)
-// for a problem: T the type of recon, TargetT that of target, ScaleT that of
-// log_scale for the heteroscedastic Gaussian (T's or float; T for the others,
-// which have none).
+// Calls f(TypeTag<Term>, TypeTag<T>, TypeTag<TargetT>, TypeTag<ScaleT>) for a
+// problem: Term the per-element term's traits (math::Likelihoods' entry, or
+// math::ResidualOf it where one scale serves the batch), T the type of recon,
+// TargetT that of target, ScaleT that of a per-element log_scale (T's or float;
+// T where there is none).
+// dispatch_recon's visitor of the likelihood table for a recon of type T (a
+// class with T a template parameter: nvcc mis-resolves a type alias taken from
+// an enclosing generic lambda inside a nested one).
+template <typename T, typename HalfT, typename BFloat16T, typename F>
+struct ReconVisitor {
+  const ReconProblem& p;
+  F& f;
+  template <class Tag>
+  void operator()(Tag) const {
+    using L = typename Tag::type;
+    dispatch_target<T, HalfT, BFloat16T>(p.target_dtype, [&](auto t_tag) {
+      if constexpr (L::kHasScale) {
+        if (p.shared_scale)
+          return f(TypeTag<math::ResidualOf<L>>{}, TypeTag<T>{}, t_tag, TypeTag<T>{});
+        if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, double>) {
+          if (p.scale_dtype == DType::kFloat32) {
+            return f(TypeTag<L>{}, TypeTag<T>{}, t_tag, TypeTag<float>{});
+          }
+        }
+      }
+      f(TypeTag<L>{}, TypeTag<T>{}, t_tag, TypeTag<T>{});
+    });
+  }
+};
+
 template <typename HalfT, typename BFloat16T, typename F>
 void dispatch_recon(const ReconProblem& p, F&& f) {
   dispatch_dtype<HalfT, BFloat16T>(p.dtype, [&](auto x_tag) {
-    using T = typename decltype(x_tag)::type;
-    dispatch_likelihood(p.likelihood, [&](auto l) {
-      dispatch_target<T, HalfT, BFloat16T>(p.target_dtype, [&](auto t_tag) {
-        if constexpr (decltype(l)::value == math::Likelihood::kGaussian &&
-                      !std::is_same_v<T, float> && !std::is_same_v<T, double>) {
-          if (p.scale_dtype == DType::kFloat32) return f(l, x_tag, t_tag, TypeTag<float>{});
-        }
-        f(l, x_tag, t_tag, x_tag);
-      });
-    });
+    const ReconVisitor<typename decltype(x_tag)::type, HalfT, BFloat16T, F> visit{p, f};
+    math::visit_likelihood(p.likelihood, visit);
   });
 }
 

@@ -27,8 +27,8 @@ enum class DType : int {
   kBool = 5,   // read as 0 or 1
 };
 
-// A reconstruction problem: recon x, target t and, for the heteroscedastic
-// Gaussian only, a log-scale s shaped like x (otherwise null). Each is read in
+// A reconstruction problem: recon x, target t and, for a scaled likelihood
+// with a log-scale per element, s shaped like x (otherwise null). Each is read in
 // its own dtype and converted on load, so no promoted copy is ever made; the
 // combinations the kernels take (dispatch.h's dispatch_recon) are:
 //   x float64: t float64, uint8 or bool; s float64;
@@ -43,7 +43,9 @@ struct ReconProblem {
   DType scale_dtype;   // of log_scale and its gradient, where there is one
   int64_t batch;
   int64_t numel_per_sample;
-  math::Likelihood likelihood;
+  int likelihood;     // the index of its traits type in math::Likelihoods
+  bool shared_scale;  // a scaled likelihood with one log-scale for the batch: the
+                      // kernels sum its residual (math::ResidualOf) instead of ℓ
 };
 
 // A diagonal-Gaussian posterior: mu and logvar, both dense [batch, latent].
@@ -64,8 +66,8 @@ struct KlCoefficients {
   const void* per_dim;
 };
 
-// The whole objective: the reconstruction (likelihood kSquaredError for a
-// shared-scale Gaussian, whose σ objective.scale says how to find), the KL of
+// The whole objective: the reconstruction (its residual for a scaled
+// likelihood with one scale, which objective.scale says how to find), the KL of
 // the posterior, and the scalars of objective.h. recon's and kl's dtypes have
 // the same accumulation type.
 struct ObjectiveProblem {

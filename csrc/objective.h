@@ -11,11 +11,12 @@
 //               inference with inverse autoregressive flow", eq. 15);
 //   loss_b    = rec_b + β·kl_term_b, or for reduction "mean" rec_b/N + β·kl_term_b/J;
 //   loss      = loss_b ("none"), Σ_b loss_b ("sum"), or mean_b loss_b.
-// A Gaussian with one σ = exp(s) for the whole batch is computed from the
-// per-sample squared error SSE_b: rec_b = SSE_b·e^{-2s}/2 + N·(s + log(2π)/2);
-// for "optimal", σ² is the batch MSE with s softly clipped below (σ-VAE,
-// Rybkin et al. 2021, "Simple and effective VAE training with calibrated
-// decoders").
+// A scaled likelihood (Gaussian, Laplace) with one log-scale s for the whole
+// batch is computed from its per-sample residual sums R_b (squared or absolute
+// errors) by the likelihood's closed form (vae_math.h), e.g. for the Gaussian
+// rec_b = R_b·e^{-2s}/2 + N·(s + log(2π)/2); for "optimal", s is the batch's
+// maximum-likelihood log-scale softly clipped below (σ-VAE, Rybkin et al.
+// 2021, "Simple and effective VAE training with calibrated decoders").
 #pragma once
 
 #include <cstdint>
@@ -31,7 +32,7 @@ enum class ScaleKind : int {
   kNone = 0,     // no shared scale: not a Gaussian, or a per-element log_scale
   kValue = 1,    // log σ, a number known on the host
   kTensor = 2,   // log σ, a 0-d tensor (learnable), read where the kernels run
-  kOptimal = 3,  // σ² = the batch's mean squared error
+  kOptimal = 3,  // the batch's maximum-likelihood scale (σ² = MSE; Laplace b = mean |x - t|)
 };
 
 // Lower soft clip on log σ for ScaleKind::kOptimal: s = s_min + softplus(log(MSE)/2 - s_min).
@@ -52,16 +53,16 @@ struct Objective {
 };
 
 // The saved statistics of a forward (the op's fourth output, "aux"), in the
-// accumulation type: [s, K, SSE_0..SSE_{B-1}, kl_0..kl_{B-1}, m_0..m_{J-1}],
-// with s the log σ used (0 where there is none), K the free-bits KL term (0
-// without free bits), SSE_b the per-sample squared error of a shared-scale
-// Gaussian (0 otherwise), kl_b the per-sample KL and m_j = mean_b kl_bj (0
+// accumulation type: [s, K, R_0..R_{B-1}, kl_0..kl_{B-1}, m_0..m_{J-1}],
+// with s the shared log-scale used (0 where there is none), K the free-bits KL
+// term (0 without free bits), R_b the per-sample residual sum of a shared-scale
+// likelihood (0 otherwise), kl_b the per-sample KL and m_j = mean_b kl_bj (0
 // without free bits).
 struct AuxLayout {
   int64_t batch, j;
   static constexpr int64_t kLogScale = 0;
   static constexpr int64_t kFreeBitsTerm = 1;
-  FUSEDVAE_HD int64_t sse() const { return 2; }
+  FUSEDVAE_HD int64_t residual() const { return 2; }
   FUSEDVAE_HD int64_t kl() const { return 2 + batch; }
   FUSEDVAE_HD int64_t kl_dim_mean() const { return 2 + 2 * batch; }
   FUSEDVAE_HD int64_t size() const { return 2 + 2 * batch + j; }
@@ -85,25 +86,58 @@ FUSEDVAE_HD Acc softplus_grad(Acc u) {
   return z / (z + Acc(1));
 }
 
-// log σ* = s_min + softplus(log(mse)/2 - s_min), and d log σ* / d mse.
+// The shared-scale closed forms of the likelihood with id `likelihood`
+// (math::Likelihoods), looked up at run time.
 template <typename Acc>
-FUSEDVAE_HD Acc optimal_log_scale(Acc mse) {
-  using O = math::ScalarOps<Acc>;
-  const Acc s_min = Acc(kOptimalLogScaleMin);
-  return s_min + softplus(Acc(0.5) * O::log(mse) - s_min);
-}
+struct SharedScaleTerms {
+  Acc r, s, n;                               // in: residual sum, log-scale, elements
+  Acc rec = 0, d_residual = 0, d_scale = 0;  // out: rec and its partials
+  template <class Tag>
+  FUSEDVAE_HD void operator()(Tag) {
+    using L = typename Tag::type;
+    if constexpr (L::kHasScale) {
+      rec = L::template rec_from_residual<Acc>(r, s, n);
+      d_residual = L::template rec_grad_residual<Acc>(s);
+      d_scale = L::template rec_grad_scale<Acc>(r, s, n);
+    }
+  }
+};
+
 template <typename Acc>
-FUSEDVAE_HD Acc optimal_log_scale_grad(Acc mse) {
-  using O = math::ScalarOps<Acc>;
-  const Acc s_min = Acc(kOptimalLogScaleMin);
-  return softplus_grad(Acc(0.5) * O::log(mse) - s_min) * Acc(0.5) / mse;
+FUSEDVAE_HD SharedScaleTerms<Acc> shared_scale_terms(int likelihood, Acc r, Acc s, int64_t n) {
+  SharedScaleTerms<Acc> terms{r, s, Acc(n)};
+  math::visit_likelihood(likelihood, terms);
+  return terms;
 }
 
-// rec_b of a shared-scale Gaussian from its squared error.
 template <typename Acc>
-FUSEDVAE_HD Acc gaussian_rec_from_sse(Acc sse, Acc s, int64_t n) {
-  using O = math::ScalarOps<Acc>;
-  return Acc(0.5) * sse * O::exp(Acc(-2) * s) + Acc(n) * (s + Acc(math::kHalfLog2Pi));
+struct MaxLikelihoodScale {
+  Acc mean;  // in: the batch's mean residual
+  Acc log_scale = 0, grad = 0;
+  template <class Tag>
+  FUSEDVAE_HD void operator()(Tag) {
+    using L = typename Tag::type;
+    if constexpr (L::kHasScale) {
+      log_scale = L::template ml_log_scale<Acc>(mean);
+      grad = L::template ml_log_scale_grad<Acc>(mean);
+    }
+  }
+};
+
+// s* = s_min + softplus(u - s_min), u the maximum-likelihood log-scale given
+// the mean residual, and d s* / d mean.
+template <typename Acc>
+FUSEDVAE_HD Acc optimal_log_scale(int likelihood, Acc mean_residual) {
+  MaxLikelihoodScale<Acc> ml{mean_residual};
+  math::visit_likelihood(likelihood, ml);
+  const Acc s_min = Acc(kOptimalLogScaleMin);
+  return s_min + softplus(ml.log_scale - s_min);
+}
+template <typename Acc>
+FUSEDVAE_HD Acc optimal_log_scale_grad(int likelihood, Acc mean_residual) {
+  MaxLikelihoodScale<Acc> ml{mean_residual};
+  math::visit_likelihood(likelihood, ml);
+  return softplus_grad(ml.log_scale - Acc(kOptimalLogScaleMin)) * ml.grad;
 }
 
 // max(λ, m), NaN kept (torch.clamp(m, min=λ)).

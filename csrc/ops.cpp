@@ -109,16 +109,21 @@ struct Output {
   }
 };
 
-math::Likelihood parse_likelihood(c10::string_view likelihood, bool logits) {
-  using L = math::Likelihood;
-  if (likelihood == "bernoulli") return logits ? L::kBernoulliLogits : L::kBernoulliProbs;
-  if (likelihood == "cbernoulli") {
-    return logits ? L::kContinuousBernoulliLogits : L::kContinuousBernoulliProbs;
+// The id of the likelihood called `likelihood` whose form of recon `logits`
+// selects (math::kLikelihoodTable; a location likelihood ignores `logits`).
+int parse_likelihood(c10::string_view likelihood, bool logits) {
+  std::string names;
+  for (size_t id = 0; id < math::kLikelihoodTable.size(); ++id) {
+    const math::LikelihoodInfo& row = math::kLikelihoodTable[id];
+    if (likelihood == row.name && (row.form == math::ReconForm::kLocation ||
+                                   (row.form == math::ReconForm::kLogits) == logits)) {
+      return static_cast<int>(id);
+    }
+    if (names.find(std::string("'") + row.name + "'") == std::string::npos) {
+      names += (names.empty() ? "'" : ", '") + std::string(row.name) + "'";
+    }
   }
-  if (likelihood == "gaussian") return L::kGaussian;
-  TORCH_CHECK_VALUE(false,
-                    "fusedvae: expected likelihood to be 'bernoulli', 'cbernoulli' or 'gaussian', "
-                    "got '",
+  TORCH_CHECK_VALUE(false, "fusedvae: expected likelihood to be one of ", names, ", got '",
                     std::string(likelihood), "'");
 }
 
@@ -165,7 +170,7 @@ struct ObjectiveInputs {
                   const std::optional<Tensor>& beta_in, c10::string_view likelihood, bool logits,
                   c10::string_view reduction, double log_scale_value, bool optimal_scale,
                   double beta_value, double free_bits) {
-    math::Likelihood kind = parse_likelihood(likelihood, logits);
+    const int kind = parse_likelihood(likelihood, logits);
     const Reduction reduction_kind = parse_reduction(reduction);
     const DType dtype = to_dtype(recon_in, "recon");
     TORCH_CHECK_VALUE(recon_in.dim() >= 1,
@@ -199,13 +204,14 @@ struct ObjectiveInputs {
                       "fusedvae: expected no log_scale tensor with optimal_scale=True");
 
     ScaleKind scale = ScaleKind::kNone;
-    const bool gaussian = kind == math::Likelihood::kGaussian;
-    TORCH_CHECK_VALUE(gaussian || (!log_scale_in.has_value() && !optimal_scale),
+    const bool scaled = math::kLikelihoodTable[kind].has_scale;
+    bool shared_scale = false;
+    TORCH_CHECK_VALUE(scaled || (!log_scale_in.has_value() && !optimal_scale),
                       "fusedvae: likelihood '", std::string(likelihood), "' takes no log_scale");
     recon = working_layout(recon_in);
     target = in_layout_of(target_in, recon);
     const void* scale_scalar = nullptr;
-    if (gaussian) {
+    if (scaled) {
       if (log_scale_in.has_value() && log_scale_in->dim() > 0) {
         const Tensor& s = *log_scale_in;
         check_same_device(s, "log_scale", recon_in, "recon");
@@ -222,7 +228,7 @@ struct ObjectiveInputs {
             in_layout_of(s.sizes() == recon_in.sizes() ? s : s.expand(recon_in.sizes()), recon);
         per_element_scale = true;
       } else {
-        kind = math::Likelihood::kSquaredError;
+        shared_scale = true;
         if (optimal_scale) {
           scale = ScaleKind::kOptimal;
         } else if (log_scale_in.has_value()) {
@@ -252,7 +258,8 @@ struct ObjectiveInputs {
                                  per_element_scale ? to_dtype(log_scale, "log_scale") : dtype,
                                  batch,
                                  n,
-                                 kind};
+                                 kind,
+                                 shared_scale};
     problem.kl = KlProblem{mu.const_data_ptr(), logvar.const_data_ptr(), kl_dtype, batch, j};
     problem.objective =
         Objective{batch, n, j, reduction_kind, scale, log_scale_value, beta_value, free_bits};

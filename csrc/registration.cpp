@@ -7,12 +7,45 @@
 
 #include "kernels.h"
 
+namespace {
+
+// `fusedvae._C.likelihoods`: math::kLikelihoodTable as a tuple of
+// (name, form, has_scale) rows, form "logits", "probabilities" or "location",
+// which the Python checks read.
+PyObject* likelihood_rows() {
+  const auto& table = fusedvae::math::kLikelihoodTable;
+  PyObject* rows = PyTuple_New(static_cast<Py_ssize_t>(table.size()));
+  if (rows == nullptr) return nullptr;
+  for (size_t i = 0; i < table.size(); ++i) {
+    const char* form = table[i].form == fusedvae::math::ReconForm::kLogits ? "logits"
+                       : table[i].form == fusedvae::math::ReconForm::kProbabilities
+                           ? "probabilities"
+                           : "location";
+    PyObject* row =
+        Py_BuildValue("(ssO)", table[i].name, form, table[i].has_scale ? Py_True : Py_False);
+    if (row == nullptr) {
+      Py_DECREF(rows);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(rows, static_cast<Py_ssize_t>(i), row);
+  }
+  return rows;
+}
+
+}  // namespace
+
 // `import fusedvae._C` loads this library, which runs the registrations below,
 // and picks the CPU kernels' build; `fusedvae._C.cpu_kernels` names it.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
+  PyObject* rows = likelihood_rows();
+  if (rows == nullptr || PyModule_AddObject(module, "likelihoods", rows) < 0) {
+    Py_XDECREF(rows);
+    Py_DECREF(module);
+    return nullptr;
+  }
   if (!fusedvae::cpu::select_kernels() ||
       PyModule_AddStringConstant(module, "cpu_kernels", fusedvae::cpu::kernels().isa) < 0) {
     Py_DECREF(module);
@@ -24,8 +57,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(fusedvae, m) {
   // The VAE objective (objective.h): loss, and the per-sample [batch] rec and
   // kl, in float32 (float64 for float64 inputs); aux holds what the backward
-  // needs (AuxLayout). likelihood: bernoulli | cbernoulli | gaussian. A
-  // Gaussian's log σ is log_scale (0-d, or broadcastable to recon), else
+  // needs (AuxLayout). likelihood: a name of math::kLikelihoodTable. A
+  // scaled likelihood's log-scale is log_scale (0-d, or broadcastable to recon), else
   // log_scale_value, or the batch optimum where optimal_scale; β is beta where
   // given, else beta_value.
   m.def(

@@ -9,6 +9,7 @@
 // the vector instantiation computes exactly what the scalar one does.
 #pragma once
 
+#include <array>
 #include <cmath>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -19,16 +20,6 @@
 
 namespace fusedvae {
 namespace math {
-
-// Which per-element loss a reconstruction kernel computes.
-enum class Likelihood : int {
-  kBernoulliLogits = 0,  // x = logits
-  kBernoulliProbs = 1,   // x = probabilities
-  kContinuousBernoulliLogits = 2,
-  kContinuousBernoulliProbs = 3,
-  kSquaredError = 4,  // (x - t)^2; scalar-σ Gaussians are closed form on top
-  kGaussian = 5,      // heteroscedastic: a log-scale per element
-};
 
 // Scalar policy. The float overloads call the single-precision libm functions
 // so host and device code round the same way.
@@ -331,38 +322,237 @@ FUSEDVAE_HD typename O::V kl_grad_logvar(typename O::V logvar) {
   return O::splat(0.5) * O::expm1(logvar);
 }
 
-// ------------------------------------------------------------- dispatch -----
+// ------------------------------------------------------------ likelihoods --
+// Each likelihood is one traits type: its name, how it reads recon, whether it
+// takes a log-scale s, and its per-element loss ℓ and derivatives. A likelihood
+// with a scale also gives the closed form used when one s serves the whole
+// batch: the kernels then sum a residual r(x, t) per sample, and
+//   rec = rec_from_residual(R, s, N)   with R = Σ_i r(x_i, t_i),
+// whose derivatives in R and s, and the maximum-likelihood log-scale given
+// the mean residual, are here too. `Likelihoods` below lists them all: the one
+// name table that ops.cpp, the kernels' dispatch and the Python checks read.
 
-template <Likelihood L, class O>
-FUSEDVAE_HD typename O::V recon_loss(typename O::V x, typename O::V t) {
-  if constexpr (L == Likelihood::kBernoulliLogits) {
+enum class ReconForm : int {
+  kLogits = 0,         // logits (logits=True)
+  kProbabilities = 1,  // probabilities (logits=False)
+  kLocation = 2,       // the mean or median, beside a log-scale (logits ignored)
+};
+
+struct BernoulliLogits {
+  static constexpr const char* kName = "bernoulli";
+  static constexpr ReconForm kForm = ReconForm::kLogits;
+  static constexpr bool kHasScale = false;
+  template <class O>
+  static FUSEDVAE_HD typename O::V loss(typename O::V x, typename O::V t) {
     return bce_logits_loss<O>(x, t);
-  } else if constexpr (L == Likelihood::kBernoulliProbs) {
+  }
+  template <class O>
+  static FUSEDVAE_HD typename O::V grad(typename O::V x, typename O::V t) {
+    return bce_logits_grad<O>(x, t);
+  }
+};
+
+struct BernoulliProbs {
+  static constexpr const char* kName = "bernoulli";
+  static constexpr ReconForm kForm = ReconForm::kProbabilities;
+  static constexpr bool kHasScale = false;
+  template <class O>
+  static FUSEDVAE_HD typename O::V loss(typename O::V x, typename O::V t) {
     return bce_probs_loss<O>(x, t);
-  } else if constexpr (L == Likelihood::kContinuousBernoulliLogits) {
+  }
+  template <class O>
+  static FUSEDVAE_HD typename O::V grad(typename O::V x, typename O::V t) {
+    return bce_probs_grad<O>(x, t);
+  }
+};
+
+struct ContinuousBernoulliLogits {
+  static constexpr const char* kName = "cbernoulli";
+  static constexpr ReconForm kForm = ReconForm::kLogits;
+  static constexpr bool kHasScale = false;
+  template <class O>
+  static FUSEDVAE_HD typename O::V loss(typename O::V x, typename O::V t) {
     return cb_logits_loss<O>(x, t);
-  } else if constexpr (L == Likelihood::kContinuousBernoulliProbs) {
+  }
+  template <class O>
+  static FUSEDVAE_HD typename O::V grad(typename O::V x, typename O::V t) {
+    return cb_logits_grad<O>(x, t);
+  }
+};
+
+struct ContinuousBernoulliProbs {
+  static constexpr const char* kName = "cbernoulli";
+  static constexpr ReconForm kForm = ReconForm::kProbabilities;
+  static constexpr bool kHasScale = false;
+  template <class O>
+  static FUSEDVAE_HD typename O::V loss(typename O::V x, typename O::V t) {
     return cb_probs_loss<O>(x, t);
-  } else {
-    static_assert(L == Likelihood::kSquaredError, "two-input likelihoods only");
+  }
+  template <class O>
+  static FUSEDVAE_HD typename O::V grad(typename O::V x, typename O::V t) {
+    return cb_probs_grad<O>(x, t);
+  }
+};
+
+// N(t; x, σ²), σ = e^s. Residual (x - t)²: rec = R·e^{-2s}/2 + N·(s + log(2π)/2);
+// maximum likelihood σ² = mean residual.
+struct Gaussian {
+  static constexpr const char* kName = "gaussian";
+  static constexpr ReconForm kForm = ReconForm::kLocation;
+  static constexpr bool kHasScale = true;
+  template <class O>
+  static FUSEDVAE_HD typename O::V loss(typename O::V x, typename O::V t, typename O::V s) {
+    return gaussian_loss<O>(x, t, s);
+  }
+  template <class O>
+  static FUSEDVAE_HD void grad(typename O::V x, typename O::V t, typename O::V s,
+                               typename O::V* grad_x, typename O::V* grad_s) {
+    gaussian_grad<O>(x, t, s, grad_x, grad_s);
+  }
+  template <class O>
+  static FUSEDVAE_HD typename O::V residual(typename O::V x, typename O::V t) {
     return squared_error<O>(x, t);
   }
-}
-
-template <Likelihood L, class O>
-FUSEDVAE_HD typename O::V recon_loss_grad(typename O::V x, typename O::V t) {
-  if constexpr (L == Likelihood::kBernoulliLogits) {
-    return bce_logits_grad<O>(x, t);
-  } else if constexpr (L == Likelihood::kBernoulliProbs) {
-    return bce_probs_grad<O>(x, t);
-  } else if constexpr (L == Likelihood::kContinuousBernoulliLogits) {
-    return cb_logits_grad<O>(x, t);
-  } else if constexpr (L == Likelihood::kContinuousBernoulliProbs) {
-    return cb_probs_grad<O>(x, t);
-  } else {
-    static_assert(L == Likelihood::kSquaredError, "two-input likelihoods only");
+  template <class O>
+  static FUSEDVAE_HD typename O::V residual_grad(typename O::V x, typename O::V t) {
     return squared_error_grad<O>(x, t);
   }
+  template <typename Acc>
+  static FUSEDVAE_HD Acc rec_from_residual(Acc r, Acc s, Acc n) {
+    using O = ScalarOps<Acc>;
+    return Acc(0.5) * r * O::exp(Acc(-2) * s) + n * (s + Acc(kHalfLog2Pi));
+  }
+  template <typename Acc>
+  static FUSEDVAE_HD Acc rec_grad_residual(Acc s) {
+    return Acc(0.5) * ScalarOps<Acc>::exp(Acc(-2) * s);
+  }
+  template <typename Acc>
+  static FUSEDVAE_HD Acc rec_grad_scale(Acc r, Acc s, Acc n) {
+    return n - r * ScalarOps<Acc>::exp(Acc(-2) * s);
+  }
+  template <typename Acc>
+  static FUSEDVAE_HD Acc ml_log_scale(Acc mean_residual) {
+    return Acc(0.5) * ScalarOps<Acc>::log(mean_residual);
+  }
+  template <typename Acc>
+  static FUSEDVAE_HD Acc ml_log_scale_grad(Acc mean_residual) {
+    return Acc(0.5) / mean_residual;
+  }
+};
+
+constexpr double kLog2 = 0.69314718055994530942;
+
+// sign(d), 0 at 0 and at NaN: torch.sign, the derivative torch.abs uses.
+template <class O>
+FUSEDVAE_HD typename O::V sign(typename O::V d) {
+  using V = typename O::V;
+  const V zero = O::splat(0.0);
+  return O::select(O::gt(d, zero), O::splat(1.0), O::select(O::lt(d, zero), O::splat(-1.0), zero));
+}
+
+// Laplace(t; x, b), b = e^s: ℓ = |x - t|·e^{-s} + s + log 2. Residual |x - t|:
+// rec = R·e^{-s} + N·(s + log 2); maximum likelihood b = mean residual.
+struct Laplace {
+  static constexpr const char* kName = "laplace";
+  static constexpr ReconForm kForm = ReconForm::kLocation;
+  static constexpr bool kHasScale = true;
+  template <class O>
+  static FUSEDVAE_HD typename O::V loss(typename O::V x, typename O::V t, typename O::V s) {
+    return O::abs(x - t) * O::exp(O::splat(0.0) - s) + s + O::splat(kLog2);
+  }
+  // ∂/∂x = sign(x - t)·e^{-s}, ∂/∂s = 1 - |x - t|·e^{-s}.
+  template <class O>
+  static FUSEDVAE_HD void grad(typename O::V x, typename O::V t, typename O::V s,
+                               typename O::V* grad_x, typename O::V* grad_s) {
+    const typename O::V inv_b = O::exp(O::splat(0.0) - s);
+    const typename O::V d = x - t;
+    *grad_x = sign<O>(d) * inv_b;
+    *grad_s = O::splat(1.0) - O::abs(d) * inv_b;
+  }
+  template <class O>
+  static FUSEDVAE_HD typename O::V residual(typename O::V x, typename O::V t) {
+    return O::abs(x - t);
+  }
+  template <class O>
+  static FUSEDVAE_HD typename O::V residual_grad(typename O::V x, typename O::V t) {
+    return sign<O>(x - t);
+  }
+  template <typename Acc>
+  static FUSEDVAE_HD Acc rec_from_residual(Acc r, Acc s, Acc n) {
+    return r * ScalarOps<Acc>::exp(-s) + n * (s + Acc(kLog2));
+  }
+  template <typename Acc>
+  static FUSEDVAE_HD Acc rec_grad_residual(Acc s) {
+    return ScalarOps<Acc>::exp(-s);
+  }
+  template <typename Acc>
+  static FUSEDVAE_HD Acc rec_grad_scale(Acc r, Acc s, Acc n) {
+    return n - r * ScalarOps<Acc>::exp(-s);
+  }
+  template <typename Acc>
+  static FUSEDVAE_HD Acc ml_log_scale(Acc mean_residual) {
+    return ScalarOps<Acc>::log(mean_residual);
+  }
+  template <typename Acc>
+  static FUSEDVAE_HD Acc ml_log_scale_grad(Acc mean_residual) {
+    return Acc(1) / mean_residual;
+  }
+};
+
+// The residual of a scaled likelihood as a two-argument per-element term: what
+// the kernels sum (and differentiate) when one log-scale serves the batch.
+template <class L>
+struct ResidualOf {
+  static constexpr bool kHasScale = false;
+  template <class O>
+  static FUSEDVAE_HD typename O::V loss(typename O::V x, typename O::V t) {
+    return L::template residual<O>(x, t);
+  }
+  template <class O>
+  static FUSEDVAE_HD typename O::V grad(typename O::V x, typename O::V t) {
+    return L::template residual_grad<O>(x, t);
+  }
+};
+
+template <class... Ls>
+struct LikelihoodList {
+  static constexpr int kSize = sizeof...(Ls);
+};
+
+// Every likelihood; a likelihood's id is its index here.
+using Likelihoods = LikelihoodList<BernoulliLogits, BernoulliProbs, ContinuousBernoulliLogits,
+                                   ContinuousBernoulliProbs, Gaussian, Laplace>;
+
+// The name table: one row per likelihood, in id order.
+struct LikelihoodInfo {
+  const char* name;
+  ReconForm form;
+  bool has_scale;
+};
+template <class... Ls>
+constexpr std::array<LikelihoodInfo, sizeof...(Ls)> make_likelihood_table(LikelihoodList<Ls...>) {
+  return {{{Ls::kName, Ls::kForm, Ls::kHasScale}...}};
+}
+constexpr auto kLikelihoodTable = make_likelihood_table(Likelihoods{});
+
+template <class L>
+struct LikelihoodTag {
+  using type = L;
+};
+
+// Calls f(LikelihoodTag<L>{}) for the likelihood of id `id` (nothing for an
+// unknown id: ops.cpp only passes ids from the table).
+template <class F, class L, class... Rest>
+FUSEDVAE_HD void visit_likelihood(int id, F&& f, LikelihoodList<L, Rest...>, int index = 0) {
+  if (id == index) {
+    f(LikelihoodTag<L>{});
+    return;
+  }
+  if constexpr (sizeof...(Rest) > 0) visit_likelihood(id, f, LikelihoodList<Rest...>{}, index + 1);
+}
+template <class F>
+FUSEDVAE_HD void visit_likelihood(int id, F&& f) {
+  visit_likelihood(id, f, Likelihoods{});
 }
 
 }  // namespace math

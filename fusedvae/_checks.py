@@ -11,13 +11,19 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from . import _C
 from ._args import is_real
 
-LIKELIHOODS = ("bernoulli", "cbernoulli", "gaussian")
+# The likelihood table of csrc/vae_math.h (math::Likelihoods): (name, form of
+# recon, whether it takes a log-scale) per row; a name may have a logits and a
+# probabilities row.
+LIKELIHOOD_ROWS = _C.likelihoods
+LIKELIHOODS = tuple(dict.fromkeys(name for name, _, _ in LIKELIHOOD_ROWS))
+SCALED_LIKELIHOODS = tuple(dict.fromkeys(name for name, _, scaled in LIKELIHOOD_ROWS if scaled))
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-# Lower soft clip on log σ for log_scale="optimal" (σ-VAE, Rybkin et al. 2021).
+# Lower soft clip on the log-scale for log_scale="optimal" (σ-VAE, Rybkin et al. 2021).
 OPTIMAL_LOG_SCALE_MIN = -6.0
 
 Beta = Union[float, Tensor]
@@ -135,9 +141,12 @@ def check_vae_loss_args(
 
 
 def _check_log_scale(log_scale: LogScale, likelihood: str, recon: Tensor) -> None:
-    if likelihood != "gaussian":
+    if likelihood not in SCALED_LIKELIHOODS:
         if log_scale is not None:
-            raise ValueError(f"log_scale is only used with likelihood='gaussian', got likelihood={likelihood!r}")
+            raise ValueError(
+                f"log_scale is only used with a likelihood that has a scale {SCALED_LIKELIHOODS}, "
+                f"got likelihood={likelihood!r}"
+            )
         return
     if log_scale is None or isinstance(log_scale, str):
         if isinstance(log_scale, str) and log_scale != "optimal":

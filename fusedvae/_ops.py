@@ -11,7 +11,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.fusedvae)
 from ._build_info import WITH_CUDA
-from ._checks import FLOAT_DTYPES, LIKELIHOODS, REDUCTIONS, accumulate_dtype
+from ._checks import FLOAT_DTYPES, LIKELIHOODS, REDUCTIONS, SCALED_LIKELIHOODS, accumulate_dtype
 
 ops = torch.ops.fusedvae
 
@@ -65,7 +65,7 @@ def _check_objective_options(recon, log_scale, beta, likelihood, reduction, opti
     torch._check(reduction in REDUCTIONS, lambda: f"fusedvae: expected reduction to be one of {REDUCTIONS}, got {reduction!r}")
     torch._check(free_bits >= 0, lambda: f"fusedvae: expected free_bits to be a finite number >= 0, got {free_bits}")
     torch._check(
-        likelihood == "gaussian" or (log_scale is None and not optimal_scale),
+        likelihood in SCALED_LIKELIHOODS or (log_scale is None and not optimal_scale),
         lambda: f"fusedvae: likelihood '{likelihood}' takes no log_scale",
     )
     for value, name in ((log_scale, "log_scale"), (beta, "beta")):

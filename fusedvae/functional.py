@@ -50,7 +50,7 @@ def vae_loss(
 
     Args:
         recon (Tensor): decoder output of shape ``[B, ...]``; logits (``logits=True``),
-            probabilities, or the Gaussian mean. float32, float64, float16 or bfloat16,
+            probabilities, or the Gaussian mean / Laplace median. float32, float64, float16 or bfloat16,
             in any layout (channels_last and other batch-outermost dense layouts run
             without a copy; other strides are copied first).
         target (Tensor): data of the shape of ``recon``: floating point, uint8 pixels
@@ -63,7 +63,11 @@ def vae_loss(
         mu (Tensor): posterior mean, ``[B, ...]`` (a flat ``[B, J]`` code or a spatial latent).
         logvar (Tensor): posterior log-variance, shaped like ``mu``.
         likelihood (str, optional): ``'bernoulli'`` | ``'cbernoulli'`` (continuous
-            Bernoulli, Loaiza-Ganem & Cunningham 2019) | ``'gaussian'``. Default: ``'bernoulli'``.
+            Bernoulli, Loaiza-Ganem & Cunningham 2019) | ``'gaussian'``:
+            ``ℓ = ((t - x)/σ)²/2 + log σ + log(2π)/2`` | ``'laplace'``:
+            ``ℓ = |t - x|/b + log b + log 2`` (the L1 loss with a learned scale, as the
+            autoencoders of latent diffusion train; the gradient of ``|t - x|`` at
+            ``t = x`` is 0, as :func:`torch.abs`'s). Default: ``'bernoulli'``.
         logits (bool, optional): for the Bernoulli likelihoods, whether ``recon`` holds
             logits (stable for every finite value) or probabilities (each log clamped at
             -100 and the gradient divided by ``max(p(1-p), 1e-12)``, as
@@ -75,10 +79,12 @@ def vae_loss(
             ``rec_b / N + beta * kl_b / J``, so ``beta`` is the normalised β of Higgins et al.
             (see :func:`normalized_beta`) | ``'none'``: the ``[B]`` per-sample losses.
             Default: ``'batchmean'``.
-        log_scale (float, Tensor or str, optional): Gaussian only: log σ. A float; a 0-d tensor
-            (learnable); a tensor broadcastable to ``recon`` (heteroscedastic decoder);
-            or ``'optimal'``: σ² is the batch MSE (σ-VAE, Rybkin et al. 2021) with log σ
-            softly clipped below at -6. Default: ``None``, meaning σ = 1.
+        log_scale (float, Tensor or str, optional): Gaussian and Laplace only: the log-scale
+            s = log σ (Gaussian) or log b (Laplace). A float; a 0-d tensor (learnable); a
+            tensor broadcastable to ``recon`` (heteroscedastic decoder, or per channel as
+            ``[1, C, 1, 1]``); or ``'optimal'``: the batch's maximum-likelihood scale, σ² the
+            batch MSE (σ-VAE, Rybkin et al. 2021) or b the batch's mean ``|t - x|``, with s
+            softly clipped below at -6. Default: ``None``, meaning a scale of 1.
         free_bits (float, optional): free bits λ in nats per latent dimension (Kingma et al.
             2016): the KL term becomes ``Σ_j max(λ, mean_b kl_bj)``, the same for every
             sample. Default: ``0.0``.

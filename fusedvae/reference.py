@@ -74,15 +74,22 @@ def _elementwise_nll(x: Tensor, t: Tensor, likelihood: str, logits: bool, log_sc
             eta = torch.clamp(torch.log(x), min=-100) - torch.clamp(torch.log1p(-x), min=-100)
             bce = _bernoulli_probs_nll(x, t)
         return bce - continuous_bernoulli_log_normalizer(eta)
-    # Gaussian N(t; x, σ²) with σ = exp(s).
     s = log_scale
+    if likelihood == "laplace":
+        # Laplace(t; x, b) with b = exp(s): |t - x|/b + log(2b).
+        return torch.abs(t - x) * torch.exp(-s) + s + math.log(2)
+    # Gaussian N(t; x, σ²) with σ = exp(s).
     return 0.5 * ((t - x) / torch.exp(s)) ** 2 + s + 0.5 * math.log(2 * math.pi)
 
 
-def _optimal_log_scale(x: Tensor, t: Tensor) -> Tensor:
-    # σ-VAE (Rybkin et al. 2021): σ² = MSE over the whole batch, log σ softly
-    # clipped from below: s = s_min + softplus(s_raw - s_min).
-    s_raw = 0.5 * torch.log(((t - x) ** 2).mean())
+def _optimal_log_scale(x: Tensor, t: Tensor, likelihood: str) -> Tensor:
+    # The batch's maximum-likelihood scale (σ-VAE, Rybkin et al. 2021): σ² = MSE
+    # for the Gaussian, b = mean |t - x| for the Laplace; its log softly clipped
+    # from below: s = s_min + softplus(s_raw - s_min).
+    if likelihood == "laplace":
+        s_raw = torch.log(torch.abs(t - x).mean())
+    else:
+        s_raw = 0.5 * torch.log(((t - x) ** 2).mean())
     s_min = _checks.OPTIMAL_LOG_SCALE_MIN
     return s_min + F.softplus(s_raw - s_min)
 
@@ -116,11 +123,11 @@ def vae_loss(
     batch = x.shape[0]
 
     s = None
-    if likelihood == "gaussian":
+    if likelihood in _checks.SCALED_LIKELIHOODS:
         if log_scale is None:
             s = torch.zeros((), dtype=dtype, device=x.device)
         elif isinstance(log_scale, str):
-            s = _optimal_log_scale(x, t)
+            s = _optimal_log_scale(x, t, likelihood)
         elif isinstance(log_scale, Tensor):
             s = log_scale.to(device=x.device, dtype=dtype)
         else:

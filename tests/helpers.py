@@ -29,6 +29,9 @@ F32 = torch.float32
 # headroom and still catches any formula or scaling error.
 RTOL64, ATOL64 = 1e-10, 1e-12
 
+# The likelihoods that take a log-scale.
+SCALED = ("gaussian", "laplace")
+
 # (likelihood, logits, log_scale kind): every distinct reconstruction path.
 VARIANTS = [
     ("bernoulli", True, None),
@@ -42,6 +45,12 @@ VARIANTS = [
     ("gaussian", True, "broadcast_tensor"),  # [C, 1, 1]
     ("gaussian", True, "per_sample_tensor"),  # [B, 1, 1, 1]
     ("gaussian", True, "optimal"),
+    ("laplace", True, None),  # b = 1
+    ("laplace", True, "float"),
+    ("laplace", True, "scalar_tensor"),
+    ("laplace", True, "full_tensor"),
+    ("laplace", True, "broadcast_tensor"),
+    ("laplace", True, "optimal"),
 ]
 VARIANT_IDS = [f"{lik}-{'logits' if lg else 'probs'}-{ls}" for lik, lg, ls in VARIANTS]
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
@@ -58,6 +67,9 @@ DEVICE_VARIANTS = [
     ("gaussian", True, "float"),
     ("gaussian", True, "optimal"),
     ("gaussian", True, "full_tensor"),
+    ("laplace", True, "float"),
+    ("laplace", True, "optimal"),
+    ("laplace", True, "full_tensor"),
 ]
 DEVICE_VARIANT_IDS = [f"{lik}-{'logits' if lg else 'probs'}-{ls}" for lik, lg, ls in DEVICE_VARIANTS]
 
@@ -128,7 +140,7 @@ def make_inputs(
     """
     g = torch.Generator().manual_seed(seed)
     shape = (batch, *sample_shape)
-    if likelihood == "gaussian":
+    if likelihood in SCALED:
         recon = torch.randn(shape, generator=g, dtype=torch.float64)
     elif logits:
         recon = 2.0 * torch.randn(shape, generator=g, dtype=torch.float64)
@@ -137,7 +149,7 @@ def make_inputs(
     target = torch.rand(shape, generator=g, dtype=torch.float64)
     binary = torch.rand(shape, generator=g, dtype=torch.float64) < 0.25
     target = torch.where(binary, target.round(), target)
-    if likelihood == "gaussian":
+    if likelihood in SCALED:
         target = 2 * target - 1
     mu = torch.randn((batch, *latent_shape), generator=g, dtype=torch.float64)
     logvar = 0.5 * torch.randn((batch, *latent_shape), generator=g, dtype=torch.float64)

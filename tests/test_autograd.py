@@ -388,7 +388,7 @@ def test_per_sample_upstream_gradients(likelihood, logits, ls_kind, reduction, f
     compare_to_reference(inputs, ls_kind, upstream=upstream, **loss_kw(likelihood, logits, reduction, free_bits))
 
 
-@pytest.mark.parametrize("likelihood,logits", [("bernoulli", True), ("cbernoulli", True), ("gaussian", True)])
+@pytest.mark.parametrize("likelihood,logits", [("bernoulli", True), ("cbernoulli", True), ("gaussian", True), ("laplace", True)])
 def test_gradient_of_rec_only_and_kl_only(likelihood, logits):
     # Only one of the two per-sample outputs feeds the objective: the other
     # op gets no (or a zero) upstream gradient.

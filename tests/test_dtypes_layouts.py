@@ -179,7 +179,7 @@ def test_uint8_target_half_precision_recon(dtype):
         (torch.bfloat16, torch.float16, (F32, F64), F32),
     ],
 )
-@pytest.mark.parametrize("likelihood,logits", [("bernoulli", True), ("cbernoulli", False), ("gaussian", True)])
+@pytest.mark.parametrize("likelihood,logits", [("bernoulli", True), ("cbernoulli", False), ("gaussian", True), ("laplace", True)])
 def test_mixed_dtypes_promote(likelihood, logits, recon_dtype, target_dtype, latent_dtypes, out_dtype):
     inp = make_inputs(likelihood, logits, F64, (5,))
     mixed = Inputs(inp.recon.to(recon_dtype), inp.target.to(target_dtype), inp.mu.to(latent_dtypes[0]), inp.logvar.to(latent_dtypes[1]))
@@ -344,7 +344,7 @@ def test_layouts_match_contiguous(likelihood, logits, ls_kind, layout, dtype):
     torch.testing.assert_close(recon.grad.double(), ref_g["recon"], rtol=rtol, atol=rtol / 10)
 
 
-@pytest.mark.parametrize("likelihood,logits", [("bernoulli", True), ("cbernoulli", True), ("gaussian", True)])
+@pytest.mark.parametrize("likelihood,logits", [("bernoulli", True), ("cbernoulli", True), ("gaussian", True), ("laplace", True)])
 def test_sliced_batch_and_expanded_target(likelihood, logits):
     inp = make_inputs(likelihood, logits, F64, (5,), batch=6, sample_shape=(2, 5, 3))
     kw = loss_kw(likelihood, logits, "none")

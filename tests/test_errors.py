@@ -104,7 +104,7 @@ VAE_LOSS_CASES = [
     ("beta", "0-d tensor on 'meta'", dict(beta=torch.tensor(1.0, device=META)), ValueError, "beta must be on the device of recon"),
     ("reduction", "'avg'", dict(reduction="avg"), ValueError, "reduction must be one of"),
     ("reduction", "None", dict(reduction=None), ValueError, "reduction must be one of"),
-    ("log_scale", "0.5 with `likelihood='bernoulli'`", dict(log_scale=0.5), ValueError, "log_scale is only used with likelihood='gaussian'"),
+    ("log_scale", "0.5 with `likelihood='bernoulli'`", dict(log_scale=0.5), ValueError, "log_scale is only used with a likelihood that has a scale ('gaussian', 'laplace')"),
     ("log_scale", "'bogus'", dict(likelihood="gaussian", log_scale="bogus"), ValueError, "log_scale must be a float, a tensor or 'optimal'"),
     ("log_scale", "inf", dict(likelihood="gaussian", log_scale=float("inf")), ValueError, "log_scale must be finite"),
     ("log_scale", "nan", dict(likelihood="gaussian", log_scale=float("nan")), ValueError, "log_scale must be finite"),
@@ -173,7 +173,7 @@ def _meta(*names, **change):
 
 
 _ALL_META = ("recon", "target", "mu", "logvar")
-_LIKELIHOODS = "expected likelihood to be 'bernoulli', 'cbernoulli' or 'gaussian', got "
+_LIKELIHOODS = "expected likelihood to be one of 'bernoulli', 'cbernoulli', 'gaussian', 'laplace', got "
 _REDUCTIONS = "expected reduction to be 'batchmean', 'sum', 'mean' or 'none', got "
 _FLOATING = "to be float32, float64, float16 or bfloat16, got "
 _AUX = "expected aux to be the fourth output of vae_loss for these arguments: contiguous, of shape "

@@ -33,6 +33,8 @@ CASES = [
     ("gaussian", True, "optimal", "mean", 0.3),
     ("gaussian", True, "scalar_tensor", "sum", 0.0),
     ("gaussian", True, "full_tensor", "batchmean", 0.1),
+    ("laplace", True, "optimal", "batchmean", 0.0),
+    ("laplace", True, "full_tensor", "none", 0.2),
 ]
 IDS = [f"{c[0]}-{'logits' if c[1] else 'probs'}-{c[2]}-{c[3]}-fb{c[4]}" for c in CASES]
 

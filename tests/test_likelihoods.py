@@ -244,7 +244,7 @@ def test_nan_in_recon_propagates(likelihood, logits, ls_kind, position):
         assert_grads_close(got_g, exp_g, RTOL64, ATOL64, equal_nan=True)
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "cbernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "cbernoulli", "gaussian", "laplace"])
 def test_large_random_logits_float32_finite(likelihood):
     # Wide-range logits: wherever the reference is finite the fused result is too.
     g = torch.Generator().manual_seed(3)

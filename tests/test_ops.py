@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fusedvae import reference
-from helpers import ATOL64, F32, F64, RTOL64, REDUCTIONS, make_inputs, make_log_scale
+from helpers import ATOL64, F32, F64, RTOL64, REDUCTIONS, SCALED, make_inputs, make_log_scale
 
 ops = torch.ops.fusedvae
 
@@ -33,6 +33,10 @@ OP_VARIANTS = [
     ("gaussian", True, "scalar_tensor"),
     ("gaussian", True, "float"),
     ("gaussian", True, "optimal"),
+    ("laplace", True, "full_tensor"),
+    ("laplace", True, "scalar_tensor"),
+    ("laplace", True, "float"),
+    ("laplace", True, "optimal"),
 ]
 OP_VARIANT_IDS = [f"{lik}-{'logits' if lg else 'probs'}-{ls}" for lik, lg, ls in OP_VARIANTS]
 BETAS = ["float", "tensor"]  # beta_value, or a 0-d tensor (requiring grad where grads are asked for)
@@ -103,7 +107,7 @@ def _reference_call(args):
     elif optimal:
         log_scale = "optimal"
     else:
-        log_scale = scale_value if likelihood == "gaussian" else None
+        log_scale = scale_value if likelihood in SCALED else None
     return reference.vae_loss(recon, target, mu, logvar, likelihood=likelihood, logits=logits,
                               beta=beta if beta is not None else beta_value, reduction=reduction,
                               log_scale=log_scale, free_bits=fb)
@@ -376,6 +380,8 @@ DEVICE_OP_VARIANTS = [
     ("gaussian", True, "scalar_tensor"),
     ("gaussian", True, "float"),
     ("gaussian", True, "optimal"),
+    ("laplace", True, "full_tensor"),
+    ("laplace", True, "optimal"),
 ]
 
 

@@ -67,7 +67,7 @@ def test_free_bits_matrix_exercises_both_sides_of_the_clamp():
     assert (mean < 0.6).any() and (mean > 0.6).any()
 
 
-@pytest.mark.parametrize("likelihood,logits", [("bernoulli", True), ("cbernoulli", False), ("gaussian", True)])
+@pytest.mark.parametrize("likelihood,logits", [("bernoulli", True), ("cbernoulli", False), ("gaussian", True), ("laplace", True)])
 def test_beta_tensor_matches_reference_and_gets_gradient(likelihood, logits):
     inputs = make_inputs(likelihood, logits, F64, (5,))
     beta = torch.tensor(2.5, dtype=F64, requires_grad=True)

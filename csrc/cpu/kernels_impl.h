@@ -28,8 +28,6 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-using math::Likelihood;
-
 // Elements per work item: large enough to amortise scheduling, small enough
 // that one image is split over both cores. A multiple of every vector width.
 constexpr int64_t kChunk = 16384;
@@ -150,25 +148,25 @@ void for_each_vector(int64_t batch, int64_t numel_per_sample, const Body& body) 
   });
 }
 
-template <Likelihood L, typename T, typename TargetT, typename ScaleT>
+template <class L, typename T, typename TargetT, typename ScaleT>
 void recon_forward_typed(const ReconProblem& p, acc_t<T>* rec) {
   using Acc = acc_t<T>;
   using O = VecOps<Acc>;
   const T* x = static_cast<const T*>(p.recon);
   const TargetT* t = static_cast<const TargetT*>(p.target);
-  if constexpr (L == Likelihood::kGaussian) {
+  if constexpr (L::kHasScale) {
     const ScaleT* s = static_cast<const ScaleT*>(p.log_scale);
     sum_per_sample<Acc>(p.batch, p.numel_per_sample, rec, [&](int64_t i, int64_t n) {
-      return math::gaussian_loss<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n));
+      return L::template loss<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n));
     });
   } else {
     sum_per_sample<Acc>(p.batch, p.numel_per_sample, rec, [&](int64_t i, int64_t n) {
-      return math::recon_loss<L, O>(load<Acc>(x + i, n), load<Acc>(t + i, n));
+      return L::template loss<O>(load<Acc>(x + i, n), load<Acc>(t + i, n));
     });
   }
 }
 
-template <Likelihood L, typename T, typename TargetT, typename ScaleT>
+template <class L, typename T, typename TargetT, typename ScaleT>
 void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* grad_x,
                           ScaleT* grad_s) {
   using Acc = acc_t<T>;
@@ -176,19 +174,18 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
   using Vec = at::vec::Vectorized<Acc>;
   const T* x = static_cast<const T*>(p.recon);
   const TargetT* t = static_cast<const TargetT*>(p.target);
-  if constexpr (L == Likelihood::kGaussian) {
+  if constexpr (L::kHasScale) {
     const ScaleT* s = static_cast<const ScaleT*>(p.log_scale);
     for_each_vector<Acc>(p.batch, p.numel_per_sample, [&](int64_t b, int64_t i, int64_t n) {
       Vec gx, gs;
-      math::gaussian_grad<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n), &gx,
-                             &gs);
+      L::template grad<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n), &gx, &gs);
       const Vec g(grad_rec[b]);
       store(grad_x + i, g * gx, n);
       if (grad_s != nullptr) store(grad_s + i, g * gs, n);
     });
   } else {
     for_each_vector<Acc>(p.batch, p.numel_per_sample, [&](int64_t b, int64_t i, int64_t n) {
-      const Vec local = math::recon_loss_grad<L, O>(load<Acc>(x + i, n), load<Acc>(t + i, n));
+      const Vec local = L::template grad<O>(load<Acc>(x + i, n), load<Acc>(t + i, n));
       store(grad_x + i, Vec(grad_rec[b]) * local, n);
     });
   }
@@ -198,7 +195,7 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
 void recon_loss_forward(const ReconProblem& p, void* rec) {
   dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
     using T = typename decltype(x_tag)::type;
-    recon_forward_typed<decltype(l)::value, T, typename decltype(t_tag)::type,
+    recon_forward_typed<typename decltype(l)::type, T, typename decltype(t_tag)::type,
                         typename decltype(s_tag)::type>(p, static_cast<acc_t<T>*>(rec));
   });
 }
@@ -208,7 +205,7 @@ void recon_loss_backward(const ReconProblem& p, const void* grad_rec, void* grad
   dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
     using T = typename decltype(x_tag)::type;
     using ScaleT = typename decltype(s_tag)::type;
-    recon_backward_typed<decltype(l)::value, T, typename decltype(t_tag)::type, ScaleT>(
+    recon_backward_typed<typename decltype(l)::type, T, typename decltype(t_tag)::type, ScaleT>(
         p, static_cast<const acc_t<T>*>(grad_rec), static_cast<T*>(grad_recon),
         static_cast<ScaleT*>(grad_log_scale));
   });

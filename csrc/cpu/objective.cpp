@@ -60,12 +60,12 @@ void forward(const ObjectiveProblem& p, Acc* loss, Acc* rec, Acc* kl, Acc* aux) 
     } else {
       Acc total = 0;
       for (int64_t b = 0; b < batch; ++b) total += rec[b];
-      s = optimal_log_scale(total / (Acc(batch) * Acc(o.n)));
+      s = optimal_log_scale(p.recon.likelihood, total / (Acc(batch) * Acc(o.n)));
     }
     aux[AuxLayout::kLogScale] = s;
     for (int64_t b = 0; b < batch; ++b) {
-      aux[layout.sse() + b] = rec[b];
-      rec[b] = gaussian_rec_from_sse(rec[b], s, o.n);
+      aux[layout.residual() + b] = rec[b];
+      rec[b] = shared_scale_terms(p.recon.likelihood, rec[b], s, o.n).rec;
     }
   }
 
@@ -112,26 +112,25 @@ void backward(const ObjectiveProblem& p, const OutputGrads& g, const Acc* aux,
   if (out.beta != nullptr) *static_cast<Acc*>(out.beta) = grad_beta;
 
   if (uses_shared_scale(o)) {
-    // ∂rec_b/∂s = N - SSE_b·e^{-2s}; ∂rec_b/∂x = e^{-2s}·(x - t), plus for
-    // "optimal" the path through s: ∂s/∂MSE · 2(x - t)/(B·N).
+    // rec_b = f(R_b, s): ∂loss/∂x = c_b·∂f/∂R_b·∂r/∂x, plus for "optimal" the
+    // path through s: Σ_b c_b·∂f/∂s · ds/dmean · ∂r/∂x / (B·N). The kernel
+    // multiplies ∂r/∂x (the residual's derivative) by the coefficient.
     const Acc s = aux[AuxLayout::kLogScale];
-    const Acc inv_var = std::exp(Acc(-2) * s);
-    Acc grad_s = 0;
+    const int likelihood = p.recon.likelihood;
+    Acc grad_s = 0, residual_sum = 0;
     for (int64_t b = 0; b < batch; ++b) {
-      grad_s += rec_coef[b] * (Acc(o.n) - aux[layout.sse() + b] * inv_var);
+      const Acc r = aux[layout.residual() + b];
+      grad_s += rec_coef[b] * shared_scale_terms(likelihood, r, s, o.n).d_scale;
+      residual_sum += r;
     }
     if (out.log_scale != nullptr) *static_cast<Acc*>(out.log_scale) = grad_s;
     Acc through_scale = 0;
     if (o.scale == ScaleKind::kOptimal) {
-      Acc sse = 0;
-      for (int64_t b = 0; b < batch; ++b) sse += aux[layout.sse() + b];
       const Acc bn = Acc(batch) * Acc(o.n);
-      through_scale = grad_s * optimal_log_scale_grad(sse / bn) * Acc(2) / bn;
+      through_scale = grad_s * optimal_log_scale_grad(likelihood, residual_sum / bn) / bn;
     }
-    // The squared-error kernel's derivative is 2(x - t).
-    for (int64_t b = 0; b < batch; ++b) {
-      rec_coef[b] = Acc(0.5) * (rec_coef[b] * inv_var + through_scale);
-    }
+    const Acc d_residual = shared_scale_terms(likelihood, Acc(0), s, o.n).d_residual;
+    for (int64_t b = 0; b < batch; ++b) rec_coef[b] = rec_coef[b] * d_residual + through_scale;
   }
   if (out.recon != nullptr) {
     kernels().recon_loss_backward(p.recon, rec_coef.data(), out.recon,

@@ -23,8 +23,6 @@ namespace fusedvae {
 namespace cuda {
 namespace {
 
-using math::Likelihood;
-
 // Threads per block: 8 warps, a multiple of 32 that block_sum's one-warp
 // second stage (kThreads / 32 <= 32 partial sums) relies on.
 constexpr int kThreads = 256;
@@ -80,7 +78,7 @@ __device__ __forceinline__ void store(T* ptr, int64_t i, const Acc (&in)[VEC]) {
 // ------------------------------------------------------------- per element --
 // Each functor maps element i (and, for maps, its sample b) to its result.
 
-template <Likelihood L, typename T, typename TargetT, typename ScaleT>
+template <class L, typename T, typename TargetT, typename ScaleT>
 struct ReconTerm {
   using Acc = acc_t<T>;
   const T* x;
@@ -92,14 +90,14 @@ struct ReconTerm {
     Acc xv[VEC], tv[VEC], sv[VEC];
     load<VEC>(x, i, xv);
     load<VEC>(t, i, tv);
-    if constexpr (L == Likelihood::kGaussian) load<VEC>(s, i, sv);
+    if constexpr (L::kHasScale) load<VEC>(s, i, sv);
     Acc total = 0;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      if constexpr (L == Likelihood::kGaussian) {
-        total += math::gaussian_loss<O>(xv[k], tv[k], sv[k]);
+      if constexpr (L::kHasScale) {
+        total += L::template loss<O>(xv[k], tv[k], sv[k]);
       } else {
-        total += math::recon_loss<L, O>(xv[k], tv[k]);
+        total += L::template loss<O>(xv[k], tv[k]);
       }
     }
     return total;
@@ -108,7 +106,7 @@ struct ReconTerm {
 
 // grad_x = g·∂ℓ/∂x (and grad_s = g·∂ℓ/∂s for the heteroscedastic Gaussian),
 // with g the sample's coefficient (objective.h).
-template <Likelihood L, typename T, typename TargetT, typename ScaleT>
+template <class L, typename T, typename TargetT, typename ScaleT>
 struct ReconGrad {
   using Acc = acc_t<T>;
   const T* x;
@@ -122,19 +120,19 @@ struct ReconGrad {
     Acc xv[VEC], tv[VEC], gx[VEC];
     load<VEC>(x, i, xv);
     load<VEC>(t, i, tv);
-    if constexpr (L == Likelihood::kGaussian) {
+    if constexpr (L::kHasScale) {
       Acc sv[VEC], gs[VEC];
       load<VEC>(s, i, sv);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        math::gaussian_grad<O>(xv[k], tv[k], sv[k], &gx[k], &gs[k]);
+        L::template grad<O>(xv[k], tv[k], sv[k], &gx[k], &gs[k]);
         gx[k] *= g;
         gs[k] *= g;
       }
       if (grad_s != nullptr) store<VEC>(grad_s, i, gs);
     } else {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) gx[k] = g * math::recon_loss_grad<L, O>(xv[k], tv[k]);
+      for (int k = 0; k < VEC; ++k) gx[k] = g * L::template grad<O>(xv[k], tv[k]);
     }
     store<VEC>(grad_x, i, gx);
   }
@@ -416,7 +414,7 @@ __global__ void __launch_bounds__(kThreads)
     double total = 0;
     for (int64_t c = 0; c < chunks; ++c) total += static_cast<double>(partial[b * chunks + c]);
     rec[b] = static_cast<Acc>(total);
-    if (!shared) aux[layout.sse() + b] = Acc(0);
+    if (!shared) aux[layout.residual() + b] = Acc(0);
   }
   if (!free_bits) {
     for (int64_t j = threadIdx.x; j < o.j; j += kThreads) aux[layout.kl_dim_mean() + j] = Acc(0);
@@ -438,11 +436,11 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       Acc part = 0;
       for (int64_t b = threadIdx.x; b < batch; b += kThreads) part += rec[b];
-      s = optimal_log_scale(block_sum_all(part) / (Acc(batch) * Acc(o.n)));
+      s = optimal_log_scale(p.recon.likelihood, block_sum_all(part) / (Acc(batch) * Acc(o.n)));
     }
     for (int64_t b = threadIdx.x; b < batch; b += kThreads) {
-      aux[layout.sse() + b] = rec[b];
-      rec[b] = gaussian_rec_from_sse(rec[b], s, o.n);
+      aux[layout.residual() + b] = rec[b];
+      rec[b] = shared_scale_terms(p.recon.likelihood, rec[b], s, o.n).rec;
     }
   }
   if (threadIdx.x == 0) {
@@ -469,9 +467,9 @@ __global__ void __launch_bounds__(kThreads)
 // needs them, in the same order in every block.
 template <typename Acc>
 struct BatchSums {
-  Acc weight = 0;  // Σ_b d loss / d loss_b
-  Acc grad_s = 0;  // Σ_b c_b·(N - SSE_b·e^{-2s}), c_b the coefficient of rec_b
-  Acc sse = 0;     // Σ_b SSE_b
+  Acc weight = 0;    // Σ_b d loss / d loss_b
+  Acc grad_s = 0;    // Σ_b c_b·∂rec_b/∂s, c_b the coefficient of rec_b
+  Acc residual = 0;  // Σ_b R_b
   Acc grad_beta = 0;
 };
 
@@ -491,14 +489,16 @@ __device__ BatchSums<Acc> batch_sums(const ObjectiveProblem& p, const OutputGrad
   const Objective& o = p.objective;
   const AuxLayout layout{o.batch, o.j};
   const Acc s = aux[AuxLayout::kLogScale];
-  const Acc inv_var = exp(Acc(-2) * s);
-  Acc weight = 0, grad_s = 0, sse = 0, grad_beta = 0;
+  Acc weight = 0, grad_s = 0, residual = 0, grad_beta = 0;
   for (int64_t b = threadIdx.x; b < o.batch; b += kThreads) {
     const Acc w = sample_weight(o, static_cast<const Acc*>(g.loss), g.loss_stride, b);
     weight += w;
-    const Acc sse_b = aux[layout.sse() + b];
-    grad_s += rec_coefficient<Acc>(p, g, b) * (Acc(o.n) - sse_b * inv_var);
-    sse += sse_b;
+    if (want_scale) {
+      const Acc r = aux[layout.residual() + b];
+      grad_s +=
+          rec_coefficient<Acc>(p, g, b) * shared_scale_terms(p.recon.likelihood, r, s, o.n).d_scale;
+      residual += r;
+    }
     const Acc kl_term = o.free_bits > 0 ? aux[AuxLayout::kFreeBitsTerm] : aux[layout.kl() + b];
     grad_beta += w * kl_weight<Acc>(o) * kl_term;
   }
@@ -506,13 +506,13 @@ __device__ BatchSums<Acc> batch_sums(const ObjectiveProblem& p, const OutputGrad
   if (want_weight) sums.weight = block_sum_all(weight);
   if (want_scale) {
     sums.grad_s = block_sum_all(grad_s);
-    sums.sse = block_sum_all(sse);
+    sums.residual = block_sum_all(residual);
   }
   if (want_beta) sums.grad_beta = block_sum_all(grad_beta);
   return sums;
 }
 
-template <int VEC, Likelihood L, typename T, typename TargetT, typename ScaleT>
+template <int VEC, class L, typename T, typename TargetT, typename ScaleT>
 __global__ void __launch_bounds__(kThreads)
     objective_backward_kernel(ObjectiveProblem p, OutputGrads g, const acc_t<T>* aux,
                               ObjectiveGrads out, Grid recon_grid, int64_t recon_blocks,
@@ -540,15 +540,16 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = blockIdx.x / recon_grid.chunks;
     Acc c = rec_coefficient<Acc>(p, g, b);
     if (shared) {
-      // ∂rec_b/∂x = e^{-2s}(x - t), plus for "optimal" the path through s;
-      // the squared-error kernel's derivative is 2(x - t).
-      const Acc inv_var = exp(Acc(-2) * aux[AuxLayout::kLogScale]);
+      // c_b·∂rec_b/∂R_b, plus for "optimal" the path through s; the kernel
+      // multiplies the residual's derivative by it (cpu/objective.cpp).
+      const Acc s = aux[AuxLayout::kLogScale];
       Acc through_scale = 0;
       if (o.scale == ScaleKind::kOptimal) {
         const Acc bn = Acc(o.batch) * Acc(o.n);
-        through_scale = sums.grad_s * optimal_log_scale_grad(sums.sse / bn) * Acc(2) / bn;
+        through_scale =
+            sums.grad_s * optimal_log_scale_grad(p.recon.likelihood, sums.residual / bn) / bn;
       }
-      c = Acc(0.5) * (c * inv_var + through_scale);
+      c = c * shared_scale_terms(p.recon.likelihood, Acc(0), s, o.n).d_residual + through_scale;
     }
     const ReconGrad<L, T, TargetT, ScaleT> body{
         static_cast<const T*>(p.recon.recon), static_cast<const TargetT*>(p.recon.target),
@@ -680,7 +681,7 @@ void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* k
       using ScaleT = typename decltype(s_tag)::type;
       using Acc = acc_t<T>;
       constexpr int VEC = vec_width<T>();
-      const ReconTerm<decltype(l)::value, T, TargetT, ScaleT> term{
+      const ReconTerm<typename decltype(l)::type, T, TargetT, ScaleT> term{
           static_cast<const T*>(p.recon.recon), static_cast<const TargetT*>(p.recon.target),
           static_cast<const ScaleT*>(p.recon.log_scale)};
       const bool vectorize = aligned<VEC>(batch, p.recon.numel_per_sample,
@@ -728,7 +729,7 @@ void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, con
     using T = typename decltype(x_tag)::type;
     using TargetT = typename decltype(t_tag)::type;
     using ScaleT = typename decltype(s_tag)::type;
-    constexpr auto L = decltype(l)::value;
+    using L = typename decltype(l)::type;
     constexpr int VEC = vec_width<T>();
     const bool vectorize = aligned<VEC>(
         o.batch, o.n,
