@@ -95,6 +95,9 @@ struct SharedScaleTerms {
   template <class Tag>
   FUSEDVAE_HD void operator()(Tag) {
     using L = typename Tag::type;
+    // A sample of no elements: rec is an empty sum, 0, whatever s is (s of an
+    // empty batch's "optimal" scale is NaN).
+    if (n == Acc(0)) return;
     if constexpr (L::kHasScale) {
       rec = L::template rec_from_residual<Acc>(r, s, n);
       d_residual = L::template rec_grad_residual<Acc>(s);

@@ -189,3 +189,31 @@ def test_matches_reference_float64_on_device(device, likelihood, logits, ls_kind
     cpu, cpu_g = run_loss(fusedvae.vae_loss, cpu_inputs, upstream=weighted_upstream, log_scale=cpu_ls, **kw)
     assert_outputs_close(got, cpu, rtol=1e-12, atol=1e-12)
     assert_grads_close(got_g, cpu_g, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shapes", [((0, 3, 4), (0, 5)), ((2, 0), (2, 5)), ((2, 3), (2, 0))],
+                         ids=["no_samples", "empty_sample", "empty_latent"])
+@pytest.mark.parametrize("likelihood,log_scale,reduction,free_bits", [
+    ("bernoulli", None, "batchmean", 0.0),
+    ("bernoulli", None, "none", 0.0),
+    ("cbernoulli", None, "mean", 0.5),
+    ("gaussian", "optimal", "sum", 0.0),
+    ("laplace", "optimal", "batchmean", 0.3),
+    ("gaussian", 0.2, "none", 0.0),
+])
+def test_empty_dimensions_match_reference(shapes, likelihood, log_scale, reduction, free_bits):
+    # Empty sums are 0 and means of nothing are NaN, exactly where PyTorch's are.
+    (x_shape, m_shape) = shapes
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(x_shape, generator=g, dtype=torch.float64).requires_grad_(),
+              torch.randn(m_shape, generator=g, dtype=torch.float64).requires_grad_(),
+              torch.randn(m_shape, generator=g, dtype=torch.float64).requires_grad_()]
+    target = torch.rand(x_shape, generator=g, dtype=torch.float64)
+    kw = dict(likelihood=likelihood, log_scale=log_scale, reduction=reduction, free_bits=free_bits)
+    outs = [fn(leaves[0], target, leaves[1], leaves[2], **kw) for fn in (fusedvae.vae_loss, reference.vae_loss)]
+    for got, exp in zip(*outs):
+        torch.testing.assert_close(got, exp, equal_nan=True)
+    grads = [torch.autograd.grad(o.loss.sum(), leaves, allow_unused=True) for o in outs]
+    for got, exp in zip(*grads):
+        exp = torch.zeros_like(got) if exp is None else exp
+        torch.testing.assert_close(got, exp, equal_nan=True)
