@@ -263,3 +263,25 @@ def test_large_random_logits_float32_finite(likelihood):
     torch.testing.assert_close(got.rec, exp.rec.float(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got_g["recon"], exp_g["recon"].float(), rtol=1e-5, atol=1e-7)
 
+
+
+def test_laplace_is_the_latent_diffusion_nll():
+    # latent diffusion's autoencoder loss without its perceptual and GAN terms
+    # (docs/weighting.md): Σ|x - x̂|·e^{-v} + v per pixel, batch mean, plus
+    # kl_weight times the batch-mean KL, equals the Laplace objective less N·log 2,
+    # with the same gradients (v a learned scalar).
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 8, 8, generator=g, dtype=F64) * 2 - 1
+    leaves = [torch.randn(3, 3, 8, 8, generator=g, dtype=F64).requires_grad_(),
+              torch.randn(3, 4, 2, 2, generator=g, dtype=F64).requires_grad_(),
+              torch.randn(3, 4, 2, 2, generator=g, dtype=F64).requires_grad_(),
+              torch.tensor(0.3, dtype=F64, requires_grad=True)]
+    x_hat, mu, lv, v = leaves
+    out = fusedvae.vae_loss(x_hat, x, mu, lv, likelihood="laplace", log_scale=v, beta=1e-6)
+    nll = (torch.abs(x - x_hat) / torch.exp(v) + v).sum() / 3
+    kl = (0.5 * (mu**2 + torch.exp(lv) - 1 - lv)).sum() / 3
+    ldm = nll + 1e-6 * kl
+    n = x[0].numel()
+    torch.testing.assert_close(out.loss, ldm + n * math.log(2), rtol=1e-12, atol=1e-12)
+    for got, exp in zip(torch.autograd.grad(out.loss, leaves), torch.autograd.grad(ldm, leaves)):
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-12)
