@@ -16,6 +16,7 @@ from ._ops import has_cuda_kernels
 from .functional import (
     VAELossOutput,
     continuous_bernoulli_log_normalizer,
+    continuous_bernoulli_mean,
     normalized_beta,
     unnormalized_beta,
     vae_loss,
@@ -26,6 +27,7 @@ __all__ = [
     "VAELoss",
     "VAELossOutput",
     "continuous_bernoulli_log_normalizer",
+    "continuous_bernoulli_mean",
     "controllers",
     "diagnostics",
     "has_cuda_kernels",

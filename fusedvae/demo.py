@@ -43,13 +43,13 @@ from torch import Tensor
 import fusedvae
 from .bench import eager_loss
 from .diagnostics import active_units, kl_per_dim
+from .functional import continuous_bernoulli_mean
 
 __all__ = [
     "ConvVAE",
     "LIKELIHOODS",
     "add_arguments",
     "classic_mistake_loss",
-    "continuous_bernoulli_mean",
     "load_digits_data",
     "load_photo_patches",
     "main",
@@ -62,35 +62,6 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Var_x(E_q[z_j | x]) > 0.01
 
 
 # --------------------------------------------------------------------------- math helpers
-
-
-def continuous_bernoulli_mean(logits: Tensor) -> Tensor:
-    r"""Mean of the continuous Bernoulli with logits η (λ = sigmoid(η)), computed stably.
-
-    The textbook form is :math:`\frac{\lambda}{2\lambda - 1} + \frac{1}{2\,\mathrm{atanh}(1 - 2\lambda)}`
-    (Loaiza-Ganem & Cunningham, 2019), which is 0/0 at λ = 1/2. With
-    :math:`2\lambda - 1 = \tanh(\eta/2)` and :math:`\mathrm{atanh}(1 - 2\lambda) = -\eta/2`
-    it is :math:`\frac{1}{1 - e^{-\eta}} - \frac{1}{\eta}`; we evaluate that with
-    ``expm1`` in float64, and for :math:`|\eta| < 10^{-3}` the series
-    :math:`\tfrac12 + \eta/12 - \eta^3/720` (next term :math:`\eta^5/30240`). The mean
-    is 1/2 at η = 0, tends to :math:`-1/\eta` as η → −∞ and to :math:`1 - 1/\eta` as η → +∞.
-
-    The decoder's λ = sigmoid(η) is *not* the mean of the distribution: it is pushed
-    towards 0 and 1 (a CB with λ = 0.3 has mean 0.43, one with λ = 0.9 has mean 0.67), so showing λ as the
-    reconstruction makes images look too contrasted -- a known mistake.
-
-    Args:
-        logits: η, any shape, a floating dtype.
-
-    Returns:
-        The mean, of the shape and dtype of ``logits``.
-    """
-    eta = logits.double()
-    small = eta.abs() < 1e-3
-    safe = torch.where(small, torch.ones_like(eta), eta)
-    direct = 1.0 / (-torch.expm1(-safe)) - 1.0 / safe
-    series = 0.5 + eta / 12.0 - eta.pow(3) / 720.0
-    return torch.where(small, series, direct).to(logits.dtype)
 
 
 def classic_mistake_loss(recon_logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:

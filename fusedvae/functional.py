@@ -16,6 +16,7 @@ __all__ = [
     "VAELossOutput",
     "vae_loss",
     "continuous_bernoulli_log_normalizer",
+    "continuous_bernoulli_mean",
     "normalized_beta",
     "unnormalized_beta",
 ]
@@ -185,6 +186,40 @@ def continuous_bernoulli_log_normalizer(logits: Tensor) -> Tensor:
     if logits.dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
     return ops.cb_log_normalizer(logits)
+
+
+def continuous_bernoulli_mean(logits: Tensor) -> Tensor:
+    r"""Mean of the continuous Bernoulli with logits η (λ = sigmoid(η)), computed stably.
+
+    The textbook form is :math:`\frac{\lambda}{2\lambda - 1} + \frac{1}{2\,\mathrm{atanh}(1 - 2\lambda)}`
+    (Loaiza-Ganem & Cunningham, 2019), which is 0/0 at λ = 1/2. With
+    :math:`2\lambda - 1 = \tanh(\eta/2)` and :math:`\mathrm{atanh}(1 - 2\lambda) = -\eta/2`
+    it is :math:`\frac{1}{1 - e^{-\eta}} - \frac{1}{\eta}`; we evaluate that with
+    ``expm1`` in float64, and for :math:`|\eta| < 10^{-3}` the series
+    :math:`\tfrac12 + \eta/12 - \eta^3/720` (next term :math:`\eta^5/30240`). The mean
+    is 1/2 at η = 0, tends to :math:`-1/\eta` as η → −∞ and to :math:`1 - 1/\eta` as η → +∞.
+
+    The decoder's λ = sigmoid(η) is *not* the mean of the distribution: it is pushed
+    towards 0 and 1 (a CB with λ = 0.3 has mean 0.43, one with λ = 0.9 has mean 0.67), so showing λ as the
+    reconstruction makes images look too contrasted -- a known mistake.
+
+    Args:
+        logits (Tensor): η, any shape, a floating dtype.
+
+    Returns:
+        Tensor: the mean, of the shape and dtype of ``logits``. Differentiable (plain
+        PyTorch operations).
+    """
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    eta = logits.double()
+    small = eta.abs() < 1e-3
+    safe = torch.where(small, torch.ones_like(eta), eta)
+    direct = 1.0 / (-torch.expm1(-safe)) - 1.0 / safe
+    series = 0.5 + eta / 12.0 - eta.pow(3) / 720.0
+    return torch.where(small, series, direct).to(logits.dtype)
 
 
 def normalized_beta(beta: float, latent_dim: int, input_dim: int) -> float:

@@ -21,69 +21,6 @@ from fusedvae import demo, diagnostics, reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# ----------------------------------------------------------------- continuous Bernoulli mean
-
-
-def _cb_mean_by_integration(eta: float) -> float:
-    """E[x] under the continuous Bernoulli with logits eta: ∫ x p(x) dx / ∫ p(x) dx, p ∝ λ^x (1-λ)^(1-x)."""
-    mpmath = pytest.importorskip("mpmath")
-    with mpmath.workdps(40):
-        e = mpmath.mpf(eta)
-        # λ^x (1-λ)^(1-x) ∝ exp(η x); the normaliser cancels in the ratio.
-        dens = lambda x: mpmath.exp(e * x)  # noqa: E731
-        num = mpmath.quad(lambda x: x * dens(x), [0, 1])
-        den = mpmath.quad(dens, [0, 1])
-        return float(num / den)
-
-
-def _logit(lam: float) -> float:
-    mpmath = pytest.importorskip("mpmath")
-    with mpmath.workdps(40):
-        lam = mpmath.mpf(lam)
-        return float(mpmath.log(lam / (1 - lam)))
-
-
-LAMBDAS = [1e-9, 1e-6, 1e-3, 0.05, 0.3, 0.49, 0.4999, 0.5 - 1e-8, 0.5, 0.5 + 1e-8, 0.5 + 1e-4, 0.51, 0.7,
-           0.95, 1 - 1e-3, 1 - 1e-6]
-
-
-@pytest.mark.parametrize("lam", LAMBDAS)
-def test_cb_mean_matches_numerical_integration_float64(lam):
-    eta = _logit(lam)
-    expected = _cb_mean_by_integration(eta)
-    got = demo.continuous_bernoulli_mean(torch.tensor([eta], dtype=torch.float64)).item()
-    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
-
-
-@pytest.mark.parametrize("eta", [-200.0, -30.0, -1.0, -1e-2, -1e-3, -9.99e-4, -1e-6, 0.0, 1e-7, 1e-3, 1.001e-3,
-                                 0.5, 30.0, 200.0])
-def test_cb_mean_float32_logits(eta):
-    x = torch.tensor([eta], dtype=torch.float32)
-    expected = _cb_mean_by_integration(float(x.item()))
-    got = demo.continuous_bernoulli_mean(x)
-    assert got.dtype == torch.float32
-    assert got.item() == pytest.approx(expected, rel=2e-7)
-
-
-def test_cb_mean_is_half_at_half_and_not_lambda():
-    eta = torch.tensor([0.0, _logit(0.3), _logit(0.9)], dtype=torch.float64)
-    mean = demo.continuous_bernoulli_mean(eta)
-    assert mean[0].item() == 0.5
-    # λ is pushed to the extremes relative to the mean: showing λ is the known mistake.
-    assert 0.3 < mean[1].item() < 0.5 and 0.5 < mean[2].item() < 0.9
-    # Agrees with torch.distributions away from its unstable region.
-    cb = torch.distributions.ContinuousBernoulli(logits=eta[1:])
-    torch.testing.assert_close(mean[1:], cb.mean, rtol=1e-10, atol=0)
-
-
-def test_cb_mean_is_smooth_across_the_series_switch():
-    eta = torch.linspace(-2e-3, 2e-3, 4001, dtype=torch.float64)
-    mean = demo.continuous_bernoulli_mean(eta)
-    # d mean / d eta = 1/12 near 0: consecutive differences are all (nearly) equal.
-    d = mean.diff() / eta.diff()
-    assert (d - 1 / 12).abs().max().item() < 1e-6
-
-
 # ----------------------------------------------------------------- losses
 
 
