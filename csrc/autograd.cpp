@@ -65,11 +65,12 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
 
 using VaeLossOp = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-    c10::string_view, bool, c10::string_view, double, bool, double, double);
+    c10::string_view, bool, c10::string_view, double, bool, double, double, const OptTensor&);
 using VaeLossBackwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
-    c10::string_view, bool, c10::string_view, double, bool, double, double, std::array<bool, 4>);
+    c10::string_view, bool, c10::string_view, double, bool, double, double, std::array<bool, 4>,
+    const OptTensor&);
 
 const c10::TypedOperatorHandle<VaeLossOp>& vae_loss_op() {
   static const auto op = find_op<VaeLossOp>("fusedvae::vae_loss");
@@ -81,7 +82,8 @@ const c10::TypedOperatorHandle<VaeLossBackwardOp>& vae_loss_backward_op() {
   return op;
 }
 
-// The non-tensor arguments of vae_loss, kept for the backward.
+// The arguments of vae_loss that are no inputs of the node (the weight
+// receives no gradient), kept for the backward.
 struct VaeLossOptions {
   std::string likelihood;
   bool logits;
@@ -90,6 +92,7 @@ struct VaeLossOptions {
   bool optimal_scale;
   double beta_value;
   double free_bits;
+  OptTensor weight;
 };
 
 class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
@@ -102,10 +105,10 @@ class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(loss, rec, kl, aux) = vae_loss_op().call(
           recon, target, mu, logvar, log_scale, beta, o.likelihood, o.logits, o.reduction,
-          o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits);
+          o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits, o.weight);
     }
-    ctx->save_for_backward(
-        {recon, target, mu, logvar, log_scale.value_or(Tensor()), beta.value_or(Tensor()), aux});
+    ctx->save_for_backward({recon, target, mu, logvar, log_scale.value_or(Tensor()),
+                            beta.value_or(Tensor()), aux, o.weight.value_or(Tensor())});
     ctx->saved_data["likelihood"] = o.likelihood;
     ctx->saved_data["logits"] = o.logits;
     ctx->saved_data["reduction"] = o.reduction;
@@ -137,11 +140,11 @@ class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
     const VaeLossOptions o{d["likelihood"].toStringRef(), d["logits"].toBool(),
                            d["reduction"].toStringRef(),  d["log_scale_value"].toDouble(),
                            d["optimal_scale"].toBool(),   d["beta_value"].toDouble(),
-                           d["free_bits"].toDouble()};
+                           d["free_bits"].toDouble(),     optional(saved[7])};
     auto [grad_recon, grad_mu, grad_logvar, grad_scale, grad_beta] = vae_loss_backward_op().call(
         optional(grads[0]), optional(grads[1]), optional(grads[2]), saved[0], saved[1], saved[2],
         saved[3], optional(saved[4]), optional(saved[5]), saved[6], o.likelihood, o.logits,
-        o.reduction, o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits, mask);
+        o.reduction, o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits, mask, o.weight);
     if (mask[0]) result[0] = grad_recon;
     if (ctx->needs_input_grad(2)) result[2] = grad_mu;
     if (ctx->needs_input_grad(3)) result[3] = grad_logvar;
@@ -155,15 +158,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_autograd(
     const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar,
     const OptTensor& log_scale, const OptTensor& beta, c10::string_view likelihood, bool logits,
     c10::string_view reduction, double log_scale_value, bool optimal_scale, double beta_value,
-    double free_bits) {
-  refuse_tangents("vae_loss", recon, target, mu, logvar, log_scale, beta);
+    double free_bits, const OptTensor& weight) {
+  refuse_tangents("vae_loss", recon, target, mu, logvar, log_scale, beta, weight);
   const bool record = at::GradMode::is_enabled() &&
                       (requires_grad(recon) || requires_grad(mu) || requires_grad(logvar) ||
                        requires_grad(log_scale) || requires_grad(beta));
   if (!record) {  // no_grad, inference_mode, or nothing to differentiate: nothing is saved
     at::AutoDispatchBelowADInplaceOrView below;
     return vae_loss_op().call(recon, target, mu, logvar, log_scale, beta, likelihood, logits,
-                              reduction, log_scale_value, optimal_scale, beta_value, free_bits);
+                              reduction, log_scale_value, optimal_scale, beta_value, free_bits,
+                              weight);
   }
   const VaeLossOptions options{std::string(likelihood),
                                logits,
@@ -171,7 +175,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss_autograd(
                                log_scale_value,
                                optimal_scale,
                                beta_value,
-                               free_bits};
+                               free_bits,
+                               weight};
   const variable_list out =
       VaeLossFunction::apply(recon, target, mu, logvar, log_scale, beta, options);
   return {out[0], out[1], out[2], out[3]};
@@ -262,13 +267,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward_autograd(
     const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar,
     const OptTensor& log_scale, const OptTensor& beta, const Tensor& aux,
     c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
-    bool optimal_scale, double beta_value, double free_bits, std::array<bool, 4> output_mask) {
+    bool optimal_scale, double beta_value, double free_bits, std::array<bool, 4> output_mask,
+    const OptTensor& weight) {
   Tensor a, b, c, d, e;
   {
     at::AutoDispatchBelowADInplaceOrView below;
     std::tie(a, b, c, d, e) = vae_loss_backward_op().call(
         grad_loss, grad_rec, grad_kl, recon, target, mu, logvar, log_scale, beta, aux, likelihood,
-        logits, reduction, log_scale_value, optimal_scale, beta_value, free_bits, output_mask);
+        logits, reduction, log_scale_value, optimal_scale, beta_value, free_bits, output_mask,
+        weight);
   }
   const variable_list out = refuse_second_order(
       "vae_loss_backward",

@@ -27,6 +27,22 @@ enum class DType : int {
   kBool = 5,   // read as 0 or 1
 };
 
+// A per-element weight broadcast over recon (the `weight` of vae_loss), read
+// where it lies, never expanded: element k of sample b (k in recon's memory
+// order within the sample) has weight data[b·batch_stride + Σ_d c_d·strides[d]]
+// with (c_0, ..., c_{dims-1}) the digits of k in the mixed radix `sizes`
+// (outermost first). Adjacent dimensions are merged where the strides allow,
+// so a weight of recon's layout has one dimension of stride 1 and a
+// per-sample one a single dimension of stride 0.
+constexpr int kMaxWeightDims = 8;
+struct WeightView {
+  const void* data;  // in the accumulation type; null: every weight is 1
+  int64_t batch_stride;
+  int dims;
+  int64_t sizes[kMaxWeightDims];
+  int64_t strides[kMaxWeightDims];
+};
+
 // A reconstruction problem: recon x, target t and, for a scaled likelihood
 // with a log-scale per element, s shaped like x (otherwise null). Each is read in
 // its own dtype and converted on load, so no promoted copy is ever made; the
@@ -46,6 +62,7 @@ struct ReconProblem {
   int likelihood;     // the index of its traits type in math::Likelihoods
   bool shared_scale;  // a scaled likelihood with one log-scale for the batch: the
                       // kernels sum its residual (math::ResidualOf) instead of ℓ
+  WeightView weight;  // each element's ℓ (or residual) and its derivatives times w
 };
 
 // A diagonal-Gaussian posterior: mu and logvar, both dense [batch, latent].
@@ -76,6 +93,11 @@ struct ObjectiveProblem {
   Objective objective;
   const void* log_scale_scalar;  // ScaleKind::kTensor: one value of the accumulation type
   const void* beta;  // one value of the accumulation type, or null: objective.beta_value
+  // With a weight and a shared scale: W_b = Σ_i w_bi per sample (accumulation
+  // type, at stride weight_sums_stride), which stands for N in the closed form;
+  // null: N.
+  const void* weight_sums;
+  int64_t weight_sums_stride;
 };
 
 // The outputs of the objective's backward, each null where not wanted:

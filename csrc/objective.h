@@ -95,8 +95,8 @@ struct SharedScaleTerms {
   template <class Tag>
   FUSEDVAE_HD void operator()(Tag) {
     using L = typename Tag::type;
-    // A sample of no elements: rec is an empty sum, 0, whatever s is (s of an
-    // empty batch's "optimal" scale is NaN).
+    // A sample of no elements (or of weight 0): rec is an empty sum, 0,
+    // whatever s is (s of an empty batch's "optimal" scale is NaN).
     if (n == Acc(0)) return;
     if constexpr (L::kHasScale) {
       rec = L::template rec_from_residual<Acc>(r, s, n);
@@ -106,9 +106,10 @@ struct SharedScaleTerms {
   }
 };
 
+// n: the sample's elements, or with weights its weight sum W_b.
 template <typename Acc>
-FUSEDVAE_HD SharedScaleTerms<Acc> shared_scale_terms(int likelihood, Acc r, Acc s, int64_t n) {
-  SharedScaleTerms<Acc> terms{r, s, Acc(n)};
+FUSEDVAE_HD SharedScaleTerms<Acc> shared_scale_terms(int likelihood, Acc r, Acc s, Acc n) {
+  SharedScaleTerms<Acc> terms{r, s, n};
   math::visit_likelihood(likelihood, terms);
   return terms;
 }
@@ -141,6 +142,13 @@ FUSEDVAE_HD Acc optimal_log_scale_grad(int likelihood, Acc mean_residual) {
   MaxLikelihoodScale<Acc> ml{mean_residual};
   math::visit_likelihood(likelihood, ml);
   return softplus_grad(ml.log_scale - Acc(kOptimalLogScaleMin)) * ml.grad;
+}
+
+// What stands for the element count N of sample b in a shared-scale closed
+// form: N, or with weights the sample's weight sum W_b.
+template <typename Acc>
+FUSEDVAE_HD Acc element_count(const void* weight_sums, int64_t stride, int64_t n, int64_t b) {
+  return weight_sums == nullptr ? Acc(n) : static_cast<const Acc*>(weight_sums)[b * stride];
 }
 
 // max(λ, m), NaN kept (torch.clamp(m, min=λ)).

@@ -6,6 +6,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/ScalarType.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <optional>
@@ -160,7 +161,7 @@ const void* scalar_operand(const Tensor& t, const char* name, const Tensor& ref,
 // The arguments of vae_loss and vae_loss_backward, checked, in the working
 // layout, as the kernels' ObjectiveProblem.
 struct ObjectiveInputs {
-  Tensor recon, target, mu, logvar, log_scale, log_scale_scalar, beta;
+  Tensor recon, target, mu, logvar, log_scale, log_scale_scalar, beta, weight, weight_sums;
   bool per_element_scale = false;
   at::ScalarType acc;
   ObjectiveProblem problem;
@@ -169,7 +170,7 @@ struct ObjectiveInputs {
                   const Tensor& logvar_in, const std::optional<Tensor>& log_scale_in,
                   const std::optional<Tensor>& beta_in, c10::string_view likelihood, bool logits,
                   c10::string_view reduction, double log_scale_value, bool optimal_scale,
-                  double beta_value, double free_bits) {
+                  double beta_value, double free_bits, const std::optional<Tensor>& weight_in) {
     const int kind = parse_likelihood(likelihood, logits);
     const Reduction reduction_kind = parse_reduction(reduction);
     const DType dtype = to_dtype(recon_in, "recon");
@@ -265,6 +266,74 @@ struct ObjectiveInputs {
         Objective{batch, n, j, reduction_kind, scale, log_scale_value, beta_value, free_bits};
     problem.log_scale_scalar = scale_scalar;
     problem.beta = beta_ptr;
+    problem.recon.weight = WeightView{nullptr, 0, 1, {1}, {0}};
+    problem.weight_sums = nullptr;
+    problem.weight_sums_stride = 0;
+    if (weight_in.has_value()) set_weight(*weight_in, recon_in, shared_scale);
+  }
+
+  // The weight as the kernels read it (WeightView): in the accumulation type,
+  // broadcast by strides, and with a shared scale each sample's weight sum.
+  void set_weight(const Tensor& w, const Tensor& recon_in, bool shared_scale) {
+    check_same_device(w, "weight", recon_in, "recon");
+    TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()),
+                     "fusedvae: expected weight to be a floating-point tensor, got ",
+                     w.scalar_type());
+    TORCH_CHECK_VALUE(
+        w.dim() <= recon_in.dim() && at::is_expandable_to(w.sizes(), recon_in.sizes()),
+        "fusedvae: expected weight broadcastable to ", recon_in.sizes(),
+        " (the shape of recon), got ", w.sizes());
+    weight = w.scalar_type() == acc ? w : w.to(acc);
+    const Tensor expanded = weight.expand(recon_in.sizes());  // a view, stride 0 where broadcast
+    // The sample's dimensions in the working layout's memory order, outermost
+    // first, with the weight's strides; size-1 dimensions dropped, adjacent
+    // ones merged where the weight's strides allow.
+    std::vector<int64_t> dims;
+    for (int64_t d = 1; d < recon.dim(); ++d) {
+      if (recon.size(d) > 1) dims.push_back(d);
+    }
+    std::stable_sort(dims.begin(), dims.end(),
+                     [&](int64_t a, int64_t b) { return recon.stride(a) > recon.stride(b); });
+    WeightView& view = problem.recon.weight;
+    view.dims = 0;
+    for (int64_t d : dims) {
+      const int64_t size = recon.size(d);
+      const int64_t stride = expanded.stride(d);
+      if (view.dims > 0 && view.strides[view.dims - 1] == stride * size) {
+        view.sizes[view.dims - 1] *= size;
+        view.strides[view.dims - 1] = stride;
+        continue;
+      }
+      TORCH_CHECK(view.dims < kMaxWeightDims, "fusedvae: expected weight to vary over at most ",
+                  kMaxWeightDims, " dimensions after merging, got more");
+      view.sizes[view.dims] = size;
+      view.strides[view.dims] = stride;
+      ++view.dims;
+    }
+    if (view.dims == 0) {
+      view.dims = 1;
+      view.sizes[0] = 1;
+      view.strides[0] = 0;
+    }
+    view.batch_stride = expanded.stride(0);
+    view.data = weight.const_data_ptr();
+    if (!shared_scale) return;
+    // W_b: the weight's own sum within a sample, times how often broadcasting
+    // repeats it.
+    std::vector<int64_t> padded(static_cast<size_t>(recon_in.dim() - weight.dim()), 1);
+    padded.insert(padded.end(), weight.sizes().begin(), weight.sizes().end());
+    const Tensor w_padded = weight.reshape(padded);
+    std::vector<int64_t> sample_dims;
+    double repeats = 1;
+    for (int64_t d = 1; d < recon_in.dim(); ++d) {
+      sample_dims.push_back(d);
+      if (w_padded.size(d) == 1) repeats *= static_cast<double>(recon_in.size(d));
+    }
+    const Tensor sums =
+        sample_dims.empty() ? w_padded.reshape({w_padded.size(0)}) : w_padded.sum(sample_dims);
+    weight_sums = sums.mul(repeats).contiguous();
+    problem.weight_sums = weight_sums.const_data_ptr();
+    problem.weight_sums_stride = weight_sums.size(0) == 1 ? 0 : 1;
   }
 };
 
@@ -314,10 +383,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss(
     const Backend& backend, const Tensor& recon, const Tensor& target, const Tensor& mu,
     const Tensor& logvar, const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta,
     c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
-    bool optimal_scale, double beta_value, double free_bits) {
+    bool optimal_scale, double beta_value, double free_bits, const std::optional<Tensor>& weight) {
   const c10::OptionalDeviceGuard guard(recon.device());
   ObjectiveInputs in(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
-                     log_scale_value, optimal_scale, beta_value, free_bits);
+                     log_scale_value, optimal_scale, beta_value, free_bits, weight);
   const Objective& o = in.problem.objective;
   const auto options = recon.options().dtype(in.acc);
   Tensor loss =
@@ -336,10 +405,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward(
     const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar,
     const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta, const Tensor& aux,
     c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
-    bool optimal_scale, double beta_value, double free_bits, std::array<bool, 4> output_mask) {
+    bool optimal_scale, double beta_value, double free_bits, std::array<bool, 4> output_mask,
+    const std::optional<Tensor>& weight) {
   const c10::OptionalDeviceGuard guard(recon.device());
   ObjectiveInputs in(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
-                     log_scale_value, optimal_scale, beta_value, free_bits);
+                     log_scale_value, optimal_scale, beta_value, free_bits, weight);
   const Objective& o = in.problem.objective;
   check_same_device(aux, "aux", recon, "recon");
   const int64_t aux_size = AuxLayout{o.batch, o.j}.size();

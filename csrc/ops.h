@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss(
     const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
     const std::optional<at::Tensor>& beta, c10::string_view likelihood, bool logits,
     c10::string_view reduction, double log_scale_value, bool optimal_scale, double beta_value,
-    double free_bits);
+    double free_bits, const std::optional<at::Tensor>& weight);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward(
     const Backend& backend, const std::optional<at::Tensor>& grad_loss,
@@ -43,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
     const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
     const std::optional<at::Tensor>& beta, const at::Tensor& aux, c10::string_view likelihood,
     bool logits, c10::string_view reduction, double log_scale_value, bool optimal_scale,
-    double beta_value, double free_bits, std::array<bool, 4> output_mask);
+    double beta_value, double free_bits, std::array<bool, 4> output_mask,
+    const std::optional<at::Tensor>& weight);
 
 at::Tensor gaussian_kl_per_dim(const Backend& backend, const at::Tensor& mu,
                                const at::Tensor& logvar);

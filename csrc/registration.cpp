@@ -60,11 +60,12 @@ TORCH_LIBRARY(fusedvae, m) {
   // needs (AuxLayout). likelihood: a name of math::kLikelihoodTable. A
   // scaled likelihood's log-scale is log_scale (0-d, or broadcastable to recon), else
   // log_scale_value, or the batch optimum where optimal_scale; β is beta where
-  // given, else beta_value.
+  // given, else beta_value. weight, broadcastable to recon, multiplies each
+  // element's term in rec and receives no gradient.
   m.def(
       "vae_loss(Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor? log_scale, "
       "Tensor? beta, str likelihood, bool logits, str reduction, float log_scale_value, "
-      "bool optimal_scale, float beta_value, float free_bits) "
+      "bool optimal_scale, float beta_value, float free_bits, Tensor? weight=None) "
       "-> (Tensor loss, Tensor rec, Tensor kl, Tensor aux)");
   // Gradients of recon, mu, logvar, log_scale and beta from the gradients of
   // any subset of (loss, rec, kl); output_mask selects (recon, mu and logvar,
@@ -73,7 +74,7 @@ TORCH_LIBRARY(fusedvae, m) {
       "vae_loss_backward(Tensor? grad_loss, Tensor? grad_rec, Tensor? grad_kl, Tensor recon, "
       "Tensor target, Tensor mu, Tensor logvar, Tensor? log_scale, Tensor? beta, Tensor aux, "
       "str likelihood, bool logits, str reduction, float log_scale_value, bool optimal_scale, "
-      "float beta_value, float free_bits, bool[4] output_mask) "
+      "float beta_value, float free_bits, bool[4] output_mask, Tensor? weight=None) "
       "-> (Tensor grad_recon, Tensor grad_mu, Tensor grad_logvar, Tensor grad_log_scale, "
       "Tensor grad_beta)");
   // KL(N(mu, exp(logvar)) || N(0, I)) per latent dimension, shaped like mu.

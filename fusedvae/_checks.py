@@ -85,6 +85,7 @@ def check_vae_loss_args(
     log_scale: LogScale,
     free_bits: float,
     validate: bool,
+    weight: Optional[Tensor] = None,
 ) -> None:
     """Raise TypeError/ValueError for any argument vae_loss cannot take."""
     _check_float_tensor(recon, "recon")
@@ -133,6 +134,7 @@ def check_vae_loss_args(
         raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension), got {free_bits}")
 
     _check_log_scale(log_scale, likelihood, recon)
+    _check_weight(weight, recon)
 
     if not isinstance(validate, bool):
         raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
@@ -172,6 +174,29 @@ def _check_log_scale(log_scale: LogScale, likelihood: str, recon: Tensor) -> Non
         raise ValueError(
             f"log_scale must be a 0-d tensor or broadcastable to the shape of recon "
             f"{tuple(recon.shape)}, got shape {tuple(log_scale.shape)}"
+        )
+
+
+def _check_weight(weight, recon: Tensor) -> None:
+    if weight is None:
+        return
+    _check_tensor(weight, "weight")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    _check_device(weight, "weight", recon)
+    if weight.requires_grad:
+        raise ValueError(
+            "weight must not require grad: the loss has no gradient with respect to weight "
+            "(call weight.detach())"
+        )
+    try:
+        shape = torch.broadcast_shapes(weight.shape, recon.shape)
+    except RuntimeError:
+        shape = None
+    if shape != recon.shape:
+        raise ValueError(
+            f"weight must be broadcastable to the shape of recon {tuple(recon.shape)}, "
+            f"got shape {tuple(weight.shape)}"
         )
 
 

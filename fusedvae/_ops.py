@@ -58,7 +58,7 @@ def _aux_size(batch, latent):
     return 2 + 2 * batch + latent
 
 
-def _check_objective_options(recon, log_scale, beta, likelihood, reduction, optimal_scale, free_bits):
+def _check_objective_options(recon, log_scale, beta, likelihood, reduction, optimal_scale, free_bits, weight):
     # As ObjectiveInputs in csrc/ops.cpp, for what a meta call must not slip past.
     torch._check(recon.dtype in FLOAT_DTYPES, lambda: f"fusedvae: expected recon to be float32, float64, float16 or bfloat16, got {recon.dtype}")
     torch._check(likelihood in LIKELIHOODS, lambda: f"fusedvae: expected likelihood to be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -68,6 +68,15 @@ def _check_objective_options(recon, log_scale, beta, likelihood, reduction, opti
         likelihood in SCALED_LIKELIHOODS or (log_scale is None and not optimal_scale),
         lambda: f"fusedvae: likelihood '{likelihood}' takes no log_scale",
     )
+    if weight is not None:
+        torch._check(
+            weight.device == recon.device,
+            lambda: f"fusedvae: expected weight on the device of recon ({recon.device}), got {weight.device}",
+        )
+        torch._check(
+            weight.dtype.is_floating_point,
+            lambda: f"fusedvae: expected weight to be a floating-point tensor, got {weight.dtype}",
+        )
     for value, name in ((log_scale, "log_scale"), (beta, "beta")):
         if value is not None:
             # a 0-d log_scale or beta may also live on the CPU
@@ -79,9 +88,9 @@ def _check_objective_options(recon, log_scale, beta, likelihood, reduction, opti
 
 @torch.library.register_fake("fusedvae::vae_loss")
 def _vae_loss_fake(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
-                   log_scale_value, optimal_scale, beta_value, free_bits):
+                   log_scale_value, optimal_scale, beta_value, free_bits, weight=None):
     _check_objective_args(recon, target, mu, logvar)
-    _check_objective_options(recon, log_scale, beta, likelihood, reduction, optimal_scale, free_bits)
+    _check_objective_options(recon, log_scale, beta, likelihood, reduction, optimal_scale, free_bits, weight)
     acc = accumulate_dtype(recon.dtype)
     batch = recon.shape[0]
     latent = mu.numel() // batch if batch else 0
@@ -97,9 +106,9 @@ def _vae_loss_fake(recon, target, mu, logvar, log_scale, beta, likelihood, logit
 @torch.library.register_fake("fusedvae::vae_loss_backward")
 def _vae_loss_backward_fake(grad_loss, grad_rec, grad_kl, recon, target, mu, logvar, log_scale,
                             beta, aux, likelihood, logits, reduction, log_scale_value,
-                            optimal_scale, beta_value, free_bits, output_mask):
+                            optimal_scale, beta_value, free_bits, output_mask, weight=None):
     _check_objective_args(recon, target, mu, logvar)
-    _check_objective_options(recon, log_scale, beta, likelihood, reduction, optimal_scale, free_bits)
+    _check_objective_options(recon, log_scale, beta, likelihood, reduction, optimal_scale, free_bits, weight)
     batch = recon.shape[0]
     _check_like(aux, "aux", recon.new_empty((_aux_size(batch, mu.numel() // batch if batch else 0),)), "vae_loss's aux")
     for grad, name in ((grad_loss, "grad_loss"), (grad_rec, "grad_rec"), (grad_kl, "grad_kl")):

@@ -34,6 +34,7 @@ def vae_loss(
     reduction: str = "batchmean",
     log_scale: LogScale = None,
     free_bits: float = 0.0,
+    weight: Optional[Tensor] = None,
     validate: bool = False,
 ) -> VAELossOutput:
     r"""The VAE objective -ELBO = reconstruction NLL + β·KL, fused.
@@ -89,6 +90,14 @@ def vae_loss(
         free_bits (float, optional): free bits λ in nats per latent dimension (Kingma et al.
             2016): the KL term becomes ``Σ_j max(λ, mean_b kl_bj)``, the same for every
             sample. Default: ``0.0``.
+        weight (Tensor, optional): a floating-point tensor broadcastable to ``recon``
+            (per sample ``[B, 1, 1, 1]``, per channel ``[1, C, 1, 1]``, per pixel) that
+            multiplies each element's ℓ in ``rec``, as ``weight`` does in
+            :func:`torch.nn.functional.binary_cross_entropy`. The kernels read it where it
+            lies, without expanding it to ``recon``'s size. It receives no gradient. With
+            ``reduction="mean"`` the per-sample sums are still divided by N; with
+            ``log_scale="optimal"`` the scale is the weighted maximum-likelihood one
+            (σ² = Σ w·r²/Σ w, b = Σ w·|r|/Σ w). Default: ``None``.
         validate (bool, optional): check that Bernoulli targets (and probabilities) lie in
             ``[0, 1]``; this syncs with the device. Default: ``False``.
 
@@ -104,10 +113,11 @@ def vae_loss(
         >>> out.loss.backward()
     """
     _checks.check_vae_loss_args(
-        recon, target, mu, logvar, likelihood, logits, beta, reduction, log_scale, free_bits, validate
+        recon, target, mu, logvar, likelihood, logits, beta, reduction, log_scale, free_bits, validate,
+        weight,
     )
     in_dtypes = (recon.dtype, target.dtype, mu.dtype, logvar.dtype)
-    recon, target, log_scale, mu, logvar = _as_read(recon, target, log_scale, mu, logvar)
+    recon, target, log_scale, mu, logvar, weight = _as_read(recon, target, log_scale, mu, logvar, weight)
     scale_tensor = log_scale if isinstance(log_scale, Tensor) else None
     optimal = isinstance(log_scale, str)
     scale_value = float(log_scale) if not (optimal or scale_tensor is not None or log_scale is None) else 0.0
@@ -115,7 +125,7 @@ def vae_loss(
     beta_value = 0.0 if beta_tensor is not None else float(beta)
     loss, rec, kl, _ = _vae_loss_op(
         recon, target, mu, logvar, scale_tensor, beta_tensor, likelihood, logits, reduction,
-        scale_value, optimal, beta_value, float(free_bits),
+        scale_value, optimal, beta_value, float(free_bits), weight,
     )
     if recon.dtype == torch.float64 and torch.float64 not in in_dtypes[:2]:
         rec = rec.float()  # computed in float64 for the latents' sake; rec's own inputs are narrower
@@ -127,7 +137,7 @@ def vae_loss(
 _vae_loss_op = ops.vae_loss.default
 
 
-def _as_read(recon: Tensor, target: Tensor, log_scale, mu: Tensor, logvar: Tensor):
+def _as_read(recon: Tensor, target: Tensor, log_scale, mu: Tensor, logvar: Tensor, weight: Optional[Tensor]):
     """The tensors in the dtypes the op reads them in (``ObjectiveProblem`` in
     csrc/kernels.h): each as it is, with float32 sums, and no copy; but float64
     anywhere makes every floating one float64 (float64 sums, as PyTorch's type
@@ -135,8 +145,8 @@ def _as_read(recon: Tensor, target: Tensor, log_scale, mu: Tensor, logvar: Tenso
     dtype other than recon's or float32 is read as float32.
     """
     full_scale = log_scale if isinstance(log_scale, Tensor) and log_scale.dim() > 0 else None
-    wide = torch.float64 in (recon.dtype, target.dtype, mu.dtype, logvar.dtype) or (
-        full_scale is not None and full_scale.dtype == torch.float64
+    wide = torch.float64 in (recon.dtype, target.dtype, mu.dtype, logvar.dtype) or any(
+        t is not None and t.dtype == torch.float64 for t in (full_scale, weight)
     )
     if wide:
         recon, target, full_scale, mu, logvar = (
@@ -149,7 +159,7 @@ def _as_read(recon: Tensor, target: Tensor, log_scale, mu: Tensor, logvar: Tenso
         if full_scale.dtype not in (recon.dtype, torch.float32):
             full_scale = full_scale.float()
         log_scale = full_scale
-    return recon, target, log_scale, mu, logvar
+    return recon, target, log_scale, mu, logvar, weight
 
 
 def _promote(*tensors):

@@ -1,6 +1,8 @@
 """nn.Module form of the fused loss, in the style of torch.nn's losses."""
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 
 from ._checks import Beta, LogScale
@@ -57,12 +59,15 @@ class VAELoss(nn.Module):
         else:
             self.log_scale = log_scale
 
-    def forward(self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> VAELossOutput:
+    def forward(
+        self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, weight: Optional[Tensor] = None
+    ) -> VAELossOutput:
         return vae_loss(
             recon,
             target,
             mu,
             logvar,
+            weight=weight,
             likelihood=self.likelihood,
             logits=self.logits,
             beta=self.beta,

@@ -8,7 +8,7 @@ PyTorch's autograd of these formulas. The fused ops are tested against it.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,14 +82,17 @@ def _elementwise_nll(x: Tensor, t: Tensor, likelihood: str, logits: bool, log_sc
     return 0.5 * ((t - x) / torch.exp(s)) ** 2 + s + 0.5 * math.log(2 * math.pi)
 
 
-def _optimal_log_scale(x: Tensor, t: Tensor, likelihood: str) -> Tensor:
-    # The batch's maximum-likelihood scale (σ-VAE, Rybkin et al. 2021): σ² = MSE
-    # for the Gaussian, b = mean |t - x| for the Laplace; its log softly clipped
-    # from below: s = s_min + softplus(s_raw - s_min).
-    if likelihood == "laplace":
-        s_raw = torch.log(torch.abs(t - x).mean())
+def _optimal_log_scale(x: Tensor, t: Tensor, likelihood: str, weight: Optional[Tensor]) -> Tensor:
+    # The batch's (weighted) maximum-likelihood scale (σ-VAE, Rybkin et al.
+    # 2021): σ² = MSE for the Gaussian, b = mean |t - x| for the Laplace, means
+    # weighted by `weight`; its log softly clipped from below:
+    # s = s_min + softplus(s_raw - s_min).
+    residual = torch.abs(t - x) if likelihood == "laplace" else (t - x) ** 2
+    if weight is None:
+        mean = residual.mean()
     else:
-        s_raw = 0.5 * torch.log(((t - x) ** 2).mean())
+        mean = (weight * residual).sum() / weight.expand_as(residual).sum()
+    s_raw = torch.log(mean) if likelihood == "laplace" else 0.5 * torch.log(mean)
     s_min = _checks.OPTIMAL_LOG_SCALE_MIN
     return s_min + F.softplus(s_raw - s_min)
 
@@ -106,15 +109,17 @@ def vae_loss(
     reduction: str = "batchmean",
     log_scale: LogScale = None,
     free_bits: float = 0.0,
+    weight: Optional[Tensor] = None,
     validate: bool = False,
 ) -> VAELossOutput:
     """Reference implementation of :func:`fusedvae.vae_loss` (same arguments, same result)."""
     _checks.check_vae_loss_args(
-        recon, target, mu, logvar, likelihood, logits, beta, reduction, log_scale, free_bits, validate
+        recon, target, mu, logvar, likelihood, logits, beta, reduction, log_scale, free_bits, validate,
+        weight,
     )
     # Computed in the accumulation dtype of the promoted floating inputs.
     dtype = recon.dtype
-    for other in (target, log_scale):
+    for other in (target, log_scale, weight):
         if isinstance(other, Tensor) and other.dtype.is_floating_point and other.dim() > 0:
             dtype = torch.promote_types(dtype, other.dtype)
     dtype = _checks.accumulate_dtype(dtype)
@@ -127,13 +132,15 @@ def vae_loss(
         if log_scale is None:
             s = torch.zeros((), dtype=dtype, device=x.device)
         elif isinstance(log_scale, str):
-            s = _optimal_log_scale(x, t, likelihood)
+            s = _optimal_log_scale(x, t, likelihood, None if weight is None else weight.to(dtype))
         elif isinstance(log_scale, Tensor):
             s = log_scale.to(device=x.device, dtype=dtype)
         else:
             s = torch.tensor(float(log_scale), dtype=dtype, device=x.device)
 
     nll = _elementwise_nll(x, t, likelihood, logits, s)
+    if weight is not None:
+        nll = nll * weight.to(dtype)
     rec = nll.reshape(batch, _checks.per_sample_size(recon)).sum(dim=1)
 
     # Diagonal Gaussian posterior against N(0, I) (Kingma & Welling 2014, App. B).

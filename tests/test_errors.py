@@ -121,6 +121,12 @@ VAE_LOSS_CASES = [
     ("free_bits", "'0.1'", dict(free_bits="0.1"), TypeError, "free_bits must be a float"),
     ("free_bits", "tensor(0.1)", dict(free_bits=torch.tensor(0.1)), TypeError, "free_bits must be a float"),
     ("free_bits", "True", dict(free_bits=True), TypeError, "free_bits must be a float"),
+    ("weight", "a list", dict(weight=[1.0]), TypeError, "weight must be a torch.Tensor"),
+    ("weight", "int64 tensor", dict(weight=torch.ones(1, dtype=torch.long)), TypeError, "weight must be a floating-point tensor"),
+    ("weight", "shape [5, 1] (not broadcastable)", dict(weight=torch.ones(5, 1)), ValueError, "weight must be broadcastable to the shape of recon"),
+    ("weight", "shape [2, 3, 2, 4] (broadcasts to more than recon)", dict(weight=torch.ones(2, 3, 2, 4)), ValueError, "weight must be broadcastable to the shape of recon"),
+    ("weight", "requiring grad", dict(weight=torch.ones(1, requires_grad=True)), ValueError, "weight must not require grad"),
+    ("weight", "on 'meta'", dict(weight=torch.ones(1, device=META)), ValueError, "weight must be on the device of recon"),
     ("validate", "1", dict(validate=1), TypeError, "validate must be a bool"),
     ("validate", "'yes'", dict(validate="yes"), TypeError, "validate must be a bool"),
 ]
@@ -140,7 +146,7 @@ def _loss_args(tensors=None):
     r, t, m, lv = _good() if tensors is None else tensors
     return dict(recon=r, target=t, mu=m, logvar=lv, log_scale=None, beta=None, likelihood="bernoulli",
                 logits=True, reduction="batchmean", log_scale_value=0.0, optimal_scale=False,
-                beta_value=1.0, free_bits=0.0)
+                beta_value=1.0, free_bits=0.0, weight=None)
 
 
 def _changed(args, change):
@@ -258,6 +264,8 @@ OP_CASES = [
     ("vae_loss", "free_bits -1.0", lambda: _loss(free_bits=-1.0), ValueError, "expected free_bits to be a finite number >= 0, got -1"),
     ("vae_loss", "free_bits nan", lambda: _loss(free_bits=float("nan")), ValueError, "expected free_bits to be a finite number >= 0, got nan"),
     ("vae_loss", "free_bits inf", lambda: _loss(free_bits=float("inf")), ValueError, "expected free_bits to be a finite number >= 0, got inf"),
+    ("vae_loss", "int64 weight", lambda: _loss(weight=torch.ones(1, dtype=torch.long)), TypeError, "expected weight to be a floating-point tensor, got Long"),
+    ("vae_loss", "weight of shape [5, 1]", lambda: _loss(weight=torch.ones(5, 1)), ValueError, "expected weight broadcastable to [3, 2, 4] (the shape of recon), got [5, 1]"),
     ("vae_loss", "beta_value -1.0", lambda: _loss(beta_value=-1.0), ValueError, "expected beta_value to be a finite number >= 0, got -1"),
     ("vae_loss", "log_scale_value inf", lambda: _loss(likelihood="gaussian", log_scale_value=float("inf")), ValueError, "expected log_scale_value to be finite, got inf"),
     ("vae_loss", "0-d log_scale and optimal_scale", lambda: _loss(likelihood="gaussian", log_scale=torch.tensor(0.0), optimal_scale=True), ValueError, "expected no log_scale tensor with optimal_scale=True"),

@@ -148,20 +148,60 @@ void for_each_vector(int64_t batch, int64_t numel_per_sample, const Body& body) 
   });
 }
 
+// The weights of elements [i, i + count) (count <= lanes, all in one sample;
+// i counted from the first sample) as a vector; lanes past `count` are zero.
+template <typename Acc>
+at::vec::Vectorized<Acc> load_weights(const WeightView& w, int64_t numel_per_sample, int64_t i,
+                                      int64_t count) {
+  using Vec = at::vec::Vectorized<Acc>;
+  const Acc* data = static_cast<const Acc*>(w.data);
+  const int64_t b = i / numel_per_sample;
+  int64_t k = i - b * numel_per_sample;
+  int64_t offset = b * w.batch_stride;
+  if (w.dims == 1) {  // one run: the weight dense in recon's order, or one per sample
+    if (w.strides[0] == 0) return Vec::set(Vec(Acc(0)), Vec(data[offset]), count);
+    if (w.strides[0] == 1) return load<Acc>(data + offset + k, count);
+  }
+  // The digits of k, then an odometer over the next `count` elements.
+  int64_t digit[kMaxWeightDims];
+  for (int d = w.dims - 1; d >= 0; --d) {
+    digit[d] = k % w.sizes[d];
+    k /= w.sizes[d];
+    offset += digit[d] * w.strides[d];
+  }
+  alignas(64) Acc buf[Vec::size()] = {};
+  for (int64_t e = 0; e < count; ++e) {
+    buf[e] = data[offset];
+    for (int d = w.dims - 1; d >= 0; --d) {
+      offset += w.strides[d];
+      if (++digit[d] < w.sizes[d]) break;
+      offset -= digit[d] * w.strides[d];
+      digit[d] = 0;
+    }
+  }
+  return Vec::loadu(buf);
+}
+
 template <class L, typename T, typename TargetT, typename ScaleT>
 void recon_forward_typed(const ReconProblem& p, acc_t<T>* rec) {
   using Acc = acc_t<T>;
   using O = VecOps<Acc>;
   const T* x = static_cast<const T*>(p.recon);
   const TargetT* t = static_cast<const TargetT*>(p.target);
+  const bool weighted = p.weight.data != nullptr;
+  const int64_t numel = p.numel_per_sample;
+  auto weigh = [&](const at::vec::Vectorized<Acc>& v, int64_t i, int64_t n) {
+    return weighted ? v * load_weights<Acc>(p.weight, numel, i, n) : v;
+  };
   if constexpr (L::kHasScale) {
     const ScaleT* s = static_cast<const ScaleT*>(p.log_scale);
-    sum_per_sample<Acc>(p.batch, p.numel_per_sample, rec, [&](int64_t i, int64_t n) {
-      return L::template loss<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n));
+    sum_per_sample<Acc>(p.batch, numel, rec, [&](int64_t i, int64_t n) {
+      return weigh(
+          L::template loss<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n)), i, n);
     });
   } else {
-    sum_per_sample<Acc>(p.batch, p.numel_per_sample, rec, [&](int64_t i, int64_t n) {
-      return L::template loss<O>(load<Acc>(x + i, n), load<Acc>(t + i, n));
+    sum_per_sample<Acc>(p.batch, numel, rec, [&](int64_t i, int64_t n) {
+      return weigh(L::template loss<O>(load<Acc>(x + i, n), load<Acc>(t + i, n)), i, n);
     });
   }
 }
@@ -174,19 +214,26 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
   using Vec = at::vec::Vectorized<Acc>;
   const T* x = static_cast<const T*>(p.recon);
   const TargetT* t = static_cast<const TargetT*>(p.target);
+  const bool weighted = p.weight.data != nullptr;
+  const int64_t numel = p.numel_per_sample;
+  // The sample's coefficient, times each element's weight.
+  auto coefficient = [&](int64_t b, int64_t i, int64_t n) {
+    const Vec g(grad_rec[b]);
+    return weighted ? g * load_weights<Acc>(p.weight, numel, i, n) : g;
+  };
   if constexpr (L::kHasScale) {
     const ScaleT* s = static_cast<const ScaleT*>(p.log_scale);
-    for_each_vector<Acc>(p.batch, p.numel_per_sample, [&](int64_t b, int64_t i, int64_t n) {
+    for_each_vector<Acc>(p.batch, numel, [&](int64_t b, int64_t i, int64_t n) {
       Vec gx, gs;
       L::template grad<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n), &gx, &gs);
-      const Vec g(grad_rec[b]);
+      const Vec g = coefficient(b, i, n);
       store(grad_x + i, g * gx, n);
       if (grad_s != nullptr) store(grad_s + i, g * gs, n);
     });
   } else {
-    for_each_vector<Acc>(p.batch, p.numel_per_sample, [&](int64_t b, int64_t i, int64_t n) {
+    for_each_vector<Acc>(p.batch, numel, [&](int64_t b, int64_t i, int64_t n) {
       const Vec local = L::template grad<O>(load<Acc>(x + i, n), load<Acc>(t + i, n));
-      store(grad_x + i, Vec(grad_rec[b]) * local, n);
+      store(grad_x + i, coefficient(b, i, n) * local, n);
     });
   }
 }

@@ -58,14 +58,19 @@ void forward(const ObjectiveProblem& p, Acc* loss, Acc* rec, Acc* kl, Acc* aux) 
     } else if (o.scale == ScaleKind::kTensor) {
       s = *static_cast<const Acc*>(p.log_scale_scalar);
     } else {
-      Acc total = 0;
-      for (int64_t b = 0; b < batch; ++b) total += rec[b];
-      s = optimal_log_scale(p.recon.likelihood, total / (Acc(batch) * Acc(o.n)));
+      // The batch's (weighted) mean residual.
+      Acc total = 0, count = 0;
+      for (int64_t b = 0; b < batch; ++b) {
+        total += rec[b];
+        count += element_count<Acc>(p.weight_sums, p.weight_sums_stride, o.n, b);
+      }
+      s = optimal_log_scale(p.recon.likelihood, total / count);
     }
     aux[AuxLayout::kLogScale] = s;
     for (int64_t b = 0; b < batch; ++b) {
       aux[layout.residual() + b] = rec[b];
-      rec[b] = shared_scale_terms(p.recon.likelihood, rec[b], s, o.n).rec;
+      const Acc n = element_count<Acc>(p.weight_sums, p.weight_sums_stride, o.n, b);
+      rec[b] = shared_scale_terms(p.recon.likelihood, rec[b], s, n).rec;
     }
   }
 
@@ -113,23 +118,25 @@ void backward(const ObjectiveProblem& p, const OutputGrads& g, const Acc* aux,
 
   if (uses_shared_scale(o)) {
     // rec_b = f(R_b, s): ∂loss/∂x = c_b·∂f/∂R_b·∂r/∂x, plus for "optimal" the
-    // path through s: Σ_b c_b·∂f/∂s · ds/dmean · ∂r/∂x / (B·N). The kernel
-    // multiplies ∂r/∂x (the residual's derivative) by the coefficient.
+    // path through s: Σ_b c_b·∂f/∂s · ds/dmean · ∂r/∂x / Σ_b N_b (N_b the
+    // sample's element count or weight sum). The kernel multiplies ∂r/∂x (the
+    // residual's derivative, times the element's weight) by the coefficient.
     const Acc s = aux[AuxLayout::kLogScale];
     const int likelihood = p.recon.likelihood;
-    Acc grad_s = 0, residual_sum = 0;
+    Acc grad_s = 0, residual_sum = 0, count = 0;
     for (int64_t b = 0; b < batch; ++b) {
       const Acc r = aux[layout.residual() + b];
-      grad_s += rec_coef[b] * shared_scale_terms(likelihood, r, s, o.n).d_scale;
+      const Acc n = element_count<Acc>(p.weight_sums, p.weight_sums_stride, o.n, b);
+      grad_s += rec_coef[b] * shared_scale_terms(likelihood, r, s, n).d_scale;
       residual_sum += r;
+      count += n;
     }
     if (out.log_scale != nullptr) *static_cast<Acc*>(out.log_scale) = grad_s;
     Acc through_scale = 0;
     if (o.scale == ScaleKind::kOptimal) {
-      const Acc bn = Acc(batch) * Acc(o.n);
-      through_scale = grad_s * optimal_log_scale_grad(likelihood, residual_sum / bn) / bn;
+      through_scale = grad_s * optimal_log_scale_grad(likelihood, residual_sum / count) / count;
     }
-    const Acc d_residual = shared_scale_terms(likelihood, Acc(0), s, o.n).d_residual;
+    const Acc d_residual = shared_scale_terms(likelihood, Acc(0), s, Acc(1)).d_residual;
     for (int64_t b = 0; b < batch; ++b) rec_coef[b] = rec_coef[b] * d_residual + through_scale;
   }
   if (out.recon != nullptr) {

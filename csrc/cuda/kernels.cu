@@ -78,27 +78,52 @@ __device__ __forceinline__ void store(T* ptr, int64_t i, const Acc (&in)[VEC]) {
 // ------------------------------------------------------------- per element --
 // Each functor maps element i (and, for maps, its sample b) to its result.
 
+// The weights of elements i .. i + VEC - 1 of one sample (WeightView in
+// kernels.h), i counted from the first sample.
+template <int VEC, typename Acc>
+__device__ __forceinline__ void load_weights(const WeightView& w, int64_t numel_per_sample,
+                                             int64_t i, Acc (&out)[VEC]) {
+  const Acc* data = static_cast<const Acc*>(w.data);
+  const int64_t b = i / numel_per_sample;
+  const int64_t first = i - b * numel_per_sample;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    int64_t k = first + e;
+    int64_t offset = b * w.batch_stride;
+    for (int d = w.dims - 1; d >= 0; --d) {
+      offset += (k % w.sizes[d]) * w.strides[d];
+      k /= w.sizes[d];
+    }
+    out[e] = data[offset];
+  }
+}
+
 template <class L, typename T, typename TargetT, typename ScaleT>
 struct ReconTerm {
   using Acc = acc_t<T>;
   const T* x;
   const TargetT* t;
   const ScaleT* s;
+  WeightView w;
+  int64_t numel_per_sample;
   template <int VEC>
   __device__ __forceinline__ Acc sum(int64_t i) const {
     using O = math::ScalarOps<Acc>;
-    Acc xv[VEC], tv[VEC], sv[VEC];
+    Acc xv[VEC], tv[VEC], sv[VEC], wv[VEC];
     load<VEC>(x, i, xv);
     load<VEC>(t, i, tv);
     if constexpr (L::kHasScale) load<VEC>(s, i, sv);
+    if (w.data != nullptr) load_weights<VEC>(w, numel_per_sample, i, wv);
     Acc total = 0;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
+      Acc value;
       if constexpr (L::kHasScale) {
-        total += L::template loss<O>(xv[k], tv[k], sv[k]);
+        value = L::template loss<O>(xv[k], tv[k], sv[k]);
       } else {
-        total += L::template loss<O>(xv[k], tv[k]);
+        value = L::template loss<O>(xv[k], tv[k]);
       }
+      total += w.data != nullptr ? wv[k] * value : value;
     }
     return total;
   }
@@ -114,25 +139,35 @@ struct ReconGrad {
   const ScaleT* s;
   T* grad_x;
   ScaleT* grad_s;
+  WeightView w;
+  int64_t numel_per_sample;
   template <int VEC>
-  __device__ __forceinline__ void apply(Acc g, int64_t i) const {
+  __device__ __forceinline__ void apply(Acc coefficient, int64_t i) const {
     using O = math::ScalarOps<Acc>;
-    Acc xv[VEC], tv[VEC], gx[VEC];
+    Acc xv[VEC], tv[VEC], gx[VEC], gv[VEC];
     load<VEC>(x, i, xv);
     load<VEC>(t, i, tv);
+    if (w.data != nullptr) {
+      load_weights<VEC>(w, numel_per_sample, i, gv);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) gv[k] *= coefficient;
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) gv[k] = coefficient;
+    }
     if constexpr (L::kHasScale) {
       Acc sv[VEC], gs[VEC];
       load<VEC>(s, i, sv);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         L::template grad<O>(xv[k], tv[k], sv[k], &gx[k], &gs[k]);
-        gx[k] *= g;
-        gs[k] *= g;
+        gx[k] *= gv[k];
+        gs[k] *= gv[k];
       }
       if (grad_s != nullptr) store<VEC>(grad_s, i, gs);
     } else {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) gx[k] = g * L::template grad<O>(xv[k], tv[k]);
+      for (int k = 0; k < VEC; ++k) gx[k] = gv[k] * L::template grad<O>(xv[k], tv[k]);
     }
     store<VEC>(grad_x, i, gx);
   }
@@ -434,13 +469,19 @@ __global__ void __launch_bounds__(kThreads)
     } else if (o.scale == ScaleKind::kTensor) {
       s = *static_cast<const Acc*>(p.log_scale_scalar);
     } else {
-      Acc part = 0;
-      for (int64_t b = threadIdx.x; b < batch; b += kThreads) part += rec[b];
-      s = optimal_log_scale(p.recon.likelihood, block_sum_all(part) / (Acc(batch) * Acc(o.n)));
+      // The batch's (weighted) mean residual.
+      Acc part = 0, count = 0;
+      for (int64_t b = threadIdx.x; b < batch; b += kThreads) {
+        part += rec[b];
+        count += element_count<Acc>(p.weight_sums, p.weight_sums_stride, o.n, b);
+      }
+      const Acc total = block_sum_all(part);
+      s = optimal_log_scale(p.recon.likelihood, total / block_sum_all(count));
     }
     for (int64_t b = threadIdx.x; b < batch; b += kThreads) {
       aux[layout.residual() + b] = rec[b];
-      rec[b] = shared_scale_terms(p.recon.likelihood, rec[b], s, o.n).rec;
+      const Acc n = element_count<Acc>(p.weight_sums, p.weight_sums_stride, o.n, b);
+      rec[b] = shared_scale_terms(p.recon.likelihood, rec[b], s, n).rec;
     }
   }
   if (threadIdx.x == 0) {
@@ -470,6 +511,7 @@ struct BatchSums {
   Acc weight = 0;    // Σ_b d loss / d loss_b
   Acc grad_s = 0;    // Σ_b c_b·∂rec_b/∂s, c_b the coefficient of rec_b
   Acc residual = 0;  // Σ_b R_b
+  Acc count = 0;     // Σ_b N_b (elements, or weight sums)
   Acc grad_beta = 0;
 };
 
@@ -489,15 +531,17 @@ __device__ BatchSums<Acc> batch_sums(const ObjectiveProblem& p, const OutputGrad
   const Objective& o = p.objective;
   const AuxLayout layout{o.batch, o.j};
   const Acc s = aux[AuxLayout::kLogScale];
-  Acc weight = 0, grad_s = 0, residual = 0, grad_beta = 0;
+  Acc weight = 0, grad_s = 0, residual = 0, count = 0, grad_beta = 0;
   for (int64_t b = threadIdx.x; b < o.batch; b += kThreads) {
     const Acc w = sample_weight(o, static_cast<const Acc*>(g.loss), g.loss_stride, b);
     weight += w;
     if (want_scale) {
       const Acc r = aux[layout.residual() + b];
+      const Acc n = element_count<Acc>(p.weight_sums, p.weight_sums_stride, o.n, b);
       grad_s +=
-          rec_coefficient<Acc>(p, g, b) * shared_scale_terms(p.recon.likelihood, r, s, o.n).d_scale;
+          rec_coefficient<Acc>(p, g, b) * shared_scale_terms(p.recon.likelihood, r, s, n).d_scale;
       residual += r;
+      count += n;
     }
     const Acc kl_term = o.free_bits > 0 ? aux[AuxLayout::kFreeBitsTerm] : aux[layout.kl() + b];
     grad_beta += w * kl_weight<Acc>(o) * kl_term;
@@ -507,6 +551,7 @@ __device__ BatchSums<Acc> batch_sums(const ObjectiveProblem& p, const OutputGrad
   if (want_scale) {
     sums.grad_s = block_sum_all(grad_s);
     sums.residual = block_sum_all(residual);
+    sums.count = block_sum_all(count);
   }
   if (want_beta) sums.grad_beta = block_sum_all(grad_beta);
   return sums;
@@ -545,16 +590,20 @@ __global__ void __launch_bounds__(kThreads)
       const Acc s = aux[AuxLayout::kLogScale];
       Acc through_scale = 0;
       if (o.scale == ScaleKind::kOptimal) {
-        const Acc bn = Acc(o.batch) * Acc(o.n);
-        through_scale =
-            sums.grad_s * optimal_log_scale_grad(p.recon.likelihood, sums.residual / bn) / bn;
+        through_scale = sums.grad_s *
+                        optimal_log_scale_grad(p.recon.likelihood, sums.residual / sums.count) /
+                        sums.count;
       }
-      c = c * shared_scale_terms(p.recon.likelihood, Acc(0), s, o.n).d_residual + through_scale;
+      c = c * shared_scale_terms(p.recon.likelihood, Acc(0), s, Acc(1)).d_residual + through_scale;
     }
     const ReconGrad<L, T, TargetT, ScaleT> body{
-        static_cast<const T*>(p.recon.recon), static_cast<const TargetT*>(p.recon.target),
-        static_cast<const ScaleT*>(p.recon.log_scale), static_cast<T*>(out.recon),
-        shared ? nullptr : static_cast<ScaleT*>(out.log_scale)};
+        static_cast<const T*>(p.recon.recon),
+        static_cast<const TargetT*>(p.recon.target),
+        static_cast<const ScaleT*>(p.recon.log_scale),
+        static_cast<T*>(out.recon),
+        shared ? nullptr : static_cast<ScaleT*>(out.log_scale),
+        p.recon.weight,
+        o.n};
     for_each_in_chunk<VEC>(blockIdx.x, o.n, recon_grid, [&](int64_t, int64_t i, auto width) {
       body.template apply<decltype(width)::value>(c, i);
     });
@@ -683,7 +732,7 @@ void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* k
       constexpr int VEC = vec_width<T>();
       const ReconTerm<typename decltype(l)::type, T, TargetT, ScaleT> term{
           static_cast<const T*>(p.recon.recon), static_cast<const TargetT*>(p.recon.target),
-          static_cast<const ScaleT*>(p.recon.log_scale)};
+          static_cast<const ScaleT*>(p.recon.log_scale), p.recon.weight, p.recon.numel_per_sample};
       const bool vectorize = aligned<VEC>(batch, p.recon.numel_per_sample,
                                           {{p.recon.recon, int(sizeof(T))},
                                            {p.recon.target, int(sizeof(TargetT))},
