@@ -124,6 +124,13 @@ mw = torch.randn(300, 700, device="cuda", requires_grad=True)
 for reduction in ("batchmean", "sum", "mean", "none"):
     fusedvae.vae_loss(wide, torch.rand(300, 2, 3, device="cuda"), mw, mw.detach(), free_bits=0.1,
                       reduction=reduction, likelihood="gaussian", log_scale="optimal").loss.sum().backward()
+# Laplace and per-element weights read through their strides (per channel,
+# per pixel, a transposed view), with a shared scale and without
+for lik in ("gaussian", "laplace"):
+    for w in (torch.rand(1, 3, 1, 1, device="cuda"), torch.rand(3, 1, 17, 19, device="cuda"),
+              torch.rand(19, 17, device="cuda").t()):
+        for scale in ("optimal", s):
+            fusedvae.vae_loss(x, t, mu, mu.detach(), likelihood=lik, log_scale=scale, weight=w).loss.backward()
 torch.cuda.synchronize()
 print("ok")
 '
