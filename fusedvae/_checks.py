@@ -166,15 +166,19 @@ def _check_log_scale(log_scale: LogScale, likelihood: str, recon: Tensor) -> Non
         _check_scalar_tensor(log_scale, "log_scale", recon)
         return
     _check_device(log_scale, "log_scale", recon)
-    try:
-        shape = torch.broadcast_shapes(log_scale.shape, recon.shape)
-    except RuntimeError:
-        shape = None
-    if shape != recon.shape:
+    if not _broadcasts_to(log_scale, recon):
         raise ValueError(
             f"log_scale must be a 0-d tensor or broadcastable to the shape of recon "
             f"{tuple(recon.shape)}, got shape {tuple(log_scale.shape)}"
         )
+
+
+def _broadcasts_to(value: Tensor, recon: Tensor) -> bool:
+    """Whether ``value`` broadcasts to exactly ``recon``'s shape."""
+    try:
+        return torch.broadcast_shapes(value.shape, recon.shape) == recon.shape
+    except RuntimeError:
+        return False
 
 
 def _check_weight(weight, recon: Tensor) -> None:
@@ -189,11 +193,7 @@ def _check_weight(weight, recon: Tensor) -> None:
             "weight must not require grad: the loss has no gradient with respect to weight "
             "(call weight.detach())"
         )
-    try:
-        shape = torch.broadcast_shapes(weight.shape, recon.shape)
-    except RuntimeError:
-        shape = None
-    if shape != recon.shape:
+    if not _broadcasts_to(weight, recon):
         raise ValueError(
             f"weight must be broadcastable to the shape of recon {tuple(recon.shape)}, "
             f"got shape {tuple(weight.shape)}"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fusedvae
-from fusedvae import reference
+from fusedvae import bench, reference
 
 F64 = torch.float64
 F32 = torch.float32
@@ -327,3 +327,25 @@ def tiny_batch(b, uint8, seed):
     pixels = torch.randint(0, 256, (b, 1, 8, 8), generator=g, dtype=torch.uint8)
     x = pixels.float() / 255
     return x, (pixels if uint8 else x), torch.randn(b, TINY_LATENT, generator=g)
+
+
+# ------------------------------------------------------------------ memory --
+
+
+def peak_step_bytes(fn, inputs):
+    """Peak bytes of one forward+backward of ``fn`` beyond what existed before it,
+    gradients left in ``.grad`` included; after one warm-up step (first-call
+    allocations, lazy initialisation)."""
+    bench.step(fn, *inputs)
+    bench.clear_grads(inputs)
+    if inputs[0].device.type == "cpu":
+        # torch.profiler's memory events (every supported torch has them)
+        return bench.peak_memory_bytes(fn, inputs)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    bench.step(fn, *inputs)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    bench.clear_grads(inputs)
+    return peak

@@ -28,6 +28,7 @@ import torch
 
 import fusedvae
 from fusedvae import bench, reference
+from helpers import peak_step_bytes
 
 KIB = 1024
 SHAPE, LATENT = (16, 3, 64, 64), 32
@@ -75,32 +76,13 @@ def _bound(recon, target_dtype):
     return 1.1 * recon.nbytes + (0 if target_dtype == "uint8" else 64 * KIB)
 
 
-def _measure(fn, inputs):
-    """Peak bytes of one forward+backward of ``fn`` beyond what existed before it,
-    gradients left in ``.grad`` included; after one warm-up step (first-call
-    allocations, lazy initialisation)."""
-    bench.step(fn, *inputs)
-    bench.clear_grads(inputs)
-    if inputs[0].device.type == "cpu":
-        # torch.profiler's memory events (every supported torch has them)
-        return bench.peak_memory_bytes(fn, inputs)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    bench.step(fn, *inputs)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    bench.clear_grads(inputs)
-    return peak
-
-
 @pytest.mark.parametrize("name,fused,eager,recon_dtype,target_dtype", CASES, ids=CASE_IDS)
 def test_peak_memory(device, name, fused, eager, recon_dtype, target_dtype):
     likelihood = "gaussian" if "gaussian" in name else "bernoulli"
     inputs = _inputs(target_dtype, recon_dtype, likelihood, device=device)
     recon = inputs[0]
-    fused_peak = _measure(fused, inputs)
-    eager_peak = _measure(eager, inputs)
+    fused_peak = peak_step_bytes(fused, inputs)
+    eager_peak = peak_step_bytes(eager, inputs)
     bound = _bound(recon, target_dtype)
     assert fused_peak >= recon.nbytes, "the measurement must at least see recon.grad"
     assert fused_peak <= bound, f"fused peak {fused_peak} B > {bound:.0f} B ({fused_peak / recon.nbytes:.3f} x recon)"
@@ -113,9 +95,9 @@ def test_peak_memory_full_log_scale(device):
     scale = kw["log_scale"]
     fused = _fused(**kw)
     eager = _eager(**kw)
-    fused_peak = _measure(fused, inputs)
+    fused_peak = peak_step_bytes(fused, inputs)
     scale.grad = None
-    eager_peak = _measure(eager, inputs)
+    eager_peak = peak_step_bytes(eager, inputs)
     scale.grad = None
     bound = 1.1 * (inputs[0].nbytes + scale.nbytes) + 64 * KIB
     assert inputs[0].nbytes + scale.nbytes <= fused_peak <= bound
@@ -127,5 +109,5 @@ def test_peak_memory_sees_an_extra_copy(device):
     # (here: a float32 target promoted from float64) is over the bound.
     inputs = list(_inputs("float32", device=device))
     inputs[1] = inputs[1].double()
-    peak = _measure(bench.fused_loss, inputs)
+    peak = peak_step_bytes(bench.fused_loss, inputs)
     assert peak > 1.1 * inputs[0].nbytes + 64 * KIB

@@ -15,7 +15,7 @@ import torch
 
 import fusedvae
 from fusedvae import bench, reference
-from helpers import F64, RTOL64, ATOL64, make_inputs, make_log_scale
+from helpers import ATOL64, F64, RTOL64, make_inputs, make_log_scale, peak_step_bytes
 
 B, SAMPLE = 3, (3, 4, 5)
 
@@ -156,19 +156,7 @@ def test_weight_is_not_expanded(device):
     w = torch.tensor([0.5, 1.0, 2.0], device=device).view(1, 3, 1, 1)
 
     def measure(**kw):
-        fn = lambda r, t, m, lv, beta: fusedvae.vae_loss(r, t, m, lv, beta=beta, **kw).loss  # noqa: E731
-        bench.step(fn, *inputs)
-        bench.clear_grads(inputs)
-        if device == "cpu":
-            return bench.peak_memory_bytes(fn, inputs)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        bench.step(fn, *inputs)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        bench.clear_grads(inputs)
-        return peak
+        return peak_step_bytes(lambda r, t, m, lv, beta: fusedvae.vae_loss(r, t, m, lv, beta=beta, **kw).loss, inputs)
 
     plain, weighted = measure(), measure(weight=w)
     assert weighted <= plain + 64 * 1024, (plain, weighted)
