@@ -1,7 +1,9 @@
 """fusedvae: the VAE training objective in one fused forward and one fused backward.
 
 Public API:
-    vae_loss, VAELoss, VAELossOutput, continuous_bernoulli_log_normalizer,
+    vae_loss, VAELoss, VAELossOutput; autoencoder_kl_loss, AutoencoderKLLoss,
+    AutoencoderKLLossOutput (latent diffusion's autoencoder objective);
+    continuous_bernoulli_log_normalizer, continuous_bernoulli_mean,
     normalized_beta, unnormalized_beta; ``fusedvae.reference`` holds the
     pure-PyTorch definition every fused path is tested against.
 
@@ -14,18 +16,23 @@ Loss balancing and diagnostics, as submodules:
 from . import controllers, diagnostics, reference, schedules
 from ._ops import has_cuda_kernels
 from .functional import (
+    AutoencoderKLLossOutput,
     VAELossOutput,
+    autoencoder_kl_loss,
     continuous_bernoulli_log_normalizer,
     continuous_bernoulli_mean,
     normalized_beta,
     unnormalized_beta,
     vae_loss,
 )
-from .modules import VAELoss
+from .modules import AutoencoderKLLoss, VAELoss
 
 __all__ = [
+    "AutoencoderKLLoss",
+    "AutoencoderKLLossOutput",
     "VAELoss",
     "VAELossOutput",
+    "autoencoder_kl_loss",
     "continuous_bernoulli_log_normalizer",
     "continuous_bernoulli_mean",
     "controllers",

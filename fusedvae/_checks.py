@@ -59,18 +59,20 @@ def _check_float_tensor(value, name: str) -> None:
         raise ValueError(f"{name} must have shape [batch, ...], got a 0-d tensor")
 
 
-def _check_device(value: Tensor, name: str, recon: Tensor) -> None:
+def _check_device(value: Tensor, name: str, recon: Tensor, recon_name: str = "recon") -> None:
     if value.device != recon.device:
-        raise ValueError(f"{name} must be on the device of recon ({recon.device}), got {value.device}")
+        raise ValueError(f"{name} must be on the device of {recon_name} ({recon.device}), got {value.device}")
 
 
-def _check_scalar_tensor(value: Tensor, name: str, recon: Tensor) -> None:
+def _check_scalar_tensor(value: Tensor, name: str, recon: Tensor, recon_name: str = "recon") -> None:
     if value.dim() != 0:
         raise ValueError(f"{name} must be a float or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
     if not value.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.device != recon.device and value.device.type != "cpu":
-        raise ValueError(f"{name} must be on the device of recon ({recon.device}) or the CPU, got {value.device}")
+        raise ValueError(
+            f"{name} must be on the device of {recon_name} ({recon.device}) or the CPU, got {value.device}"
+        )
 
 
 def check_vae_loss_args(
@@ -181,21 +183,21 @@ def _broadcasts_to(value: Tensor, recon: Tensor) -> bool:
         return False
 
 
-def _check_weight(weight, recon: Tensor) -> None:
+def _check_weight(weight, recon: Tensor, name: str = "weight", recon_name: str = "recon") -> None:
     if weight is None:
         return
-    _check_tensor(weight, "weight")
+    _check_tensor(weight, name)
     if not weight.dtype.is_floating_point:
-        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
-    _check_device(weight, "weight", recon)
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {weight.dtype}")
+    _check_device(weight, name, recon, recon_name)
     if weight.requires_grad:
         raise ValueError(
-            "weight must not require grad: the loss has no gradient with respect to weight "
-            "(call weight.detach())"
+            f"{name} must not require grad: the loss has no gradient with respect to {name} "
+            f"(call {name}.detach())"
         )
     if not _broadcasts_to(weight, recon):
         raise ValueError(
-            f"weight must be broadcastable to the shape of recon {tuple(recon.shape)}, "
+            f"{name} must be broadcastable to the shape of {recon_name} {tuple(recon.shape)}, "
             f"got shape {tuple(weight.shape)}"
         )
 
@@ -213,3 +215,73 @@ def _check_ranges(recon: Tensor, target: Tensor, likelihood: str, logits: bool) 
 def per_sample_size(t: Tensor) -> int:
     """Elements of one sample: the product of every dimension after the first."""
     return math.prod(t.shape[1:])
+
+
+def check_autoencoder_kl_args(
+    inputs: Tensor,
+    reconstructions: Tensor,
+    posterior_mean: Tensor,
+    posterior_logvar: Tensor,
+    logvar,
+    kl_weight: Beta,
+    perceptual: Optional[Tensor],
+    weights: Optional[Tensor],
+) -> None:
+    """Raise TypeError/ValueError for any argument autoencoder_kl_loss cannot take,
+    named as that function names it."""
+    _check_float_tensor(reconstructions, "reconstructions")
+    _check_float_tensor(inputs, "inputs")
+    if inputs.shape != reconstructions.shape:
+        raise ValueError(
+            f"inputs must have the shape of reconstructions {tuple(reconstructions.shape)}, "
+            f"got {tuple(inputs.shape)}"
+        )
+    _check_device(inputs, "inputs", reconstructions, "reconstructions")
+    if inputs.requires_grad:
+        raise ValueError(
+            "inputs must not require grad: the loss has no gradient with respect to inputs "
+            "(call inputs.detach())"
+        )
+    batch = reconstructions.shape[0]
+    _check_float_tensor(posterior_mean, "posterior_mean")
+    _check_float_tensor(posterior_logvar, "posterior_logvar")
+    if posterior_mean.shape[0] != batch:
+        raise ValueError(
+            f"posterior_mean must have the batch size of reconstructions ({batch}), "
+            f"got shape {tuple(posterior_mean.shape)}"
+        )
+    if posterior_logvar.shape != posterior_mean.shape:
+        raise ValueError(
+            f"posterior_logvar must have the shape of posterior_mean {tuple(posterior_mean.shape)}, "
+            f"got {tuple(posterior_logvar.shape)}"
+        )
+    _check_device(posterior_mean, "posterior_mean", reconstructions, "reconstructions")
+    _check_device(posterior_logvar, "posterior_logvar", reconstructions, "reconstructions")
+
+    if isinstance(logvar, Tensor):
+        _check_scalar_tensor(logvar, "logvar", reconstructions, "reconstructions")
+    elif is_real(logvar):
+        if not _is_finite(logvar):
+            raise ValueError(f"logvar must be finite, got {logvar}")
+    else:
+        raise TypeError(f"logvar must be a float or a 0-d tensor, got {type(logvar).__name__}")
+
+    if isinstance(kl_weight, Tensor):
+        _check_scalar_tensor(kl_weight, "kl_weight", reconstructions, "reconstructions")
+    elif is_real(kl_weight):
+        if not (_is_finite(kl_weight) and kl_weight >= 0):
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight}")
+    else:
+        raise TypeError(f"kl_weight must be a float or a 0-d tensor, got {type(kl_weight).__name__}")
+
+    if perceptual is not None:
+        _check_tensor(perceptual, "perceptual")
+        if not perceptual.dtype.is_floating_point:
+            raise TypeError(f"perceptual must be a floating-point tensor, got dtype {perceptual.dtype}")
+        if perceptual.dim() < 1 or perceptual.shape[0] != batch or perceptual.numel() != batch:
+            raise ValueError(
+                f"perceptual must hold one value per sample, of shape [{batch}] or [{batch}, 1, ...], "
+                f"got shape {tuple(perceptual.shape)}"
+            )
+        _check_device(perceptual, "perceptual", reconstructions, "reconstructions")
+    _check_weight(weights, reconstructions, "weights", "reconstructions")

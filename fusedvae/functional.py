@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import math
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -10,10 +11,12 @@ from torch import Tensor
 from . import _checks
 from ._checks import Beta, LogScale
 from ._ops import ops
-from .reference import VAELossOutput
+from .reference import AutoencoderKLLossOutput, VAELossOutput
 
 __all__ = [
+    "AutoencoderKLLossOutput",
     "VAELossOutput",
+    "autoencoder_kl_loss",
     "vae_loss",
     "continuous_bernoulli_log_normalizer",
     "continuous_bernoulli_mean",
@@ -172,6 +175,144 @@ def _promote(*tensors):
     return tuple(
         t.to(common) if t is not None and t.dtype.is_floating_point else t for t in tensors
     )
+
+
+def autoencoder_kl_loss(
+    inputs: Tensor,
+    reconstructions: Tensor,
+    posterior_mean: Tensor,
+    posterior_logvar: Tensor,
+    logvar: Union[float, Tensor],
+    *,
+    kl_weight: Beta = 1e-6,
+    perceptual: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None,
+) -> AutoencoderKLLossOutput:
+    r"""The objective latent diffusion's autoencoder trains with, less its GAN term, fused.
+
+    For inputs :math:`x` and reconstructions :math:`\hat x` of shape ``[B, ...]``
+    (``N`` elements per sample), a posterior :math:`N(\mu, e^{v_z})` over a latent
+    of ``J`` elements per sample, and one scalar log-variance :math:`v` (``logvar``):
+
+    .. math::
+        \text{nll}_{bi} = \frac{|x_{bi} - \hat x_{bi}| + p_b}{e^{v}} + v, \qquad
+        \text{kl}_b = \sum_j \tfrac12\left(\mu_{bj}^2 + e^{c_{bj}} - 1 - c_{bj}\right),
+        \quad c = \operatorname{clamp}(v_z, -30, 20)
+
+    ``weighted_nll = Σ w·nll / B``, ``nll = Σ nll / B``, ``kl = Σ_b kl_b / B`` and
+    ``loss = weighted_nll + kl_weight * kl``: ``LPIPSWithDiscriminator`` of latent
+    diffusion (Rombach et al. 2022; CompVis ``ldm/modules/losses/contperceptual.py``)
+    before its GAN term, with the posterior of its ``DiagonalGaussianDistribution``.
+    Without ``perceptual`` the nll is a Laplace likelihood with scale :math:`e^{v}`
+    less its constant ``log 2``, and the pixels' work is one call of
+    :func:`vae_loss` (``likelihood="laplace"``, ``log_scale=logvar``,
+    ``beta=kl_weight``): one read of ``inputs`` and ``reconstructions`` forward, one
+    backward, and the gradient written once. The perceptual term, the constant and
+    the weights' sums act on ``[B]`` vectors. With ``weights`` the unweighted ``nll``
+    takes a second pass over the pixels (its own value and gradient).
+
+    How latent diffusion's configs map onto the arguments:
+
+    - ``kl_weight``: the config's ``kl_weight`` (``1e-6`` in the released
+      autoencoders: β on per-sample sums; see docs/weighting.md for what it means
+      per latent element against per-pixel L1).
+    - ``logvar``: the loss's ``logvar`` parameter, initialised to the config's
+      ``logvar_init`` (0). :class:`fusedvae.AutoencoderKLLoss` holds it as a parameter.
+      The gradient drives :math:`e^{v}` to the batch's mean ``|x - x̂| + p``; note that
+      CompVis's ``AutoencoderKL.configure_optimizers`` does not give it to the
+      optimizer, so there it stays at ``logvar_init``.
+    - ``perceptual``: ``perceptual_weight * LPIPS(inputs, reconstructions)`` per sample,
+      computed by the caller (no network is bundled).
+    - The GAN term, ``disc_factor`` and the adaptive weight stay with the caller:
+      ``loss + d_weight * disc_factor * g_loss``, where latent diffusion computes
+      ``d_weight`` from the gradient norms of ``nll`` and ``g_loss`` at the decoder's
+      last layer, so ``nll`` is returned differentiable.
+
+    Args:
+        inputs (Tensor): the images, ``[B, ...]``, floating point (latent diffusion
+            scales them to ``[-1, 1]``). It receives no gradient.
+        reconstructions (Tensor): the decoder's output, of the shape of ``inputs``,
+            floating point, any layout ``vae_loss`` takes.
+        posterior_mean (Tensor): the posterior's mean, ``[B, ...]`` (e.g. ``[B, 4, h, w]``).
+        posterior_logvar (Tensor): its log-variance before the clamp, of the shape of
+            ``posterior_mean``. The gradient is zero outside ``[-30, 20]``, as
+            :func:`torch.clamp`'s.
+        logvar (float or Tensor): :math:`v`, a float or a 0-d tensor (learnable).
+        kl_weight (float or Tensor, optional): a float ``>= 0`` or a 0-d tensor.
+            Default: ``1e-6``.
+        perceptual (Tensor, optional): a per-sample term added to ``|x - x̂|`` before
+            the scaling, shape ``[B]`` or ``[B, 1, ..., 1]``; differentiable.
+            Default: ``None``.
+        weights (Tensor, optional): broadcastable to ``inputs``, multiplying each
+            element's nll in ``weighted_nll``; no gradient. Default: ``None``.
+
+    Returns:
+        AutoencoderKLLossOutput: ``(loss, nll, weighted_nll, kl)``, 0-d tensors, all
+        differentiable; float32 (float64 for float64 inputs).
+
+    Example::
+
+        >>> posterior = vae.encode(images).latent_dist        # diffusers.AutoencoderKL
+        >>> recon = vae.decode(posterior.sample()).sample
+        >>> out = fusedvae.autoencoder_kl_loss(images, recon, posterior.mean, posterior.logvar,
+        ...                                    logvar_param, perceptual=0.5 * lpips(images, recon))
+        >>> out.loss.backward()
+    """
+    _checks.check_autoencoder_kl_args(
+        inputs, reconstructions, posterior_mean, posterior_logvar, logvar, kl_weight, perceptual, weights
+    )
+    batch = reconstructions.shape[0]
+    n = _checks.per_sample_size(reconstructions)
+    clamped_logvar = torch.clamp(posterior_logvar, -30.0, 20.0)
+    loss, rec, kl = vae_loss(
+        reconstructions, inputs, posterior_mean, clamped_logvar, likelihood="laplace",
+        log_scale=logvar, beta=kl_weight, weight=weights,
+    )
+    # vae_loss's Laplace ℓ is latent diffusion's nll + log 2 per (weighted) element;
+    # p_b/e^v is summed over the sample's (weighted) elements.
+    if isinstance(logvar, Tensor):
+        inv_scale = torch.exp(-logvar.to(device=rec.device, dtype=rec.dtype))
+    else:
+        inv_scale = math.exp(-logvar)
+    if weights is None:
+        correction = -math.log(2.0) * n
+        if perceptual is not None:
+            correction = correction + n * inv_scale * perceptual.reshape(batch).mean()
+        weighted_nll = rec.mean() + correction
+        return AutoencoderKLLossOutput(loss + correction, weighted_nll, weighted_nll, kl.mean())
+
+    weight_sums = _per_sample_sums(weights, reconstructions.shape, rec.dtype)
+    correction = -math.log(2.0) * weight_sums.mean()
+    plain_correction = -math.log(2.0) * n
+    if perceptual is not None:
+        p = perceptual.reshape(batch)
+        correction = correction + inv_scale * (p * weight_sums).mean()
+        plain_correction = plain_correction + n * inv_scale * p.mean()
+    # The unweighted nll: the same pixels without weights; the latent gets its
+    # gradient from the call above only.
+    plain_rec = vae_loss(
+        reconstructions, inputs, posterior_mean.detach(), clamped_logvar.detach(),
+        likelihood="laplace", log_scale=logvar, beta=0.0,
+    ).rec
+    return AutoencoderKLLossOutput(
+        loss + correction, plain_rec.mean() + plain_correction, rec.mean() + correction, kl.mean()
+    )
+
+
+def _per_sample_sums(weights: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """Σ_i w_bi over each sample of ``weights`` broadcast to ``shape``, as a ``[B]``
+    vector, without expanding ``weights``: each of its elements stands for
+    ``N / (its per-sample element count)`` elements of a sample."""
+    batch = shape[0]
+    n = math.prod(shape[1:])
+    w = weights.reshape((1,) * (len(shape) - weights.dim()) + tuple(weights.shape))
+    per_sample = math.prod(w.shape[1:])
+    if n == 0:
+        return torch.zeros(batch, dtype=dtype, device=weights.device)
+    copies = n // per_sample
+    if w.shape[0] == batch:
+        return w.reshape(batch, per_sample).sum(dim=1, dtype=dtype) * copies
+    return (w.sum(dtype=dtype) * copies).expand(batch)
 
 
 def continuous_bernoulli_log_normalizer(logits: Tensor) -> Tensor:

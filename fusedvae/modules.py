@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
+from ._args import check_finite
 from ._checks import Beta, LogScale
-from .functional import VAELossOutput, vae_loss
+from .functional import AutoencoderKLLossOutput, VAELossOutput, autoencoder_kl_loss, vae_loss
 
 
 class VAELoss(nn.Module):
@@ -82,3 +84,67 @@ class VAELoss(nn.Module):
             f"likelihood={self.likelihood!r}, logits={self.logits}, reduction={self.reduction!r}, "
             f"free_bits={self.free_bits}"
         )
+
+
+class AutoencoderKLLoss(nn.Module):
+    r"""Latent diffusion's autoencoder objective as a module, holding its ``logvar``.
+
+    ``AutoencoderKLLoss(kl_weight=1e-6, logvar_init=0.0)(inputs, reconstructions,
+    posterior_mean, posterior_logvar, perceptual=None, weights=None)`` calls
+    :func:`fusedvae.autoencoder_kl_loss` with ``logvar`` a 0-d ``nn.Parameter``
+    initialised to ``logvar_init``, as ``LPIPSWithDiscriminator`` holds it (give
+    ``loss_fn.parameters()`` to the optimizer to learn it). A float ``kl_weight``
+    may be reassigned between steps; a tensor ``kl_weight`` is a buffer, updated in
+    place by a schedule.
+
+    Args:
+        kl_weight (float or Tensor, optional): weight of the KL term. Default: ``1e-6``.
+        logvar_init (float, optional): the initial ``logvar``. Default: ``0.0``.
+
+    Shape:
+        - inputs, reconstructions: ``[B, ...]``
+        - posterior_mean, posterior_logvar: ``[B, ...]``
+        - perceptual: ``[B]`` or ``[B, 1, ..., 1]``; weights: broadcastable to ``inputs``
+        - Output: :class:`fusedvae.AutoencoderKLLossOutput` ``(loss, nll, weighted_nll, kl)``,
+          0-d tensors.
+
+    Example::
+
+        >>> loss_fn = fusedvae.AutoencoderKLLoss(kl_weight=1e-6)
+        >>> opt = torch.optim.Adam([*vae.parameters(), *loss_fn.parameters()], lr=1e-4)
+        >>> posterior = vae.encode(images).latent_dist
+        >>> out = loss_fn(images, vae.decode(posterior.sample()).sample, posterior.mean, posterior.logvar)
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, *, kl_weight: Beta = 1e-6, logvar_init: float = 0.0) -> None:
+        super().__init__()
+        self.logvar = nn.Parameter(torch.tensor(check_finite(logvar_init, "logvar_init")))
+        if isinstance(kl_weight, Tensor):
+            self.register_buffer("kl_weight", kl_weight)
+        else:
+            self.kl_weight = kl_weight
+
+    def forward(
+        self,
+        inputs: Tensor,
+        reconstructions: Tensor,
+        posterior_mean: Tensor,
+        posterior_logvar: Tensor,
+        perceptual: Optional[Tensor] = None,
+        weights: Optional[Tensor] = None,
+    ) -> AutoencoderKLLossOutput:
+        return autoencoder_kl_loss(
+            inputs,
+            reconstructions,
+            posterior_mean,
+            posterior_logvar,
+            self.logvar,
+            kl_weight=self.kl_weight,
+            perceptual=perceptual,
+            weights=weights,
+        )
+
+    def extra_repr(self) -> str:
+        kl_weight = self.kl_weight if not isinstance(self.kl_weight, Tensor) else "tensor"
+        return f"kl_weight={kl_weight}"

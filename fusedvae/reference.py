@@ -33,6 +33,23 @@ class VAELossOutput(NamedTuple):
     kl: Tensor
 
 
+class AutoencoderKLLossOutput(NamedTuple):
+    """What :func:`fusedvae.autoencoder_kl_loss` returns: four 0-d tensors.
+
+    Attributes:
+        loss: ``weighted_nll + kl_weight * kl``.
+        nll: Σ nll / B, without ``weights`` (the term latent diffusion's adaptive
+            GAN weight is computed from).
+        weighted_nll: Σ weights·nll / B (``nll`` itself when ``weights`` is None).
+        kl: Σ KL / B, the posterior's KL to N(0, I) per sample, averaged.
+    """
+
+    loss: Tensor
+    nll: Tensor
+    weighted_nll: Tensor
+    kl: Tensor
+
+
 def continuous_bernoulli_log_normalizer(logits: Tensor) -> Tensor:
     """log C(η) = log(η / tanh(η/2)), C(0) = 2 (Loaiza-Ganem & Cunningham, 2019).
 
@@ -168,6 +185,42 @@ def vae_loss(
     else:
         loss = per_sample.mean()
     return VAELossOutput(loss, rec, kl)
+
+
+def autoencoder_kl_loss(
+    inputs: Tensor,
+    reconstructions: Tensor,
+    posterior_mean: Tensor,
+    posterior_logvar: Tensor,
+    logvar,
+    *,
+    kl_weight: Beta = 1e-6,
+    perceptual: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None,
+) -> AutoencoderKLLossOutput:
+    """Reference implementation of :func:`fusedvae.autoencoder_kl_loss`: the
+    objective of latent diffusion's autoencoder (Rombach et al. 2022; CompVis
+    ``LPIPSWithDiscriminator``) without its GAN term, written out term by term."""
+    _checks.check_autoencoder_kl_args(
+        inputs, reconstructions, posterior_mean, posterior_logvar, logvar, kl_weight, perceptual, weights
+    )
+    dtype = _checks.accumulate_dtype(torch.promote_types(inputs.dtype, reconstructions.dtype))
+    x, t = reconstructions.to(dtype), inputs.to(dtype)
+    batch = x.shape[0]
+    rec = torch.abs(t - x)
+    if perceptual is not None:
+        rec = rec + perceptual.to(dtype).reshape((batch,) + (1,) * (x.dim() - 1))
+    lv = logvar.to(device=x.device, dtype=dtype) if isinstance(logvar, Tensor) else float(logvar)
+    nll = rec / (torch.exp(lv) if isinstance(lv, Tensor) else math.exp(lv)) + lv
+    weighted = nll if weights is None else weights.to(dtype) * nll
+    weighted_nll = weighted.sum() / batch
+    nll_sum = nll.sum() / batch
+    # The posterior's log-variance clamped to [-30, 20], as latent diffusion's
+    # DiagonalGaussianDistribution does; the KL of N(μ, e^lv) to N(0, I).
+    m = posterior_mean.to(_checks.accumulate_dtype(torch.promote_types(posterior_mean.dtype, posterior_logvar.dtype)))
+    lv_z = torch.clamp(posterior_logvar.to(m.dtype), -30.0, 20.0)
+    kl = (0.5 * (m**2 + torch.exp(lv_z) - 1 - lv_z)).sum() / batch
+    return AutoencoderKLLossOutput(weighted_nll + kl_weight * kl, nll_sum, weighted_nll, kl)
 
 
 def discretized_mix_logistic_nll(

@@ -132,6 +132,64 @@ VAE_LOSS_CASES = [
 ]
 
 
+def _good_autoencoder_kl():
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.rand(3, 2, 4, generator=g) * 2 - 1
+    reconstructions = torch.randn(3, 2, 4, generator=g)
+    posterior_mean = torch.randn(3, 5, generator=g)
+    posterior_logvar = torch.randn(3, 5, generator=g)
+    return dict(
+        inputs=inputs, reconstructions=reconstructions, posterior_mean=posterior_mean,
+        posterior_logvar=posterior_logvar, logvar=0.0,
+    )
+
+
+def _call_autoencoder_kl(fn, **change):
+    """Call ``fn`` (``autoencoder_kl_loss`` or its reference) with the good
+    arguments, some of them replaced."""
+    args = _good_autoencoder_kl()
+    kwargs = {}
+    for k, v in change.items():
+        (args if k in args else kwargs)[k] = v(args) if callable(v) else v
+    return fn(
+        args["inputs"], args["reconstructions"], args["posterior_mean"], args["posterior_logvar"],
+        args["logvar"], **kwargs,
+    )
+
+
+# (argument, bad value as written in the table, changes to the good call, exception, message fragment)
+AUTOENCODER_KL_CASES = [
+    ("inputs", "a list", dict(inputs=lambda a: a["inputs"].tolist()), TypeError, "inputs must be a torch.Tensor"),
+    ("inputs", "uint8 tensor", dict(inputs=lambda a: a["inputs"].to(torch.uint8)), TypeError, "inputs must be a floating-point tensor"),
+    ("inputs", "another shape", dict(inputs=lambda a: a["inputs"][:, :1]), ValueError, "inputs must have the shape of reconstructions"),
+    ("inputs", "on 'meta'", dict(inputs=lambda a: a["inputs"].to(META)), ValueError, "inputs must be on the device of reconstructions"),
+    ("inputs", "requires grad", dict(inputs=lambda a: a["inputs"].clone().requires_grad_()), ValueError, "inputs must not require grad"),
+    ("reconstructions", "a numpy array", dict(reconstructions=lambda a: a["reconstructions"].numpy()), TypeError, "reconstructions must be a torch.Tensor"),
+    ("reconstructions", "int64 tensor", dict(reconstructions=lambda a: a["reconstructions"].long()), TypeError, "reconstructions must be a floating-point tensor"),
+    ("reconstructions", "0-d tensor", dict(reconstructions=torch.tensor(0.5)), ValueError, "reconstructions must have shape [batch, ...]"),
+    ("posterior_mean", "None", dict(posterior_mean=None), TypeError, "posterior_mean must be a torch.Tensor"),
+    ("posterior_mean", "int32 tensor", dict(posterior_mean=lambda a: a["posterior_mean"].int()), TypeError, "posterior_mean must be a floating-point tensor"),
+    ("posterior_mean", "another batch size", dict(posterior_mean=lambda a: a["posterior_mean"][:2]), ValueError, "posterior_mean must have the batch size of reconstructions"),
+    ("posterior_mean", "on 'meta'", dict(posterior_mean=lambda a: a["posterior_mean"].to(META)), ValueError, "posterior_mean must be on the device of reconstructions"),
+    ("posterior_logvar", "int32 tensor", dict(posterior_logvar=lambda a: a["posterior_logvar"].int()), TypeError, "posterior_logvar must be a floating-point tensor"),
+    ("posterior_logvar", "another shape", dict(posterior_logvar=lambda a: a["posterior_logvar"][:, :2]), ValueError, "posterior_logvar must have the shape of posterior_mean"),
+    ("logvar", "a string", dict(logvar="0"), TypeError, "logvar must be a float or a 0-d tensor"),
+    ("logvar", "a tensor of shape [1]", dict(logvar=torch.zeros(1)), ValueError, "logvar must be a float or a 0-d tensor"),
+    ("logvar", "int64 0-d tensor", dict(logvar=torch.tensor(0)), TypeError, "logvar must be a floating-point tensor"),
+    ("logvar", "inf", dict(logvar=float("inf")), ValueError, "logvar must be finite"),
+    ("kl_weight", "None", dict(kl_weight=None), TypeError, "kl_weight must be a float or a 0-d tensor"),
+    ("kl_weight", "-1e-6", dict(kl_weight=-1e-6), ValueError, "kl_weight must be a finite number >= 0"),
+    ("kl_weight", "a tensor of shape [3]", dict(kl_weight=torch.ones(3)), ValueError, "kl_weight must be a float or a 0-d tensor"),
+    ("perceptual", "a float", dict(perceptual=0.5), TypeError, "perceptual must be a torch.Tensor"),
+    ("perceptual", "int64 tensor", dict(perceptual=torch.ones(3, dtype=torch.long)), TypeError, "perceptual must be a floating-point tensor"),
+    ("perceptual", "shape [3, 2] (not one value per sample)", dict(perceptual=torch.ones(3, 2)), ValueError, "perceptual must hold one value per sample"),
+    ("perceptual", "on 'meta'", dict(perceptual=torch.ones(3, device=META)), ValueError, "perceptual must be on the device of reconstructions"),
+    ("weights", "a list", dict(weights=[1.0]), TypeError, "weights must be a torch.Tensor"),
+    ("weights", "shape [5, 1] (not broadcastable)", dict(weights=torch.ones(5, 1)), ValueError, "weights must be broadcastable to the shape of reconstructions"),
+    ("weights", "requiring grad", dict(weights=torch.ones(1, requires_grad=True)), ValueError, "weights must not require grad"),
+]
+
+
 def _x():
     return torch.randn(3, 4)
 
@@ -393,6 +451,18 @@ def render() -> str:
         lines.append(f"| `{arg}` | {_cell(bad)} | `{exc.__name__}` | {_cell(fragment)} |")
     lines += [
         "",
+        "## `autoencoder_kl_loss` arguments",
+        "",
+        "`fusedvae.autoencoder_kl_loss`, `fusedvae.AutoencoderKLLoss` and the reference check",
+        "their arguments under their own names before any fused op runs.",
+        "",
+        "| argument | bad value | exception | message fragment |",
+        "|---|---|---|---|",
+    ]
+    for arg, bad, _, exc, fragment in AUTOENCODER_KL_CASES:
+        lines.append(f"| `{arg}` | {_cell(bad)} | `{exc.__name__}` | {_cell(fragment)} |")
+    lines += [
+        "",
         "## Direct op calls (`torch.ops.fusedvae.*`)",
         "",
         "The ops check their inputs in C++ (`TORCH_CHECK` surfaces as `RuntimeError`,",
@@ -424,8 +494,9 @@ def test_errors_md_rows_parse_back_to_the_matrix():
     # The table as a reader sees it: each row's exception and fragment.
     with open(DOC) as f:
         rows = [line for line in f if line.startswith("| `")]
-    assert len(rows) == len(VAE_LOSS_CASES) + len(OP_CASES)
-    for row, case in zip(rows, VAE_LOSS_CASES + OP_CASES):
+    cases = VAE_LOSS_CASES + AUTOENCODER_KL_CASES + OP_CASES
+    assert len(rows) == len(cases)
+    for row, case in zip(rows, cases):
         cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
         assert cells[0] == f"`{case[0]}`" and cells[2] == f"`{case[3].__name__}`" and cells[3] == case[4]
 
@@ -456,6 +527,32 @@ def test_every_argument_has_rows():
         kinds.setdefault(arg, set()).add(exc)
     # every tensor argument has both a TypeError (type/dtype) and a ValueError (shape/device/range) row
     for arg in ("recon", "target", "mu", "logvar", "beta", "log_scale", "free_bits"):
+        assert kinds[arg] == {TypeError, ValueError}, arg
+
+
+@pytest.mark.parametrize(
+    "fn", [fusedvae.autoencoder_kl_loss, reference.autoencoder_kl_loss], ids=["fused", "reference"]
+)
+@pytest.mark.parametrize("case", AUTOENCODER_KL_CASES, ids=[f"{c[0]}: {c[1]}" for c in AUTOENCODER_KL_CASES])
+def test_autoencoder_kl_loss_bad_argument(case, fn):
+    arg, _, change, exc, fragment = case
+    with pytest.raises(exc) as info:
+        _call_autoencoder_kl(fn, **change)
+    assert type(info.value) is exc, f"{type(info.value).__name__}: {info.value}"
+    message = str(info.value)
+    assert fragment in message, message
+    assert arg in message, f"the message does not name {arg!r}: {message}"
+
+
+def test_autoencoder_kl_loss_every_argument_has_rows():
+    import inspect
+
+    names = set(inspect.signature(fusedvae.autoencoder_kl_loss).parameters)
+    kinds = {}
+    for arg, _, _, exc, _ in AUTOENCODER_KL_CASES:
+        kinds.setdefault(arg, set()).add(exc)
+    assert set(kinds) == names, set(kinds) ^ names
+    for arg in names:
         assert kinds[arg] == {TypeError, ValueError}, arg
 
 
