@@ -117,3 +117,60 @@ def test_peak_memory_sees_known_allocations():
 
     peak = bench.peak_memory_bytes(fn, inputs)
     assert x.nbytes <= peak <= 2 * x.nbytes + 4096
+
+
+def test_exp_log1p_reference_computes_exp_and_log1p_in_place():
+    run, buffers = bench.exp_log1p_reference(1000, seed=3)
+    x, exp_out, u, log1p_out = (buffers[k] for k in ("x", "exp_out", "u", "log1p_out"))
+    tensors = (x, exp_out, u, log1p_out)
+    assert all(t.numel() == 1000 and t.dtype == torch.float32 for t in tensors)
+    # the ranges the loss's softplus sees: exp of arguments <= 0, log1p of values in (0, 1]
+    assert float(x.max()) <= 0 and float(u.min()) > 0 and float(u.max()) <= 1
+    pointers = [t.data_ptr() for t in tensors]
+    run()
+    assert [t.data_ptr() for t in tensors] == pointers  # written into, not replaced
+    assert torch.equal(exp_out, torch.exp(x)) and torch.equal(log1p_out, torch.log1p(u))
+    with pytest.raises(ValueError):
+        bench.exp_log1p_reference(0)
+
+
+def test_run_case_times_exp_log1p_over_recon_numel(monkeypatch):
+    """The exp+log1p yardstick runs, interleaved, on as many elements as recon has, and is reported."""
+    shape, latent_dim, target_dtype = bench.QUICK_CASES[0]
+    numel = torch.Size(shape).numel()
+    made, calls = [], []
+    original = bench.exp_log1p_reference
+
+    def counting(n, seed=0):
+        run, buffers = original(n, seed)
+        made.append(n)
+
+        def counted():
+            calls.append(n)
+            run()
+
+        return counted, buffers
+
+    monkeypatch.setattr(bench, "exp_log1p_reference", counting)
+    r = bench.run_case(shape, latent_dim, target_dtype, repeats=3, warmup=1, memory=False)
+    assert made == [numel] and calls == [numel] * (1 + 3)  # one warm-up call, three timed
+    assert r["reference_numel"] == numel
+    ref = bench.REFERENCE
+    assert ref == "exp+log1p"
+    assert set(r["ms"]) == set(bench.METHODS) | {ref}
+    assert len(r["times_ms"][ref]) == 3 and all(t > 0 for t in r["times_ms"][ref])
+    assert r["ms"][ref] > 0
+    assert r["ratio"]["fused/(exp+log1p)"] == pytest.approx(r["ms"]["fused"] / r["ms"][ref])
+    assert r["ratio"]["eager/fused"] == pytest.approx(r["ms"]["eager"] / r["ms"]["fused"])
+    assert set(r["accuracy"]) == set(bench.METHODS) and r["memory"] is None
+
+    table = bench.format_results([r]).splitlines()
+    header = next(line for line in table if line.startswith("| case |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols == ["case", "eager ms", "compile ms", "fused ms", "exp+log1p ms", "eager/fused",
+                    "compile/fused", "fused/(exp+log1p)"]
+    row = next(line for line in table if line.startswith(f"| {r['case']} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == len(cols)
+    assert float(cells[4]) == pytest.approx(r["ms"][ref], abs=5e-4)
+    assert cells[7] == f"{r['ratio']['fused/(exp+log1p)']:.2f}x"

@@ -12,9 +12,14 @@ The objective is the Bernoulli-logits negative ELBO with the closed-form KL,
   mode, shapes specialised as in a fixed-shape training loop);
 - ``fused``: ``fusedvae.vae_loss(...).loss``.
 
-The three methods are interleaved across repeats (the order rotates every
-repeat) so that drift in machine load hits all of them alike; the reported
-time is the median over repeats.
+Beside them, as a yardstick, the time torch's own vectorised ``exp`` and
+``log1p`` take over as many float32 elements as ``recon`` has
+(:func:`exp_log1p_reference`): the transcendental work a softplus costs per
+element, written to preallocated outputs, with nothing else around it.
+
+The three methods and the yardstick are interleaved across repeats (the order
+rotates every repeat) so that drift in machine load hits all of them alike;
+the reported time is the median over repeats.
 
 Accuracy: before timing, each method's loss and gradients are compared with a
 float64 truth, ``fusedvae.reference.vae_loss`` on float64 CPU copies of the
@@ -62,6 +67,7 @@ __all__ = [
     "DEFAULT_CASES",
     "QUICK_CASES",
     "METHODS",
+    "REFERENCE",
     "accuracy",
     "add_arguments",
     "case_name",
@@ -70,7 +76,9 @@ __all__ = [
     "compiled_loss",
     "compute_dtype",
     "eager_loss",
+    "exp_log1p_reference",
     "format_accuracy",
+    "format_results",
     "fused_loss",
     "machine_info",
     "main",
@@ -148,6 +156,39 @@ METHODS: Dict[str, Callable[..., Tensor]] = {
     "compiled": compiled_loss,
     "fused": fused_loss,
 }
+
+
+# The name of the exp+log1p yardstick in the timings (``ms``, ``times_ms``).
+REFERENCE = "exp+log1p"
+
+
+def exp_log1p_reference(numel: int, seed: int = 0) -> Tuple[Callable[[], None], Dict[str, Tensor]]:
+    """``torch.exp`` then ``torch.log1p`` over ``numel`` float32 elements, into preallocated outputs.
+
+    The per-element transcendental work of the loss, done by torch's own
+    vectorised kernels: the softplus in the loss evaluates ``exp(-|x|)``
+    (arguments <= 0) and ``log1p`` of a value in (0, 1], so the inputs are
+    drawn from those ranges (``x = -|N(0, 4)|``, ``u`` uniform in (0, 1]);
+    other ranges may take other paths in the vector math.
+
+    Returns ``(run, buffers)``: ``run()`` computes ``torch.exp(x, out=exp_out)``
+    followed by ``torch.log1p(u, out=log1p_out)`` and allocates nothing;
+    ``buffers`` holds ``x``, ``exp_out``, ``u`` and ``log1p_out`` (each of
+    ``numel`` elements), so a caller can check what ran.
+    """
+    if numel < 1:
+        raise ValueError(f"numel must be >= 1, got {numel}")
+    g = torch.Generator().manual_seed(seed)
+    x = -(2.0 * torch.randn(numel, generator=g)).abs()
+    u = 1.0 - torch.rand(numel, generator=g)  # rand is in [0, 1): this is in (0, 1]
+    exp_out = torch.empty_like(x)
+    log1p_out = torch.empty_like(u)
+
+    def run() -> None:
+        torch.exp(x, out=exp_out)
+        torch.log1p(u, out=log1p_out)
+
+    return run, {"x": x, "exp_out": exp_out, "u": u, "log1p_out": log1p_out}
 
 
 # --------------------------------------------------------------- utilities --
@@ -454,16 +495,20 @@ def run_case(
     memory: bool = True,
     seed: int = 0,
 ) -> Dict[str, object]:
-    """Time forward+backward of eager, compiled and fused on the same data.
+    """Time forward+backward of eager, compiled and fused on the same data, and the exp+log1p yardstick.
 
-    Returns a dict with ``case``, ``ms`` (median ms per step by method),
-    ``ratio`` (``eager/fused``, ``compiled/fused``), ``times_ms`` (every
-    sample), ``first_call_s`` (the first call per method, which for
-    ``compiled`` includes compilation unless already cached), ``loss``,
-    ``input_bytes`` and ``memory`` (per method ``peak_bytes``, ``peak_mb`` and
-    ``x_input``, the peak over ``input_bytes``; ``None`` with ``memory=False``)
-    and ``accuracy`` (:func:`accuracy`: each method's relative errors against
-    the float64 truth, its tolerances and ``ok``; the caller decides what a
+    Returns a dict with ``case``, ``ms`` (median ms per step by method, and
+    under :data:`REFERENCE` the median ms of :func:`exp_log1p_reference` over
+    ``recon.numel()`` elements), ``ratio`` (``eager/fused``,
+    ``compiled/fused``, and ``fused/(exp+log1p)``: how many times the
+    yardstick a whole fused step takes), ``reference_numel`` (the elements
+    the yardstick's tensors hold), ``times_ms`` (every sample),
+    ``first_call_s`` (the first call per method, which for ``compiled``
+    includes compilation unless already cached), ``loss``, ``input_bytes``
+    and ``memory`` (per method ``peak_bytes``, ``peak_mb`` and ``x_input``,
+    the peak over ``input_bytes``; ``None`` with ``memory=False``) and
+    ``accuracy`` (:func:`accuracy`: each method's relative errors against the
+    float64 truth, its tolerances and ``ok``; the caller decides what a
     failure means, :func:`main` exits 1).
     """
     if repeats < 1 or warmup < 0:
@@ -471,6 +516,16 @@ def run_case(
     inputs = make_inputs(shape, latent_dim, target_dtype, seed=seed)
     recon, target, mu, logvar = inputs
     names = list(METHODS)
+    reference_run, reference_buffers = exp_log1p_reference(recon.numel(), seed=seed)
+
+    def timed(name: str) -> Callable[[], None]:
+        # One timed call: a loss step (its grads cleared before the clock
+        # starts, as every step allocates them) or the yardstick.
+        if name == REFERENCE:
+            return reference_run
+        clear_grads(inputs)
+        fn = METHODS[name]
+        return lambda: step(fn, recon, target, mu, logvar, beta)
 
     first_call_s: Dict[str, float] = {}
     for name in names:  # first call: compiles the compiled method for this shape/dtype
@@ -479,23 +534,22 @@ def run_case(
         step(METHODS[name], recon, target, mu, logvar, beta)
         first_call_s[name] = time.perf_counter() - t0
     errors = accuracy(inputs, beta)
+    timed_names = names + [REFERENCE]
     for _ in range(warmup):
-        for name in names:
-            clear_grads(inputs)
-            step(METHODS[name], recon, target, mu, logvar, beta)
+        for name in timed_names:
+            timed(name)()
 
-    times: Dict[str, List[float]] = {name: [] for name in names}
+    times: Dict[str, List[float]] = {name: [] for name in timed_names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for r in range(repeats):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                fn = METHODS[name]
-                clear_grads(inputs)
+            k = r % len(timed_names)
+            for name in timed_names[k:] + timed_names[:k]:
+                call = timed(name)
                 t0 = time.perf_counter()
-                step(fn, recon, target, mu, logvar, beta)
+                call()
                 times[name].append((time.perf_counter() - t0) * 1e3)
     finally:
         if gc_was_enabled:
@@ -518,7 +572,13 @@ def run_case(
         "repeats": repeats,
         "warmup": warmup,
         "ms": ms,
-        "ratio": {"eager/fused": ms["eager"] / ms["fused"], "compiled/fused": ms["compiled"] / ms["fused"]},
+        "ratio": {
+            "eager/fused": ms["eager"] / ms["fused"],
+            "compiled/fused": ms["compiled"] / ms["fused"],
+            f"fused/({REFERENCE})": ms["fused"] / ms[REFERENCE],
+        },
+        # The fewest elements any of the yardstick's tensors holds: all hold recon.numel().
+        "reference_numel": min(t.numel() for t in reference_buffers.values()),
         "times_ms": times,
         "first_call_s": first_call_s,
         "loss": {name: r["loss"] for name, r in errors.items()},
@@ -541,18 +601,23 @@ def format_results(results: Sequence[Dict[str, object]], info: Optional[Dict[str
     if results:
         lines.append(
             f"Forward+backward of the loss, median ms per step over {results[0]['repeats']} "
-            "interleaved repeats (lower is better); ratios > 1 mean fused is faster."
+            "interleaved repeats (lower is better); eager/fused and compile/fused > 1 mean fused is "
+            "faster. exp+log1p ms: torch.exp then torch.log1p over as many float32 elements as "
+            "recon has, into preallocated outputs, interleaved with the methods: a yardstick, not a "
+            "method; fused/(exp+log1p) is how many times that a whole fused step takes."
         )
         lines.append("")
     lines += [
-        "| case | eager ms | compile ms | fused ms | eager/fused | compile/fused |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| case | eager ms | compile ms | fused ms | {REFERENCE} ms | eager/fused | compile/fused "
+        f"| fused/({REFERENCE}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ms, ratio = r["ms"], r["ratio"]
         lines.append(
             f"| {r['case']} | {ms['eager']:.3f} | {ms['compiled']:.3f} | {ms['fused']:.3f} "
-            f"| {ratio['eager/fused']:.2f}x | {ratio['compiled/fused']:.2f}x |"
+            f"| {ms[REFERENCE]:.3f} | {ratio['eager/fused']:.2f}x | {ratio['compiled/fused']:.2f}x "
+            f"| {ratio[f'fused/({REFERENCE})']:.2f}x |"
         )
     with_acc = [(r["case"], r["accuracy"]) for r in results if r.get("accuracy")]
     if with_acc:
