@@ -120,6 +120,13 @@ struct CbProblem {
 };
 
 namespace cpu {
+// The float32 approximations the CPU kernels evaluate instead of library calls,
+// exposed elementwise for their accuracy tests (fusedvae._C._cpu_float_math).
+enum class FloatMath : int {
+  kExpNonpositive = 0,  // e^x, x <= 0 (cpu/vec_ops.h)
+  kLog1pUnit = 1,       // log(1 + e), e in [0, 1] (math::log1p_unit)
+};
+
 // The CPU kernels of one instruction set. Each set is compiled from
 // cpu/kernels_impl.h in a translation unit of its own with that set's compiler
 // flags: the baseline build inside fusedvae._C, AVX2 and AVX-512 builds in
@@ -142,6 +149,8 @@ struct Kernels {
   // out (of `dtype`) = log C(logits); grad_logits = grad · d log C / dη.
   void (*cb_log_normalizer_forward)(const CbProblem& p, void* out);
   void (*cb_log_normalizer_backward)(const CbProblem& p, const void* grad, void* grad_logits);
+  // out[i] = f(in[i]) for the approximation f, as the kernels evaluate it.
+  void (*float_math)(FloatMath f, const float* in, float* out, int64_t n);
 };
 
 // The objective (objective.h) from the kernels() in use: forward writes loss

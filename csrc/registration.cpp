@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "kernels.h"
 
 namespace {
@@ -32,12 +34,51 @@ PyObject* likelihood_rows() {
   return rows;
 }
 
+// `fusedvae._C._cpu_float_math(name, data) -> bytes`: a float32 approximation
+// of the CPU kernels in use ("exp_nonpositive" or "log1p_unit", cpu::FloatMath)
+// applied to each float32 value of the buffer `data`; for the accuracy tests.
+PyObject* cpu_float_math(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  Py_buffer data;
+  if (!PyArg_ParseTuple(args, "sy*", &name, &data)) return nullptr;
+  const std::string which = name;
+  fusedvae::cpu::FloatMath f;
+  if (which == "exp_nonpositive") {
+    f = fusedvae::cpu::FloatMath::kExpNonpositive;
+  } else if (which == "log1p_unit") {
+    f = fusedvae::cpu::FloatMath::kLog1pUnit;
+  } else {
+    PyBuffer_Release(&data);
+    PyErr_Format(PyExc_ValueError,
+                 "expected name to be 'exp_nonpositive' or 'log1p_unit', got '%s'", name);
+    return nullptr;
+  }
+  if (data.len % static_cast<Py_ssize_t>(sizeof(float)) != 0) {
+    PyBuffer_Release(&data);
+    PyErr_SetString(PyExc_ValueError, "expected data to hold float32 values (a multiple of 4 bytes)");
+    return nullptr;
+  }
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, data.len);
+  if (out != nullptr) {
+    fusedvae::cpu::kernels().float_math(f, static_cast<const float*>(data.buf),
+                                        reinterpret_cast<float*>(PyBytes_AS_STRING(out)),
+                                        data.len / static_cast<Py_ssize_t>(sizeof(float)));
+  }
+  PyBuffer_Release(&data);
+  return out;
+}
+
+PyMethodDef module_methods[] = {
+    {"_cpu_float_math", cpu_float_math, METH_VARARGS,
+     "The CPU kernels' float32 approximation `name` applied to the float32 values in `data`."},
+    {nullptr, nullptr, 0, nullptr}};
+
 }  // namespace
 
 // `import fusedvae._C` loads this library, which runs the registrations below,
 // and picks the CPU kernels' build; `fusedvae._C.cpu_kernels` names it.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   PyObject* rows = likelihood_rows();

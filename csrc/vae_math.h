@@ -33,6 +33,7 @@ struct ScalarOps<float> {
   using Mask = bool;
   static FUSEDVAE_HD V splat(double c) { return static_cast<float>(c); }
   static FUSEDVAE_HD V exp(V x) { return expf(x); }
+  static FUSEDVAE_HD V exp_nonpositive(V x) { return expf(x); }
   static FUSEDVAE_HD V expm1(V x) { return expm1f(x); }
   static FUSEDVAE_HD V log(V x) { return logf(x); }
   static FUSEDVAE_HD V log1p(V x) { return log1pf(x); }
@@ -52,6 +53,7 @@ struct ScalarOps<double> {
   using Mask = bool;
   static FUSEDVAE_HD V splat(double c) { return c; }
   static FUSEDVAE_HD V exp(V x) { return ::exp(x); }
+  static FUSEDVAE_HD V exp_nonpositive(V x) { return ::exp(x); }
   static FUSEDVAE_HD V expm1(V x) { return ::expm1(x); }
   static FUSEDVAE_HD V log(V x) { return ::log(x); }
   static FUSEDVAE_HD V log1p(V x) { return ::log1p(x); }
@@ -132,7 +134,9 @@ FUSEDVAE_HD typename O::V sigmoid_from(typename O::V x, typename O::V e) {
 
 template <class O>
 FUSEDVAE_HD typename O::V exp_neg_abs(typename O::V x) {
-  return O::exp(O::splat(0.0) - O::abs(x));
+  // exp_nonpositive: the policy's exponential for arguments <= 0 (the CPU's
+  // float32 one is a polynomial for that range, cpu/vec_ops.h).
+  return O::exp_nonpositive(O::splat(0.0) - O::abs(x));
 }
 
 template <class O>

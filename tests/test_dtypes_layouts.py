@@ -155,6 +155,24 @@ def test_uint8_target_equals_scaled_float(likelihood, logits, ls_kind, dtype):
         torch.testing.assert_close(got_g[name].double(), ref_g[name], rtol=rtol, atol=atol / 10)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_every_pixel_value_is_read_as_its_quotient(dtype):
+    # Each of the 256 pixel values, in every vector lane and in a partial last
+    # vector, is read as exactly float(k) / 255 (the vector kernels multiply by
+    # 1/255 and correct the rounding instead of dividing).
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(3)[:-5].reshape(-1, 1)
+    recon = torch.zeros(pixels.shape, dtype=dtype, requires_grad=True)
+    mu = torch.zeros(pixels.shape[0], 2, dtype=dtype)
+    kw = dict(likelihood="gaussian", reduction="none")
+    got = fusedvae.vae_loss(recon, pixels, mu, mu, **kw)
+    expected_recon = recon.detach().clone().requires_grad_()
+    expected = fusedvae.vae_loss(expected_recon, pixels.to(dtype) / 255, mu, mu, **kw)
+    assert torch.equal(got.rec, expected.rec)  # ½t² + const: equal iff each t is
+    (grad,) = torch.autograd.grad(got.rec.sum(), recon)
+    (expected_grad,) = torch.autograd.grad(expected.rec.sum(), expected_recon)
+    assert torch.equal(grad, expected_grad)  # x - t: bitwise
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["f16", "bf16"])
 def test_uint8_target_half_precision_recon(dtype):
     # 16-bit recon with uint8 pixels: the kernel scales in float32, like the

@@ -11,6 +11,7 @@
 // of a sample are added in chunk order in double. Nothing depends on the
 // number of threads or on which thread ran which chunk.
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -43,6 +44,29 @@ void convert_run(const From* src, To* dst, int64_t count) {
   }
 }
 
+template <typename T>
+constexpr bool is_16bit_float = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+
+// k / 255 for pixel values k = 0..255, correctly rounded as the division is.
+// A vector division costs as much as the rest of a uint8 load; with fused
+// multiply-adds, k·(1/255) and one correction step with the exact residual
+// k - 255·q give the same float for every k (tests/test_dtypes_layouts.py
+// checks all 256 bit for bit). The baseline build has no fused multiply-add,
+// and double precision is rare here: both divide.
+template <typename Acc>
+at::vec::Vectorized<Acc> pixel_value(const at::vec::Vectorized<Acc>& k) {
+  using Vec = at::vec::Vectorized<Acc>;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<Acc, float>) {
+    const Vec inv(1.0f / 255.0f);
+    const Vec q = k * inv;
+    const Vec residual = at::vec::fmadd(q, Vec(-255.0f), k);
+    return at::vec::fmadd(residual, inv, q);
+  }
+#endif
+  return k / Vec(Acc(255));
+}
+
 // Loads `count` (<= lanes) elements as a vector of the accumulation type.
 // Lanes past `count` are zero. uint8 targets are pixels: value / 255; bool
 // targets are 0 or 1.
@@ -52,10 +76,33 @@ at::vec::Vectorized<Acc> load(const T* ptr, int64_t count) {
   if constexpr (std::is_same_v<T, Acc>) {
     return count == Vec::size() ? Vec::loadu(ptr) : Vec::loadu(ptr, count);
   } else {
+    if constexpr (std::is_same_v<T, uint8_t> && std::is_same_v<Acc, float>) {
+      // A whole vector of pixels: widened in registers. Through the stack buffer
+      // below, the wide load waits for the narrow stores, which costs as much
+      // as the rest of the loss.
+#if defined(CPU_CAPABILITY_AVX512)
+      if (count == Vec::size()) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr));
+        return pixel_value(Vec(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes))));
+      }
+#elif defined(CPU_CAPABILITY_AVX2)
+      if (count == Vec::size()) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ptr));
+        return pixel_value(Vec(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes))));
+      }
+#endif
+    }
+    if constexpr (is_16bit_float<T> && std::is_same_v<Acc, float>) {
+      if (count == Vec::size()) {  // widened in registers too
+        Vec v;
+        at::vec::load_to_float(ptr, v);
+        return v;
+      }
+    }
     alignas(64) Acc buf[Vec::size()] = {};
     convert_run<Vec::size()>(ptr, buf, count);
     if constexpr (std::is_same_v<T, uint8_t>) {
-      return Vec::loadu(buf) / Vec(Acc(255));
+      return pixel_value(Vec::loadu(buf));
     } else {
       return Vec::loadu(buf);
     }
@@ -67,6 +114,9 @@ void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
   using Vec = at::vec::Vectorized<Acc>;
   if constexpr (std::is_same_v<T, Acc>) {
     v.store(ptr, static_cast<int>(count));
+  } else if constexpr (is_16bit_float<T> && std::is_same_v<Acc, float>) {
+    // Rounded to nearest even in registers, as c10::Half and c10::BFloat16 round.
+    at::vec::convert_from_float<T>(v, v).store(ptr, static_cast<int>(count));
   } else {
     alignas(64) Acc buf[Vec::size()];
     v.store(buf);
@@ -334,6 +384,15 @@ void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad
   });
 }
 
+void float_math(FloatMath f, const float* in, float* out, int64_t n) {
+  using O = VecOps<float>;
+  for_each_vector<float>(1, n, [&](int64_t, int64_t i, int64_t count) {
+    const at::vec::Vectorized<float> x = load<float>(in + i, count);
+    store(out + i, f == FloatMath::kExpNonpositive ? O::exp_nonpositive(x) : math::log1p_unit<O>(x),
+          count);
+  });
+}
+
 }  // namespace
 
 #define FUSEDVAE_STRINGIFY(x) #x
@@ -347,6 +406,7 @@ const Kernels kKernels = {
     &gaussian_kl_backward,
     &cb_log_normalizer_forward,
     &cb_log_normalizer_backward,
+    &float_math,
 };
 #undef FUSEDVAE_NAME_OF
 #undef FUSEDVAE_STRINGIFY
