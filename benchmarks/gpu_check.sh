@@ -131,6 +131,15 @@ for lik in ("gaussian", "laplace"):
               torch.rand(19, 17, device="cuda").t()):
         for scale in ("optimal", s):
             fusedvae.vae_loss(x, t, mu, mu.detach(), likelihood=lik, log_scale=scale, weight=w).loss.backward()
+# the discretized mixture: RGB and grey, NCHW and channels-last, 16-bit params,
+# a partial last block, more components than the CPU caches
+for channels, k, dtype in ((3, 10, torch.float32), (1, 4, torch.bfloat16), (3, 20, torch.half)):
+    per_k = 10 if channels == 3 else 3
+    p = torch.randn(2, per_k * k, 17, 19, device="cuda", dtype=dtype, requires_grad=True)
+    img = torch.randint(0, 256, (2, channels, 17, 19), device="cuda", dtype=torch.uint8)
+    fusedvae.discretized_mix_logistic_nll(p, img).sum().backward()
+    pl = p.detach().to(memory_format=torch.channels_last).requires_grad_()
+    fusedvae.discretized_mix_logistic_nll(pl, img.float() / 127.5 - 1).sum().backward()
 torch.cuda.synchronize()
 print("ok")
 '
@@ -148,6 +157,7 @@ step sanitizer-memcheck sanitize memcheck
 step sanitizer-racecheck sanitize racecheck
 
 step benchmark python benchmarks/gpu_bench.py
+step dmol-benchmark python benchmarks/dmol_bench.py --device cuda
 step train-step python benchmarks/train_step.py --device cuda
 step host-time python benchmarks/train_step.py --device cuda --host-overhead
 

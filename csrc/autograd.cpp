@@ -229,6 +229,42 @@ Tensor cb_log_normalizer_autograd(const Tensor& logits) {
   return CbLogNormalizerFunction::apply(logits)[0];
 }
 
+using DmolOp = Tensor(const Tensor&, const Tensor&, int64_t, double);
+using DmolBackwardOp = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, double);
+
+// The target is data: the op has no gradient for it (the Python API refuses
+// a target that requires grad).
+class DmolFunction : public torch::autograd::Function<DmolFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& params, const Tensor& target,
+                               int64_t bits, double log_scale_min) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({params, target});
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["log_scale_min"] = log_scale_min;
+    static const auto op = find_op<DmolOp>("fusedvae::dmol_nll");
+    return {op.call(params, target, bits, log_scale_min)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    static const auto op = find_op<DmolBackwardOp>("fusedvae::dmol_nll_backward");
+    return {op.call(grads[0], saved[0], saved[1], ctx->saved_data["bits"].toInt(),
+                    ctx->saved_data["log_scale_min"].toDouble()),
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor dmol_nll_autograd(const Tensor& params, const Tensor& target, int64_t bits,
+                         double log_scale_min) {
+  refuse_tangents("dmol_nll", params, target);
+  if (!at::GradMode::is_enabled() || !requires_grad(params)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static const auto op = find_op<DmolOp>("fusedvae::dmol_nll");
+    return op.call(params, target, bits, log_scale_min);
+  }
+  return DmolFunction::apply(params, target, bits, log_scale_min)[0];
+}
+
 // ------------------------------------------------------------ backward ops --
 // The outputs of a fused backward op carry a node that refuses to be
 // differentiated: create_graph=True still works as long as nothing
@@ -309,6 +345,17 @@ Tensor cb_log_normalizer_backward_autograd(const Tensor& grad, const Tensor& log
   return refuse_second_order("cb_log_normalizer_backward", {grad, logits}, {a})[0];
 }
 
+Tensor dmol_nll_backward_autograd(const Tensor& grad, const Tensor& params, const Tensor& target,
+                                  int64_t bits, double log_scale_min) {
+  Tensor a;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static const auto op = find_op<DmolBackwardOp>("fusedvae::dmol_nll_backward");
+    a = op.call(grad, params, target, bits, log_scale_min);
+  }
+  return refuse_second_order("dmol_nll_backward", {grad, params}, {a})[0];
+}
+
 }  // namespace
 }  // namespace fusedvae
 
@@ -320,4 +367,6 @@ TORCH_LIBRARY_IMPL(fusedvae, Autograd, m) {
   m.impl("gaussian_kl_per_dim_backward", &gaussian_kl_per_dim_backward_autograd);
   m.impl("cb_log_normalizer", &cb_log_normalizer_autograd);
   m.impl("cb_log_normalizer_backward", &cb_log_normalizer_backward_autograd);
+  m.impl("dmol_nll", &dmol_nll_autograd);
+  m.impl("dmol_nll_backward", &dmol_nll_backward_autograd);
 }

@@ -119,6 +119,26 @@ struct CbProblem {
   int64_t numel;
 };
 
+// The discretized mixture of logistics (dmol.h) over a batch of images:
+// params [batch, (1 + 3C)·K or 3K, H, W] and target [batch, C, H, W], each read
+// through its strides (elements) of batch, channel and pixel, the pixel index
+// running over H·W (a dense NCHW or channels-last tensor has one). target:
+// uint8 pixels, read as v / 127.5 - 1, or float32/float64 values in [-1, 1].
+struct DmolProblem {
+  const void* params;
+  DType dtype;  // of params, and of its gradient
+  const void* target;
+  DType target_dtype;  // kUInt8, kFloat32 or kFloat64
+  int64_t batch;
+  int channels;  // 1 or 3
+  int64_t k;
+  int64_t pixels;  // H·W
+  int64_t param_strides[3];
+  int64_t target_strides[3];
+  double half_width;  // 1 / (2^bits - 1)
+  double log_scale_min;
+};
+
 namespace cpu {
 // The float32 approximations the CPU kernels evaluate instead of library calls,
 // exposed elementwise for their accuracy tests (fusedvae._C._cpu_float_math).
@@ -149,6 +169,12 @@ struct Kernels {
   // out (of `dtype`) = log C(logits); grad_logits = grad · d log C / dη.
   void (*cb_log_normalizer_forward)(const CbProblem& p, void* out);
   void (*cb_log_normalizer_backward)(const CbProblem& p, const void* grad, void* grad_logits);
+  // nll[b] = Σ over sample b's pixels of -log p(pixel) (accumulation type,
+  // [batch]); grad_params (params' dtype, through grad_strides: batch, channel,
+  // pixel) = grad[b] · ∂nll_b/∂params.
+  void (*dmol_forward)(const DmolProblem& p, void* nll);
+  void (*dmol_backward)(const DmolProblem& p, const void* grad, void* grad_params,
+                        const int64_t* grad_strides);
   // out[i] = f(in[i]) for the approximation f, as the kernels evaluate it.
   void (*float_math)(FloatMath f, const float* in, float* out, int64_t n);
 };
@@ -182,6 +208,10 @@ void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, void* 
 void cb_log_normalizer_forward(const CbProblem& p, void* out, void* stream);
 void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits,
                                 void* stream);
+void dmol_forward(const DmolProblem& p, void* nll, void* workspace, void* stream);
+void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
+                   const int64_t* grad_strides, void* stream);
+int64_t dmol_workspace_bytes(const DmolProblem& p);
 // Bytes of scratch objective_forward needs (per-block partial sums).
 int64_t objective_workspace_bytes(const ObjectiveProblem& p, int device);
 }  // namespace cuda

@@ -533,4 +533,96 @@ Tensor cb_log_normalizer_backward(const Backend& backend, const Tensor& grad,
   return out.finish();
 }
 
+// ------------------------------------------------ discretized mixture ------
+
+namespace {
+
+// A [B, X, H, W] tensor as (batch, channel, pixel) strides, the pixel index
+// running over H·W: dense NCHW and channels-last tensors have them; any other
+// is copied first.
+Tensor with_pixel_index(const Tensor& t) {
+  const bool collapsible = t.size(2) <= 1 || t.size(3) <= 1 || t.stride(2) == t.stride(3) * t.size(3);
+  return collapsible ? t : t.contiguous();
+}
+
+void pixel_strides(const Tensor& t, int64_t* out) {
+  out[0] = t.stride(0);
+  out[1] = t.stride(1);
+  out[2] = t.size(3) > 1 ? t.stride(3) : t.stride(2);
+}
+
+struct DmolInputs {
+  Tensor params;
+  Tensor target;
+  DmolProblem problem{};
+
+  DmolInputs(const Tensor& params_in, const Tensor& target_in, int64_t bits, double log_scale_min) {
+    const DType dtype = to_dtype(params_in, "params");
+    const at::ScalarType t = target_in.scalar_type();
+    TORCH_CHECK_TYPE(t == at::kByte || at::isFloatingType(t),
+                     "fusedvae: expected target to be a floating-point or uint8 tensor, got ", t);
+    TORCH_CHECK_VALUE(target_in.dim() == 4 && (target_in.size(1) == 3 || target_in.size(1) == 1),
+                      "fusedvae: expected target of shape [B, 3, H, W] or [B, 1, H, W], got ",
+                      target_in.sizes());
+    const int64_t channels = target_in.size(1);
+    const int64_t per_k = channels == 3 ? 10 : 3;
+    TORCH_CHECK_VALUE(params_in.dim() == 4 && params_in.size(0) == target_in.size(0) &&
+                          params_in.size(2) == target_in.size(2) &&
+                          params_in.size(3) == target_in.size(3) && params_in.size(1) > 0 &&
+                          params_in.size(1) % per_k == 0,
+                      "fusedvae: expected params of shape [B, ", per_k, "K, H, W] for a target of shape ",
+                      target_in.sizes(), ", got ", params_in.sizes());
+    check_same_device(target_in, "target", params_in, "params");
+    TORCH_CHECK_VALUE(bits >= 1 && bits <= 16, "fusedvae: expected bits in [1, 16], got ", bits);
+    TORCH_CHECK_VALUE(std::isfinite(log_scale_min), "fusedvae: expected a finite log_scale_min, got ",
+                      log_scale_min);
+    params = with_pixel_index(params_in);
+    const bool wide = params_in.scalar_type() == at::kDouble;
+    Tensor target_read = target_in;
+    if (t != at::kByte && t != (wide ? at::kDouble : at::kFloat)) {
+      target_read = target_in.to(wide ? at::kDouble : at::kFloat);
+    }
+    target = with_pixel_index(target_read);
+    problem.params = params.const_data_ptr();
+    problem.dtype = dtype;
+    problem.target = target.const_data_ptr();
+    problem.target_dtype = t == at::kByte ? DType::kUInt8 : (wide ? DType::kFloat64 : DType::kFloat32);
+    problem.batch = params.size(0);
+    problem.channels = static_cast<int>(channels);
+    problem.k = params.size(1) / per_k;
+    problem.pixels = params.size(2) * params.size(3);
+    pixel_strides(params, problem.param_strides);
+    pixel_strides(target, problem.target_strides);
+    problem.half_width = 1.0 / static_cast<double>((int64_t(1) << bits) - 1);
+    problem.log_scale_min = log_scale_min;
+  }
+};
+
+}  // namespace
+
+Tensor dmol_nll(const Backend& backend, const Tensor& params, const Tensor& target, int64_t bits,
+                double log_scale_min) {
+  const c10::OptionalDeviceGuard guard(params.device());
+  DmolInputs in(params, target, bits, log_scale_min);
+  Tensor nll = at::empty({in.problem.batch}, params.options().dtype(accumulate_type(params.scalar_type())));
+  backend.dmol_forward(in.problem, nll.data_ptr());
+  return nll;
+}
+
+Tensor dmol_nll_backward(const Backend& backend, const Tensor& grad, const Tensor& params,
+                         const Tensor& target, int64_t bits, double log_scale_min) {
+  const c10::OptionalDeviceGuard guard(params.device());
+  DmolInputs in(params, target, bits, log_scale_min);
+  check_same_device(grad, "grad", params, "params");
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == in.problem.batch,
+                    "fusedvae: expected grad of shape [", in.problem.batch, "], got ", grad.sizes());
+  const Tensor g = grad.to(accumulate_type(params.scalar_type())).contiguous();
+  // The gradient in the layout the kernel reads params in (NCHW or channels-last).
+  Tensor grad_params = at::empty_like(in.params);
+  int64_t strides[3];
+  pixel_strides(grad_params, strides);
+  backend.dmol_backward(in.problem, g.const_data_ptr(), grad_params.data_ptr(), strides);
+  return grad_params;
+}
+
 }  // namespace fusedvae

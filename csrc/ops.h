@@ -26,6 +26,9 @@ class Backend {
                            void* grad_logvar) const = 0;
   virtual void cb_forward(const CbProblem& p, void* out) const = 0;
   virtual void cb_backward(const CbProblem& p, const void* grad, void* grad_logits) const = 0;
+  virtual void dmol_forward(const DmolProblem& p, void* nll) const = 0;
+  virtual void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
+                             const int64_t* grad_strides) const = 0;
 };
 
 // The schemas are in registration.cpp (FUSEDVAE_OP_SCHEMAS).
@@ -58,5 +61,12 @@ at::Tensor cb_log_normalizer(const Backend& backend, const at::Tensor& logits);
 
 at::Tensor cb_log_normalizer_backward(const Backend& backend, const at::Tensor& grad,
                                       const at::Tensor& logits);
+
+at::Tensor dmol_nll(const Backend& backend, const at::Tensor& params, const at::Tensor& target,
+                    int64_t bits, double log_scale_min);
+
+at::Tensor dmol_nll_backward(const Backend& backend, const at::Tensor& grad,
+                             const at::Tensor& params, const at::Tensor& target, int64_t bits,
+                             double log_scale_min);
 
 }  // namespace fusedvae

@@ -45,6 +45,14 @@ void register_kernels(torch::Library& m) {
   m.impl("cb_log_normalizer_backward", [](const Tensor& grad, const Tensor& logits) {
     return cb_log_normalizer_backward(BackendT{}, grad, logits);
   });
+  m.impl("dmol_nll", [](const Tensor& params, const Tensor& target, int64_t bits,
+                        double log_scale_min) {
+    return dmol_nll(BackendT{}, params, target, bits, log_scale_min);
+  });
+  m.impl("dmol_nll_backward", [](const Tensor& grad, const Tensor& params, const Tensor& target,
+                                 int64_t bits, double log_scale_min) {
+    return dmol_nll_backward(BackendT{}, grad, params, target, bits, log_scale_min);
+  });
 }
 
 }  // namespace fusedvae

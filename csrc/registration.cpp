@@ -126,4 +126,11 @@ TORCH_LIBRARY(fusedvae, m) {
   // log C(logits) of the continuous Bernoulli, elementwise.
   m.def("cb_log_normalizer(Tensor logits) -> Tensor");
   m.def("cb_log_normalizer_backward(Tensor grad, Tensor logits) -> Tensor");
+  // The discretized mixture of logistics (dmol.h): params [B, 10K or 3K, H, W],
+  // target [B, 3 or 1, H, W] (float in [-1, 1], or uint8 pixels); the per-sample
+  // negative log-likelihood [B] in the accumulation type, and its backward.
+  m.def("dmol_nll(Tensor params, Tensor target, int bits, float log_scale_min) -> Tensor");
+  m.def(
+      "dmol_nll_backward(Tensor grad, Tensor params, Tensor target, int bits, "
+      "float log_scale_min) -> Tensor");
 }

@@ -4,7 +4,8 @@ Public API:
     vae_loss, VAELoss, VAELossOutput; autoencoder_kl_loss, AutoencoderKLLoss,
     AutoencoderKLLossOutput (latent diffusion's autoencoder objective);
     continuous_bernoulli_log_normalizer, continuous_bernoulli_mean,
-    normalized_beta, unnormalized_beta; ``fusedvae.reference`` holds the
+    discretized_mix_logistic_nll (PixelCNN++'s likelihood), normalized_beta,
+    unnormalized_beta; ``fusedvae.reference`` holds the
     pure-PyTorch definition every fused path is tested against.
 
 Loss balancing and diagnostics, as submodules:
@@ -21,6 +22,7 @@ from .functional import (
     autoencoder_kl_loss,
     continuous_bernoulli_log_normalizer,
     continuous_bernoulli_mean,
+    discretized_mix_logistic_nll,
     normalized_beta,
     unnormalized_beta,
     vae_loss,
@@ -37,6 +39,7 @@ __all__ = [
     "continuous_bernoulli_mean",
     "controllers",
     "diagnostics",
+    "discretized_mix_logistic_nll",
     "has_cuda_kernels",
     "normalized_beta",
     "reference",

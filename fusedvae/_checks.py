@@ -285,3 +285,32 @@ def check_autoencoder_kl_args(
             )
         _check_device(perceptual, "perceptual", reconstructions, "reconstructions")
     _check_weight(weights, reconstructions, "weights", "reconstructions")
+
+
+def check_dmol_args(params, target, bits, log_scale_min) -> int:
+    """Raise TypeError/ValueError for any argument discretized_mix_logistic_nll
+    cannot take; return K, the number of mixture components."""
+    _check_float_tensor(params, "params")
+    _check_tensor(target, "target")
+    if not (target.dtype.is_floating_point or target.dtype == torch.uint8):
+        raise TypeError(f"target must be a floating-point or uint8 tensor, got dtype {target.dtype}")
+    if target.dim() != 4 or target.shape[1] not in (1, 3):
+        raise ValueError(f"target must have shape [B, 3, H, W] or [B, 1, H, W], got {tuple(target.shape)}")
+    per_k = 10 if target.shape[1] == 3 else 3  # logit, then per channel: mean, log-scale (and coefficient)
+    if (params.dim() != 4 or params.shape[0] != target.shape[0] or params.shape[2:] != target.shape[2:]
+            or params.shape[1] % per_k != 0 or params.shape[1] == 0):
+        raise ValueError(
+            f"params must have shape [B, {per_k}K, H, W] for a target of shape {tuple(target.shape)}, "
+            f"got {tuple(params.shape)}"
+        )
+    _check_device(target, "target", params, "params")
+    if target.requires_grad:
+        raise ValueError(
+            "target must not require grad: the loss has no gradient with respect to target "
+            "(call target.detach())"
+        )
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
+    if not is_real(log_scale_min) or not _is_finite(log_scale_min):
+        raise ValueError(f"log_scale_min must be a finite number, got {log_scale_min!r}")
+    return params.shape[1] // per_k

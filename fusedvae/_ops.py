@@ -165,6 +165,43 @@ def _cb_log_normalizer_backward_fake(grad, logits):
     return torch.empty_like(logits)
 
 
+def _check_dmol_args(params, target):
+    torch._check(params.dtype in FLOAT_DTYPES, lambda: f"fusedvae: expected params to be float32, float64, "
+                 f"float16 or bfloat16, got {params.dtype}")
+    torch._check(target.dim() == 4 and target.shape[1] in (1, 3),
+                 lambda: f"fusedvae: expected target of shape [B, 3, H, W] or [B, 1, H, W], got {tuple(target.shape)}")
+    per_k = 10 if target.shape[1] == 3 else 3
+    torch._check(
+        params.dim() == 4 and params.shape[0] == target.shape[0] and params.shape[2:] == target.shape[2:]
+        and params.shape[1] > 0 and params.shape[1] % per_k == 0,
+        lambda: f"fusedvae: expected params of shape [B, {per_k}K, H, W] for a target of shape "
+        f"{tuple(target.shape)}, got {tuple(params.shape)}",
+    )
+    torch._check(target.device == params.device,
+                 lambda: f"fusedvae: expected target on the device of params ({params.device}), got {target.device}")
+
+
+@torch.library.register_fake("fusedvae::dmol_nll")
+def _dmol_nll_fake(params, target, bits, log_scale_min):
+    _check_dmol_args(params, target)
+    return params.new_empty((params.shape[0],), dtype=accumulate_dtype(params.dtype))
+
+
+def _pixel_indexable(t):
+    # csrc/ops.cpp's with_pixel_index: H and W merge into one pixel index.
+    return t.shape[2] <= 1 or t.shape[3] <= 1 or t.stride(2) == t.stride(3) * t.shape[3]
+
+
+@torch.library.register_fake("fusedvae::dmol_nll_backward")
+def _dmol_nll_backward_fake(grad, params, target, bits, log_scale_min):
+    _check_dmol_args(params, target)
+    torch._check(grad.device == params.device,
+                 lambda: f"fusedvae: expected grad on the device of params ({params.device}), got {grad.device}")
+    torch._check(grad.dim() == 1 and grad.shape[0] == params.shape[0],
+                 lambda: f"fusedvae: expected grad of shape [{params.shape[0]}], got {tuple(grad.shape)}")
+    return torch.empty_like(params if _pixel_indexable(params) else params.contiguous())
+
+
 # --------------------------------------------------------------------- vmap --
 # torch.func.vmap. The objective mixes the samples of a batch (its reductions,
 # free bits and the optimal scale are batch-wide), so a vmapped call runs the

@@ -261,23 +261,9 @@ def discretized_mix_logistic_nll(
         Tensor: the ``[B]`` per-sample negative log-likelihoods, in the accumulation
         dtype of ``params`` (float32, float64 for float64).
     """
-    if not isinstance(params, Tensor) or not params.dtype.is_floating_point:
-        raise TypeError("params must be a floating-point tensor")
-    if not isinstance(target, Tensor) or not (target.dtype.is_floating_point or target.dtype == torch.uint8):
-        raise TypeError("target must be a floating-point or uint8 tensor")
-    if target.dim() != 4 or target.shape[1] not in (1, 3):
-        raise ValueError(f"target must have shape [B, 3, H, W] or [B, 1, H, W], got {tuple(target.shape)}")
+    k = _checks.check_dmol_args(params, target, bits, log_scale_min)
     channels = target.shape[1]
-    per_k = 10 if channels == 3 else 3  # logit, then per channel: mean, log-scale (and coefficient)
-    if params.dim() != 4 or params.shape[0] != target.shape[0] or params.shape[2:] != target.shape[2:] \
-            or params.shape[1] % per_k != 0 or params.shape[1] == 0:
-        raise ValueError(
-            f"params must have shape [B, {per_k}K, H, W] for a target of shape {tuple(target.shape)}, "
-            f"got {tuple(params.shape)}"
-        )
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
-    k = params.shape[1] // per_k
+    per_k = 10 if channels == 3 else 3
     batch, _, height, width = target.shape
     dtype = _checks.accumulate_dtype(params.dtype)
     p = params.to(dtype)

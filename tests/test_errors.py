@@ -190,6 +190,14 @@ AUTOENCODER_KL_CASES = [
 ]
 
 
+def _dp():
+    return torch.randn(2, 30, 3, 4, generator=torch.Generator().manual_seed(0))
+
+
+def _dt():
+    return torch.rand(2, 3, 3, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
 def _x():
     return torch.randn(3, 4)
 
@@ -410,6 +418,18 @@ OP_CASES = [
     ("cb_log_normalizer_backward", "grad with the same elements in another shape", lambda: ops.cb_log_normalizer_backward(torch.ones(4, 3), _x()), ValueError, "expected grad of shape [3, 4] (the shape of logits), got [4, 3]"),
     ("cb_log_normalizer_backward", "grad None", lambda: ops.cb_log_normalizer_backward(None, _x()), ValueError, "expected grad of shape [3, 4] (the shape of logits), got [0]"),
     ("cb_log_normalizer_backward", "grad on 'meta'", lambda: ops.cb_log_normalizer_backward(torch.ones(3, 4, device=META), _x()), RuntimeError, "expected grad on the device of logits (cpu), got meta"),
+    # dmol_nll(_backward): params [2, 30, 3, 4] (K = 3), target [2, 3, 3, 4]
+    ("dmol_nll", "int64 params", lambda: ops.dmol_nll(_dp().long(), _dt(), 8, -7.0), TypeError, "expected params " + _FLOATING + "Long"),
+    ("dmol_nll", "int32 target", lambda: ops.dmol_nll(_dp(), _dt().int(), 8, -7.0), TypeError, "expected target to be a floating-point or uint8 tensor, got Int"),
+    ("dmol_nll", "target of shape [2, 2, 3, 4]", lambda: ops.dmol_nll(_dp(), _dt()[:, :2], 8, -7.0), ValueError, "expected target of shape [B, 3, H, W] or [B, 1, H, W], got [2, 2, 3, 4]"),
+    ("dmol_nll", "params of shape [2, 25, 3, 4]", lambda: ops.dmol_nll(_dp()[:, :25], _dt(), 8, -7.0), ValueError, "expected params of shape [B, 10K, H, W] for a target of shape [2, 3, 3, 4], got [2, 25, 3, 4]"),
+    ("dmol_nll", "params of another batch size", lambda: ops.dmol_nll(_dp()[:1], _dt(), 8, -7.0), ValueError, "expected params of shape [B, 10K, H, W] for a target of shape [2, 3, 3, 4], got [1, 30, 3, 4]"),
+    ("dmol_nll", "bits 0", lambda: ops.dmol_nll(_dp(), _dt(), 0, -7.0), ValueError, "expected bits in [1, 16], got 0"),
+    ("dmol_nll", "log_scale_min inf", lambda: ops.dmol_nll(_dp(), _dt(), 8, float("inf")), ValueError, "expected a finite log_scale_min, got inf"),
+    ("dmol_nll", "target on 'meta'", lambda: ops.dmol_nll(_dp(), _dt().to(META), 8, -7.0), RuntimeError, "expected target on the device of params"),
+    ("dmol_nll_backward", "grad of shape [3]", lambda: ops.dmol_nll_backward(torch.ones(3), _dp(), _dt(), 8, -7.0), ValueError, "expected grad of shape [2], got [3]"),
+    ("dmol_nll_backward", "int64 params", lambda: ops.dmol_nll_backward(torch.ones(2), _dp().long(), _dt(), 8, -7.0), TypeError, "expected params " + _FLOATING + "Long"),
+    ("dmol_nll_backward", "grad on 'meta'", lambda: ops.dmol_nll_backward(torch.ones(2, device=META), _dp(), _dt(), 8, -7.0), RuntimeError, "expected grad on the device of params"),
     ("cb_log_normalizer_backward", "logits on 'meta'", lambda: ops.cb_log_normalizer_backward(torch.ones(3, 4), _x().to(META)), RuntimeError, "expected grad on the device of logits (meta), got cpu"),
     ("cb_log_normalizer_backward", "grad of shape [3], everything on 'meta'", lambda: ops.cb_log_normalizer_backward(torch.ones(3, device=META), _x().to(META)), RuntimeError, "expected grad of shape (3, 4) (the shape of logits), got (3,)"),
     ("cb_log_normalizer_backward", "int64 logits", lambda: ops.cb_log_normalizer_backward(torch.ones(3, 4), _x().long()), TypeError, "expected logits " + _FLOATING + "Long"),
@@ -475,7 +495,9 @@ def render() -> str:
         "`vae_loss_backward` get float32 `recon` and `target` of shape [3, 2, 4], `mu` and",
         "`logvar` of shape [3, 5], `likelihood='bernoulli'` on logits, `reduction='batchmean'`,",
         "no `log_scale` or `beta`; the backward also a 0-d `grad_loss` and the forward's `aux`",
-        "(2 + 2·3 + 5 = 13 elements). The other ops get float32 tensors of shape [3, 4].",
+        "(2 + 2·3 + 5 = 13 elements). `dmol_nll` and its backward get float32 `params` of",
+        "shape [2, 30, 3, 4] (K = 3) and `target` [2, 3, 3, 4], `bits=8`, `log_scale_min=-7`.",
+        "The other ops get float32 tensors of shape [3, 4].",
         "",
         "| op | bad input | exception | message fragment |",
         "|---|---|---|---|",

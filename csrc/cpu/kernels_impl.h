@@ -21,7 +21,9 @@
 #include <vector>
 
 #include "../dispatch.h"
+#include "../dmol.h"
 #include "../kernels.h"
+#include "parallel.h"
 #include "vec_ops.h"
 
 namespace fusedvae {
@@ -122,29 +124,6 @@ void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
     v.store(buf);
     convert_run<Vec::size()>(buf, ptr, count);
   }
-}
-
-// Calls body(item) for item in [0, count), spread over torch's intra-op
-// threads (at::get_num_threads()) in contiguous static blocks.
-//
-// Not at::parallel_for: its OpenMP path is inline in torch's headers and asks
-// omp_get_num_threads()/omp_get_thread_num() by name, which in a clang build
-// (LLVM's libomp) resolve to torch's libgomp already loaded in the process and
-// give every thread the whole range. A worksharing loop keeps the thread ids
-// inside whichever runtime the compiler targets; with g++ that is torch's own
-// libgomp, the same pool torch's operators use.
-template <typename Body>
-void parallel_items(int64_t count, const Body& body) {
-#ifdef _OPENMP
-  const int threads =
-      at::in_parallel_region()
-          ? 1
-          : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count)));
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t item = 0; item < count; ++item) body(item);
-#else
-  for (int64_t item = 0; item < count; ++item) body(item);
-#endif
 }
 
 // A sample is cut into chunks of kChunk elements; work item `item` is chunk
@@ -384,6 +363,146 @@ void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad
   });
 }
 
+// ------------------------------------------------ discretized mixture ------
+// dmol.h on vectors of consecutive pixels of one sample: lane i is pixel
+// first + i. Lanes past the last pixel read zeros and are dropped.
+
+// Pixels per work item: with K = 10 a pixel costs a few hundred operations.
+constexpr int64_t kPixelChunk = 256;
+// Mixtures up to this size (PixelCNN++, VDVAE and NVAE use 10) are evaluated
+// once in the backward, their per-channel derivatives kept on the stack.
+constexpr int kCachedComponents = 16;
+
+template <typename Acc, typename T>
+struct PixelLanes {
+  using Vec = at::vec::Vectorized<Acc>;
+  const T* base;  // element (b, 0, first) of the tensor
+  int64_t channel_stride;
+  int64_t pixel_stride;
+  int64_t count;
+  Vec operator()(int64_t j) const {
+    const T* ptr = base + j * channel_stride;
+    if (pixel_stride == 1) return load<Acc>(ptr, count);
+    alignas(64) Acc buf[Vec::size()] = {};
+    for (int64_t i = 0; i < count; ++i) buf[i] = static_cast<Acc>(ptr[i * pixel_stride]);
+    return Vec::loadu(buf);
+  }
+};
+
+template <typename Acc>
+dmol::Pixel<VecOps<Acc>> load_pixels(const DmolProblem& p, int64_t b, int64_t first,
+                                     int64_t count) {
+  using Vec = at::vec::Vectorized<Acc>;
+  dmol::Pixel<VecOps<Acc>> px;
+  px.channels = p.channels;
+  px.k = p.k;
+  px.half_width = Vec(static_cast<Acc>(p.half_width));
+  px.log_scale_min = Vec(static_cast<Acc>(p.log_scale_min));
+  const int64_t offset = b * p.target_strides[0] + first * p.target_strides[2];
+  for (int c = 0; c < p.channels; ++c) {
+    const int64_t at = offset + c * p.target_strides[1];
+    if (p.target_dtype == DType::kUInt8) {
+      // v / 127.5 - 1 = 2·(v / 255) - 1, the doubling exact: the quotient load() reads.
+      const uint8_t* t = static_cast<const uint8_t*>(p.target) + at;
+      Vec v;
+      if (p.target_strides[2] == 1) {
+        v = load<Acc>(t, count);
+      } else {
+        alignas(64) Acc buf[Vec::size()] = {};
+        for (int64_t i = 0; i < count; ++i) buf[i] = static_cast<Acc>(t[i * p.target_strides[2]]);
+        v = pixel_value(Vec::loadu(buf));
+      }
+      px.x[c] = v * Vec(Acc(2)) - Vec(Acc(1));
+    } else {
+      px.x[c] = PixelLanes<Acc, Acc>{static_cast<const Acc*>(p.target) + at, 0,
+                                     p.target_strides[2], count}(0);
+    }
+  }
+  return px;
+}
+
+template <typename T>
+void dmol_forward_typed(const DmolProblem& p, acc_t<T>* nll) {
+  using Acc = acc_t<T>;
+  using Vec = at::vec::Vectorized<Acc>;
+  const int64_t chunks = (p.pixels + kPixelChunk - 1) / kPixelChunk;
+  std::vector<double> partial(static_cast<size_t>(p.batch * chunks));
+  const T* params = static_cast<const T*>(p.params);
+  parallel_items(p.batch * chunks, [&](int64_t item) {
+    const int64_t b = item / chunks;
+    const int64_t first = (item % chunks) * kPixelChunk;
+    const int64_t last = std::min(first + kPixelChunk, p.pixels);
+    Vec acc(Acc(0));
+    for (int64_t i = first; i < last; i += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), last - i);
+      const PixelLanes<Acc, T> read{params + b * p.param_strides[0] + i * p.param_strides[2],
+                                    p.param_strides[1], p.param_strides[2], count};
+      const Vec v = dmol::pixel_nll(load_pixels<Acc>(p, b, i, count), read);
+      acc = acc + (count == Vec::size() ? v : Vec::set(Vec(Acc(0)), v, count));
+    }
+    alignas(64) Acc lanes[Vec::size()];
+    acc.store(lanes);
+    double sum = 0;
+    for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
+    partial[item] = sum;
+  });
+  for (int64_t b = 0; b < p.batch; ++b) {
+    double sum = 0;
+    for (int64_t c = 0; c < chunks; ++c) sum += partial[b * chunks + c];
+    nll[b] = static_cast<Acc>(sum);
+  }
+}
+
+template <typename T>
+void dmol_backward_typed(const DmolProblem& p, const acc_t<T>* grad, T* out,
+                         const int64_t* out_strides) {
+  using Acc = acc_t<T>;
+  using Vec = at::vec::Vectorized<Acc>;
+  const int64_t chunks = (p.pixels + kPixelChunk - 1) / kPixelChunk;
+  const T* params = static_cast<const T*>(p.params);
+  parallel_items(p.batch * chunks, [&](int64_t item) {
+    const int64_t b = item / chunks;
+    const int64_t first = (item % chunks) * kPixelChunk;
+    const int64_t last = std::min(first + kPixelChunk, p.pixels);
+    for (int64_t i = first; i < last; i += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), last - i);
+      const PixelLanes<Acc, T> read{params + b * p.param_strides[0] + i * p.param_strides[2],
+                                    p.param_strides[1], p.param_strides[2], count};
+      T* base = out + b * out_strides[0] + i * out_strides[2];
+      dmol::pixel_nll_backward<kCachedComponents>(load_pixels<Acc>(p, b, i, count), read,
+                                                  Vec(grad[b]),
+                               [&](int64_t j, const Vec& v) {
+                                 T* ptr = base + j * out_strides[1];
+                                 if (out_strides[2] == 1) {
+                                   store(ptr, v, count);
+                                   return;
+                                 }
+                                 alignas(64) Acc lanes[Vec::size()];
+                                 v.store(lanes);
+                                 for (int64_t l = 0; l < count; ++l) {
+                                   ptr[l * out_strides[2]] = static_cast<T>(lanes[l]);
+                                 }
+                               });
+    }
+  });
+}
+
+void dmol_forward(const DmolProblem& p, void* nll) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dmol_forward_typed<T>(p, static_cast<acc_t<T>*>(nll));
+  });
+}
+
+void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
+                   const int64_t* grad_strides) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dmol_backward_typed<T>(p, static_cast<const acc_t<T>*>(grad), static_cast<T*>(grad_params),
+                           grad_strides);
+  });
+}
+
 void float_math(FloatMath f, const float* in, float* out, int64_t n) {
   using O = VecOps<float>;
   for_each_vector<float>(1, n, [&](int64_t, int64_t i, int64_t count) {
@@ -406,6 +525,8 @@ const Kernels kKernels = {
     &gaussian_kl_backward,
     &cb_log_normalizer_forward,
     &cb_log_normalizer_backward,
+    &dmol_forward,
+    &dmol_backward,
     &float_math,
 };
 #undef FUSEDVAE_NAME_OF

@@ -25,6 +25,13 @@ class CpuBackend final : public Backend {
   void cb_backward(const CbProblem& p, const void* grad, void* grad_logits) const override {
     cpu::kernels().cb_log_normalizer_backward(p, grad, grad_logits);
   }
+  void dmol_forward(const DmolProblem& p, void* nll) const override {
+    cpu::kernels().dmol_forward(p, nll);
+  }
+  void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
+                     const int64_t* grad_strides) const override {
+    cpu::kernels().dmol_backward(p, grad, grad_params, grad_strides);
+  }
 };
 
 }  // namespace fusedvae

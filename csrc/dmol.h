@@ -1,0 +1,280 @@
+// The discretized mixture of logistics (PixelCNN++, Salimans et al. 2017) for
+// one pixel: its negative log-likelihood and the gradient of that with respect
+// to the pixel's K·(1 + 3C) parameters. One definition, a template over the
+// ops policy of vae_math.h: the CUDA kernels run it on one pixel per thread
+// (ScalarOps), the CPU kernels on a vector of consecutive pixels per lane
+// (cpu/vec_ops.h). Branches are selects, so both compute the same thing.
+//
+// Layout (fusedvae.discretized_mix_logistic_nll): parameter j of a pixel is
+// read as p(j); j < K are the mixture logits π_k; for colour channel c,
+// K + c·R·K + k is its mean, K + c·R·K + K + k its log-scale and, for RGB
+// (R = 3), K + c·R·K + 2K + k its raw coupling coefficient row c (in
+// PixelCNN++'s order: green-on-red, blue-on-red, blue-on-green). With one
+// channel R = 2.
+//
+// With s = exp(-max(log_scale, log_scale_min)), h the bin half-width and the
+// coupled mean m, a channel's log bin probability is, for u = s(x - m + h),
+// l = s(x - m - h):
+//   x < -0.999: log σ(u);   x > 0.999: log(1 - σ(l)) = log σ(-l);
+//   otherwise: log(σ(u) - σ(l)) = log σ(u) + log σ(-l) + log(1 - e^{l-u}),
+// exact where PixelCNN++ falls back to the mid-bin density (the identity
+// σ(u) - σ(l) = σ(u)·σ(-l)·(1 - e^{l-u})). The pixel's log-likelihood is
+// logsumexp_k(log_softmax(π)_k + Σ_c log P_kc), taken in one pass with a
+// running maximum, so no per-pixel array is needed for any K.
+#pragma once
+
+#include <cstdint>
+
+#include "vae_math.h"
+
+namespace fusedvae {
+namespace dmol {
+
+// Edges of PixelCNN++'s first and last bins.
+constexpr double kEdge = 0.999;
+
+template <class O>
+struct Pixel {
+  using V = typename O::V;
+  int channels;  // 1 or 3
+  int64_t k;     // mixture components
+  V x[3];        // the pixel's channels, in [-1, 1]
+  V half_width;  // 1 / (2^bits - 1)
+  V log_scale_min;
+};
+
+// log σ(v) = min(v, 0) - log1p(e), given e = e^{-|v|} (which also gives σ(±v)).
+// The exponentials of arguments <= 0 here are the policy's exp_nonpositive.
+template <class O>
+FUSEDVAE_HD typename O::V log_sigmoid_from(typename O::V v, typename O::V e) {
+  const typename O::V zero = O::splat(0.0);
+  return O::select(O::lt(v, zero), v, zero) - math::log1p_unit<O>(e);
+}
+
+// Running log-sum-exp: `max` and Σ e^{v - max}. NaN in gives NaN.
+template <class O>
+struct LogSumExp {
+  using V = typename O::V;
+  V max;
+  V sum;
+  FUSEDVAE_HD void start(V v) {
+    max = v;
+    sum = O::splat(1.0);
+  }
+  FUSEDVAE_HD void add(V v) {
+    const V next = O::select(O::gt(v, max), v, max);
+    sum = sum * O::exp_nonpositive(max - next) + O::exp_nonpositive(v - next);
+    max = next;
+  }
+  FUSEDVAE_HD V value() const { return max + O::log(sum); }
+};
+
+// One channel of one component: log P and, with `want_grad`, its derivatives
+// with respect to the coupled mean and the raw log-scale.
+template <class O>
+struct ChannelTerm {
+  typename O::V log_prob;
+  typename O::V d_mean;
+  typename O::V d_log_scale;
+};
+
+template <class O>
+FUSEDVAE_HD ChannelTerm<O> channel_term(typename O::V x, typename O::V mean,
+                                        typename O::V raw_log_scale, typename O::V half_width,
+                                        typename O::V log_scale_min, bool want_grad) {
+  using V = typename O::V;
+  const V zero = O::splat(0.0);
+  const V one = O::splat(1.0);
+  // torch.clamp(min=): NaN stays NaN; the gradient is zero where clamped (and at the bound).
+  const V log_scale = O::select(O::lt(raw_log_scale, log_scale_min), log_scale_min, raw_log_scale);
+  const V inv_scale = O::exp(zero - log_scale);
+  const V centered = x - mean;
+  const V u = inv_scale * (centered + half_width);
+  const V l = inv_scale * (centered - half_width);
+  const V width = u - l;  // 2·h·s > 0
+  const V e_u = O::exp_nonpositive(zero - O::abs(u));
+  const V e_l = O::exp_nonpositive(zero - O::abs(l));
+  const V log_sig_u = log_sigmoid_from<O>(u, e_u);                // log σ(u)
+  const V log_sig_neg_l = log_sigmoid_from<O>(zero - l, e_l);     // log σ(-l)
+  const V expm1_neg_width = O::expm1(zero - width);               // e^{-w} - 1, in (-1, 0)
+  const V interior = log_sig_u + log_sig_neg_l + O::log(zero - expm1_neg_width);
+  const auto below = O::lt(x, O::splat(-kEdge));
+  const auto above = O::gt(x, O::splat(kEdge));
+  ChannelTerm<O> out;
+  out.log_prob = O::select(below, log_sig_u, O::select(above, log_sig_neg_l, interior));
+  if (want_grad) {
+    // ∂ log P/∂u and ∂ log P/∂l; d/dw log(1 - e^{-w}) = 1/expm1(w) = -(1 + m)/m
+    // with m = expm1(-w).
+    const V inv_expm1 = zero - (one + expm1_neg_width) / expm1_neg_width;
+    const V sig_neg_u = math::sigmoid_from<O>(zero - u, e_u);  // σ(-u)
+    const V sig_l = math::sigmoid_from<O>(l, e_l);             // σ(l)
+    const V du = O::select(below, sig_neg_u, O::select(above, zero, sig_neg_u + inv_expm1));
+    const V dl = O::select(below, zero, O::select(above, zero - sig_l, zero - sig_l - inv_expm1));
+    out.d_mean = zero - inv_scale * (du + dl);
+    out.d_log_scale =
+        O::select(O::gt(raw_log_scale, log_scale_min), zero - (u * du + l * dl), zero);
+  }
+  return out;
+}
+
+// The coupled mean of channel c in component k: green and blue move with the
+// pixel's red (and green) values by tanh of the coupling coefficients.
+template <class O, typename Read>
+FUSEDVAE_HD typename O::V coupled_mean(const Pixel<O>& px, const Read& p, int c, int64_t k,
+                                       const typename O::V* tanh_rows) {
+  const int64_t kk = px.k;
+  const int rows = px.channels == 3 ? 3 : 2;
+  typename O::V mean = p(kk + c * rows * kk + k);
+  if (c == 1) mean = mean + tanh_rows[0] * px.x[0];
+  if (c == 2) mean = mean + tanh_rows[1] * px.x[0] + tanh_rows[2] * px.x[1];
+  return mean;
+}
+
+template <class O, typename Read>
+FUSEDVAE_HD void coupling_rows(const Pixel<O>& px, const Read& p, int64_t k,
+                               typename O::V* tanh_rows) {
+  const int64_t kk = px.k;
+  for (int row = 0; row < 3; ++row) {
+    tanh_rows[row] = px.channels == 3 ? O::tanh(p(kk + row * 3 * kk + 2 * kk + k)) : O::splat(0.0);
+  }
+}
+
+// Σ_c log P_kc for component k.
+template <class O, typename Read>
+FUSEDVAE_HD typename O::V component_log_prob(const Pixel<O>& px, const Read& p, int64_t k) {
+  using V = typename O::V;
+  const int64_t kk = px.k;
+  const int rows = px.channels == 3 ? 3 : 2;
+  V tanh_rows[3];
+  coupling_rows(px, p, k, tanh_rows);
+  V total = O::splat(0.0);
+  for (int c = 0; c < px.channels; ++c) {
+    total = total + channel_term<O>(px.x[c], coupled_mean(px, p, c, k, tanh_rows),
+                                    p(kk + c * rows * kk + kk + k), px.half_width,
+                                    px.log_scale_min, false)
+                        .log_prob;
+  }
+  return total;
+}
+
+// logsumexp_k π_k, the log-softmax normaliser of the logits.
+template <class O, typename Read>
+FUSEDVAE_HD typename O::V logit_normalizer(const Pixel<O>& px, const Read& p) {
+  LogSumExp<O> lse;
+  lse.start(p(0));
+  for (int64_t k = 1; k < px.k; ++k) lse.add(p(k));
+  return lse.value();
+}
+
+// log p(pixel), given the logits' normaliser.
+template <class O, typename Read>
+FUSEDVAE_HD typename O::V pixel_log_likelihood(const Pixel<O>& px, const Read& p,
+                                               typename O::V norm) {
+  LogSumExp<O> lse;
+  lse.start(p(0) - norm + component_log_prob(px, p, 0));
+  for (int64_t k = 1; k < px.k; ++k) lse.add(p(k) - norm + component_log_prob(px, p, k));
+  return lse.value();
+}
+
+// -log p(pixel).
+template <class O, typename Read>
+FUSEDVAE_HD typename O::V pixel_nll(const Pixel<O>& px, const Read& p) {
+  return O::splat(0.0) - pixel_log_likelihood(px, p, logit_normalizer(px, p));
+}
+
+// The gradient of one component: log_softmax(π)_k + Σ_c log P_kc and, per
+// channel, ∂ log P_kc/∂(coupled mean), ∂/∂(raw log-scale) and tanh of the
+// coupling rows.
+template <class O>
+struct ComponentGrad {
+  using V = typename O::V;
+  V log_joint;
+  V d_mean[3];
+  V d_log_scale[3];
+  V tanh_rows[3];
+};
+
+template <class O, typename Read>
+FUSEDVAE_HD void component_grad(const Pixel<O>& px, const Read& p, int64_t k, typename O::V norm,
+                                ComponentGrad<O>* out) {
+  const int64_t kk = px.k;
+  const int rows = px.channels == 3 ? 3 : 2;
+  coupling_rows(px, p, k, out->tanh_rows);
+  typename O::V log_prob = O::splat(0.0);
+  for (int c = 0; c < px.channels; ++c) {
+    const ChannelTerm<O> term =
+        channel_term<O>(px.x[c], coupled_mean(px, p, c, k, out->tanh_rows),
+                        p(kk + c * rows * kk + kk + k), px.half_width, px.log_scale_min, true);
+    log_prob = log_prob + term.log_prob;
+    out->d_mean[c] = term.d_mean;
+    out->d_log_scale[c] = term.d_log_scale;
+  }
+  out->log_joint = p(k) - norm + log_prob;
+}
+
+// Writes component k's gradients, given r_k = p(k | pixel).
+template <class O, typename Read, typename Write>
+FUSEDVAE_HD void write_component_grad(const Pixel<O>& px, const Read& p, int64_t k,
+                                      typename O::V norm, typename O::V g,
+                                      const ComponentGrad<O>& cg, typename O::V log_like,
+                                      const Write& write) {
+  using V = typename O::V;
+  const int64_t kk = px.k;
+  const int rows = px.channels == 3 ? 3 : 2;
+  // d(-log p)/d log P_kc = -r_k; d(-log p)/dπ_k = softmax(π)_k - r_k.
+  // Both exponents are <= 0 (up to rounding): log p(k, pixel) <= log p(pixel), π_k <= norm.
+  const V minus_gr = O::splat(0.0) - g * O::exp_nonpositive(cg.log_joint - log_like);
+  write(k, g * O::exp_nonpositive(p(k) - norm) + minus_gr);
+  for (int c = 0; c < px.channels; ++c) {
+    write(kk + c * rows * kk + k, minus_gr * cg.d_mean[c]);
+    write(kk + c * rows * kk + kk + k, minus_gr * cg.d_log_scale[c]);
+  }
+  if (px.channels == 3) {
+    // Row 0 (green-on-red) moves channel 1's mean by x_r; rows 1 and 2 channel 2's by x_r, x_g.
+    const V d_row[3] = {cg.d_mean[1] * px.x[0], cg.d_mean[2] * px.x[0], cg.d_mean[2] * px.x[1]};
+    const V one = O::splat(1.0);
+    for (int row = 0; row < 3; ++row) {
+      write(kk + row * 3 * kk + 2 * kk + k,
+            minus_gr * d_row[row] * (one - cg.tanh_rows[row] * cg.tanh_rows[row]));
+    }
+  }
+}
+
+// Calls write(j, g · ∂(-log p(pixel))/∂p(j)) for every parameter j. With at
+// most kCached components each is evaluated once and kept until log p(pixel)
+// is known; with more (or kCached = 0, where keeping them costs more than
+// evaluating twice, as in a GPU thread's registers) a first pass forms
+// log p(pixel) and a second the gradients.
+template <int kCached, class O, typename Read, typename Write>
+FUSEDVAE_HD void pixel_nll_backward(const Pixel<O>& px, const Read& p, typename O::V g,
+                                    const Write& write) {
+  const typename O::V norm = logit_normalizer(px, p);
+  if constexpr (kCached > 0) {
+    if (px.k <= kCached) {
+      ComponentGrad<O> cache[kCached];
+      LogSumExp<O> lse;
+      for (int64_t k = 0; k < px.k; ++k) {
+        component_grad(px, p, k, norm, &cache[k]);
+        if (k == 0) {
+          lse.start(cache[0].log_joint);
+        } else {
+          lse.add(cache[k].log_joint);
+        }
+      }
+      const typename O::V log_like = lse.value();
+      for (int64_t k = 0; k < px.k; ++k) {
+        write_component_grad(px, p, k, norm, g, cache[k], log_like, write);
+      }
+      return;
+    }
+  }
+  const typename O::V log_like = pixel_log_likelihood(px, p, norm);
+  for (int64_t k = 0; k < px.k; ++k) {
+    ComponentGrad<O> cg;
+    component_grad(px, p, k, norm, &cg);
+    write_component_grad(px, p, k, norm, g, cg, log_like, write);
+  }
+}
+
+}  // namespace dmol
+}  // namespace fusedvae
