@@ -43,14 +43,6 @@ struct Pixel {
   V log_scale_min;
 };
 
-// log σ(v) = min(v, 0) - log1p(e), given e = e^{-|v|} (which also gives σ(±v)).
-// The exponentials of arguments <= 0 here are the policy's exp_nonpositive.
-template <class O>
-FUSEDVAE_HD typename O::V log_sigmoid_from(typename O::V v, typename O::V e) {
-  const typename O::V zero = O::splat(0.0);
-  return O::select(O::lt(v, zero), v, zero) - math::log1p_unit<O>(e);
-}
-
 // Running log-sum-exp: `max` and Σ e^{v - max}. NaN in gives NaN.
 template <class O>
 struct LogSumExp {
@@ -92,22 +84,30 @@ FUSEDVAE_HD ChannelTerm<O> channel_term(typename O::V x, typename O::V mean,
   const V u = inv_scale * (centered + half_width);
   const V l = inv_scale * (centered - half_width);
   const V width = u - l;  // 2·h·s > 0
+  // σ(±u) and σ(±l) from e = e^{-|v|} and 1/(1 + e); the three logs of the
+  // interior, log σ(u) + log σ(-l) + log(1 - e^{-w}), as one: min(u, 0) +
+  // min(-l, 0) + log(σ(|u|)·σ(|l|)·(1 - e^{-w})), whose argument stays a normal
+  // float for any scale below e^80.
   const V e_u = O::exp_nonpositive(zero - O::abs(u));
   const V e_l = O::exp_nonpositive(zero - O::abs(l));
-  const V log_sig_u = log_sigmoid_from<O>(u, e_u);                // log σ(u)
-  const V log_sig_neg_l = log_sigmoid_from<O>(zero - l, e_l);     // log σ(-l)
-  const V expm1_neg_width = O::expm1(zero - width);               // e^{-w} - 1, in (-1, 0)
-  const V interior = log_sig_u + log_sig_neg_l + O::log(zero - expm1_neg_width);
+  const V inv_u = one / (one + e_u);  // σ(|u|)
+  const V inv_l = one / (one + e_l);  // σ(|l|)
+  const V min_u = O::select(O::lt(u, zero), u, zero);
+  const V min_neg_l = O::select(O::gt(l, zero), zero - l, zero);
+  const V expm1_neg_width = O::expm1(zero - width);  // e^{-w} - 1, in (-1, 0)
   const auto below = O::lt(x, O::splat(-kEdge));
   const auto above = O::gt(x, O::splat(kEdge));
+  const V log_argument =
+      O::select(below, inv_u, O::select(above, inv_l, inv_u * inv_l * (zero - expm1_neg_width)));
+  const V outside = O::select(below, min_u, O::select(above, min_neg_l, min_u + min_neg_l));
   ChannelTerm<O> out;
-  out.log_prob = O::select(below, log_sig_u, O::select(above, log_sig_neg_l, interior));
+  out.log_prob = outside + O::log(log_argument);
   if (want_grad) {
     // ∂ log P/∂u and ∂ log P/∂l; d/dw log(1 - e^{-w}) = 1/expm1(w) = -(1 + m)/m
     // with m = expm1(-w).
     const V inv_expm1 = zero - (one + expm1_neg_width) / expm1_neg_width;
-    const V sig_neg_u = math::sigmoid_from<O>(zero - u, e_u);  // σ(-u)
-    const V sig_l = math::sigmoid_from<O>(l, e_l);             // σ(l)
+    const V sig_neg_u = O::select(O::gt(u, zero), e_u * inv_u, inv_u);  // σ(-u)
+    const V sig_l = O::select(O::ge(l, zero), inv_l, e_l * inv_l);      // σ(l)
     const V du = O::select(below, sig_neg_u, O::select(above, zero, sig_neg_u + inv_expm1));
     const V dl = O::select(below, zero, O::select(above, zero - sig_l, zero - sig_l - inv_expm1));
     out.d_mean = zero - inv_scale * (du + dl);
