@@ -59,6 +59,14 @@ def _check_float_tensor(value, name: str) -> None:
         raise ValueError(f"{name} must have shape [batch, ...], got a 0-d tensor")
 
 
+def _check_no_grad(value: Tensor, name: str) -> None:
+    if value.requires_grad:
+        raise ValueError(
+            f"{name} must not require grad: the loss has no gradient with respect to {name} "
+            f"(call {name}.detach())"
+        )
+
+
 def _check_device(value: Tensor, name: str, recon: Tensor, recon_name: str = "recon") -> None:
     if value.device != recon.device:
         raise ValueError(f"{name} must be on the device of {recon_name} ({recon.device}), got {value.device}")
@@ -99,11 +107,7 @@ def check_vae_loss_args(
             f"target must have the shape of recon {tuple(recon.shape)}, got {tuple(target.shape)}"
         )
     _check_device(target, "target", recon)
-    if target.requires_grad:
-        raise ValueError(
-            "target must not require grad: the loss has no gradient with respect to target "
-            "(call target.detach())"
-        )
+    _check_no_grad(target, "target")
     _check_float_tensor(mu, "mu")
     _check_float_tensor(logvar, "logvar")
     if mu.shape[0] != recon.shape[0]:
@@ -190,11 +194,7 @@ def _check_weight(weight, recon: Tensor, name: str = "weight", recon_name: str =
     if not weight.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {weight.dtype}")
     _check_device(weight, name, recon, recon_name)
-    if weight.requires_grad:
-        raise ValueError(
-            f"{name} must not require grad: the loss has no gradient with respect to {name} "
-            f"(call {name}.detach())"
-        )
+    _check_no_grad(weight, name)
     if not _broadcasts_to(weight, recon):
         raise ValueError(
             f"{name} must be broadcastable to the shape of {recon_name} {tuple(recon.shape)}, "
@@ -237,11 +237,7 @@ def check_autoencoder_kl_args(
             f"got {tuple(inputs.shape)}"
         )
     _check_device(inputs, "inputs", reconstructions, "reconstructions")
-    if inputs.requires_grad:
-        raise ValueError(
-            "inputs must not require grad: the loss has no gradient with respect to inputs "
-            "(call inputs.detach())"
-        )
+    _check_no_grad(inputs, "inputs")
     batch = reconstructions.shape[0]
     _check_float_tensor(posterior_mean, "posterior_mean")
     _check_float_tensor(posterior_logvar, "posterior_logvar")
@@ -304,11 +300,7 @@ def check_dmol_args(params, target, bits, log_scale_min) -> int:
             f"got {tuple(params.shape)}"
         )
     _check_device(target, "target", params, "params")
-    if target.requires_grad:
-        raise ValueError(
-            "target must not require grad: the loss has no gradient with respect to target "
-            "(call target.detach())"
-        )
+    _check_no_grad(target, "target")
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")
     if not is_real(log_scale_min) or not _is_finite(log_scale_min):

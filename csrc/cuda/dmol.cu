@@ -12,6 +12,7 @@
 #include "../dispatch.h"
 #include "../dmol.h"
 #include "../kernels.h"
+#include "convert.cuh"
 
 namespace fusedvae {
 namespace cuda {
@@ -20,28 +21,6 @@ namespace {
 // Threads per block, one pixel each: 8 warps; block_sum's second stage sums
 // kThreads / 32 <= 32 warp totals in one warp.
 constexpr int kThreads = 256;
-
-template <typename Acc, typename T>
-__device__ __forceinline__ Acc to_acc(T v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __bfloat162float(v);
-  } else {
-    return static_cast<Acc>(v);
-  }
-}
-
-template <typename T, typename Acc>
-__device__ __forceinline__ T from_acc(Acc v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return static_cast<T>(v);
-  }
-}
 
 template <typename Acc, typename T>
 struct Read {

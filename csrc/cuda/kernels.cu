@@ -18,6 +18,7 @@
 
 #include "../dispatch.h"
 #include "../kernels.h"
+#include "convert.cuh"
 
 namespace fusedvae {
 namespace cuda {
@@ -29,30 +30,6 @@ constexpr int kThreads = 256;
 constexpr int64_t kMinChunk = 4096;  // elements a block handles at least
 
 // ---------------------------------------------------------------- loads ------
-
-template <typename Acc, typename T>
-__device__ __forceinline__ Acc to_acc(T v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __bfloat162float(v);
-  } else if constexpr (std::is_same_v<T, uint8_t>) {
-    return static_cast<Acc>(v) / Acc(255);  // pixels; same rounding as the CPU path
-  } else {
-    return static_cast<Acc>(v);
-  }
-}
-
-template <typename T, typename Acc>
-__device__ __forceinline__ T from_acc(Acc v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return static_cast<T>(v);
-  }
-}
 
 // VEC consecutive elements, loaded or stored in one instruction when aligned.
 template <typename T, int VEC>
