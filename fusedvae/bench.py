@@ -65,6 +65,9 @@ from fusedvae._checks import accumulate_dtype
 
 __all__ = [
     "DEFAULT_CASES",
+    "DMOL_CASES",
+    "DMOL_METHODS",
+    "QUICK_DMOL_CASES",
     "QUICK_CASES",
     "METHODS",
     "REFERENCE",
@@ -79,12 +82,15 @@ __all__ = [
     "exp_log1p_reference",
     "format_accuracy",
     "format_results",
+    "format_dmol_results",
     "fused_loss",
     "machine_info",
     "main",
+    "make_dmol_inputs",
     "make_inputs",
     "peak_memory_bytes",
     "run_case",
+    "run_dmol_case",
     "step",
     "tolerance",
     "truth",
@@ -647,6 +653,114 @@ def format_results(results: Sequence[Dict[str, object]], info: Optional[Dict[str
     return "\n".join(lines)
 
 
+# ------------------------------------------- discretized mixture of logistics --
+
+# (batch, image side): RGB images under K = 10 logistics, as PixelCNN++, VDVAE and NVAE use.
+DMOL_CASES: List[Tuple[int, int]] = [(16, 32), (8, 64)]
+QUICK_DMOL_CASES: List[Tuple[int, int]] = [(2, 8)]
+DMOL_COMPONENTS = 10
+# The accuracy bars of float32 against the float64 reference: each sample's NLL
+# relative to itself, the gradient relative to its largest element.
+DMOL_NLL_RTOL, DMOL_GRAD_RTOL = 2e-5, 1e-4
+
+_compiled_dmol: Optional[Callable[..., Tensor]] = None
+
+
+def _dmol_compiled(params: Tensor, target: Tensor) -> Tensor:
+    global _compiled_dmol
+    if _compiled_dmol is None:
+        _compiled_dmol = torch.compile(reference.discretized_mix_logistic_nll)
+    return _compiled_dmol(params, target)
+
+
+# Eager is the reference itself: PixelCNN++'s loss, exact bins, plain PyTorch.
+DMOL_METHODS: Dict[str, Callable[..., Tensor]] = {
+    "eager": reference.discretized_mix_logistic_nll,
+    "compiled": _dmol_compiled,
+    "fused": fusedvae.discretized_mix_logistic_nll,
+}
+
+
+def make_dmol_inputs(batch: int, side: int, device="cpu", seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """float32 parameters ``[batch, 10K, side, side]`` (log-scales around -2) and uint8 images."""
+    k = DMOL_COMPONENTS
+    g = torch.Generator().manual_seed(seed)
+    params = torch.randn(batch, 10 * k, side, side, generator=g)
+    params[:, k:].view(batch, 3, 3 * k, side, side)[:, :, k:2 * k] -= 2.0
+    target = torch.randint(0, 256, (batch, 3, side, side), generator=g, dtype=torch.uint8)
+    return params.to(device), target.to(device)
+
+
+def _dmol_step(fn: Callable[..., Tensor], params: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+    leaf = params.detach().requires_grad_()
+    nll = fn(leaf, target)
+    (grad,) = torch.autograd.grad(nll.sum(), leaf)
+    return nll.detach(), grad
+
+
+def _dmol_accuracy(fn: Callable[..., Tensor], params: Tensor, target: Tensor) -> Dict[str, object]:
+    nll, grad = _dmol_step(fn, params, target)
+    exp_nll, exp_grad = _dmol_step(reference.discretized_mix_logistic_nll, params.double(), target)
+    nll_rel = float(((nll.double() - exp_nll).abs() / exp_nll.abs()).max())
+    grad_rel = float((grad.double() - exp_grad).abs().max() / exp_grad.abs().max())
+    ok = nll_rel <= DMOL_NLL_RTOL and grad_rel <= DMOL_GRAD_RTOL  # NaN fails
+    return {"nll_rel": nll_rel, "grad_rel": grad_rel, "ok": ok}
+
+
+def run_dmol_case(batch: int, side: int, repeats: int = DEFAULT_REPEATS, warmup: int = DEFAULT_WARMUP,
+                  device="cpu") -> Dict[str, object]:
+    """Forward+backward of the discretized mixture: eager, compiled and fused on
+    the same data, interleaved; each first checked against the float64 reference.
+    On CUDA each step ends with a synchronisation."""
+    params, target = make_dmol_inputs(batch, side, device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    accuracy_by_method = {name: _dmol_accuracy(fn, params, target) for name, fn in DMOL_METHODS.items()}
+    names = list(DMOL_METHODS)
+    for _ in range(warmup):
+        for name in names:
+            _dmol_step(DMOL_METHODS[name], params, target)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            sync()
+            t0 = time.perf_counter()
+            _dmol_step(DMOL_METHODS[name], params, target)
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    ms = {name: statistics.median(v) for name, v in times.items()}
+    return {
+        "case": f"B{batch}x3x{side}x{side}-K{DMOL_COMPONENTS}",
+        "ms": ms,
+        "ratio": {"eager/fused": ms["eager"] / ms["fused"], "compiled/fused": ms["compiled"] / ms["fused"]},
+        "times_ms": times,
+        "accuracy": accuracy_by_method,
+    }
+
+
+def format_dmol_results(results: Sequence[Dict[str, object]]) -> str:
+    """Markdown: the discretized mixture's times and each method's error against float64."""
+    lines = [
+        "Discretized mixture of logistics (fusedvae.discretized_mix_logistic_nll; eager is "
+        "fusedvae.reference's plain-PyTorch loss, compile the same under torch.compile), forward+backward, "
+        f"median ms; relative errors against float64 (bars: NLL {DMOL_NLL_RTOL:g}, gradient {DMOL_GRAD_RTOL:g} "
+        "of its largest element):",
+        "",
+        "| case | eager ms | compile ms | fused ms | eager/fused | compile/fused | errors eager / compile / fused |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        ms, ratio = r["ms"], r["ratio"]
+        errors = " / ".join(
+            f"{a['nll_rel']:.1e}, {a['grad_rel']:.1e}{'' if a['ok'] else ' FAIL'}" for a in r["accuracy"].values()
+        )
+        lines.append(
+            f"| {r['case']} | {ms['eager']:.3f} | {ms['compiled']:.3f} | {ms['fused']:.3f} "
+            f"| {ratio['eager/fused']:.2f}x | {ratio['compiled/fused']:.2f}x | {errors} |"
+        )
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``python -m fusedvae bench`` (shared with :func:`main`)."""
     parser.add_argument("--quick", action="store_true",
@@ -660,6 +774,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="torch.set_num_threads(N) before running (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--beta", type=float, default=1.0, help="KL weight (default 1.0)")
+    parser.add_argument("--no-dmol", action="store_true",
+                        help="skip the discretized-mixture cases (DMOL_CASES, QUICK_DMOL_CASES with --quick)")
     return parser
 
 
@@ -693,6 +809,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_results(results, info))
     failed = [f"{r['case']} {name}: " + "; ".join(a["problems"])
               for r in results for name, a in r["accuracy"].items() if not a["ok"]]
+    if not args.no_dmol:
+        dmol_results = []
+        for batch, side in QUICK_DMOL_CASES if args.quick else DMOL_CASES:
+            print(f"running the discretized mixture at B{batch}x3x{side}x{side} ...", file=sys.stderr, flush=True)
+            dmol_results.append(run_dmol_case(batch, side, repeats=repeats, warmup=args.warmup))
+        print()
+        print(format_dmol_results(dmol_results))
+        failed += [f"{r['case']} {name}: NLL {a['nll_rel']:.2e}, gradient {a['grad_rel']:.2e}"
+                   for r in dmol_results for name, a in r["accuracy"].items() if not a["ok"]]
     for line in failed:
         print(f"not within tolerance of the float64 reference: {line}", file=sys.stderr)
     return 1 if failed else 0
