@@ -141,10 +141,14 @@ def test_uint8_target_equals_scaled_float(likelihood, logits, ls_kind, dtype):
     kw = loss_kw(likelihood, logits, "none")
     got, got_g = run_loss(fusedvae.vae_loss, inp, log_scale=ls, **kw)
     exp, exp_g = run_loss(fusedvae.vae_loss, as_float, log_scale=ls, **kw)
-    # The kernel computes t = float(u8) / 255 exactly as torch does: bitwise for
-    # the elementwise gradients, identical sums for the values.
-    assert_outputs_close(got, exp, rtol=0, atol=0)
-    assert_grads_close(got_g, exp_g, rtol=0, atol=0)
+    # The kernel reads t = float(u8) / 255 exactly as torch computes it: the
+    # elementwise gradients are bitwise equal. The per-sample sums agree to the
+    # last bit or so: the two instantiations are separate code, in which the
+    # compiler may fuse a different multiply-add of the summation; so do the
+    # gradients that depend on a sum (the optimal scale's).
+    sum_rtol = 0 if dtype == F64 else 4 * torch.finfo(torch.float32).eps
+    assert_grads_close(got_g, exp_g, rtol=sum_rtol if ls_kind == "optimal" else 0, atol=0)
+    assert_outputs_close(got, exp, rtol=sum_rtol, atol=0)
     # And the float64 reference (which also takes uint8 targets) on the same values.
     up = inp._replace(recon=inp.recon.double(), mu=inp.mu.double(), logvar=inp.logvar.double())
     ls_up = fresh(ls.detach().double().requires_grad_()) if isinstance(ls, torch.Tensor) else ls
