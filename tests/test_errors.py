@@ -47,14 +47,31 @@ def _good():
     return recon, target, mu, logvar
 
 
-def _call(fn, **change):
-    """Call ``fn`` with the good arguments, some of them replaced."""
-    r, t, m, lv = _good()
-    args = dict(recon=r, target=t, mu=m, logvar=lv)
+def _call_with(fn, args, change):
+    """Call ``fn`` with the good positional ``args`` (a dict in order), some of
+    them replaced, and keyword arguments from ``change``; a callable in
+    ``change`` maps the good arguments to the bad value."""
+    args = dict(args)
     kwargs = {}
     for k, v in change.items():
         (args if k in args else kwargs)[k] = v(args) if callable(v) else v
-    return fn(args["recon"], args["target"], args["mu"], args["logvar"], **kwargs)
+    return fn(*args.values(), **kwargs)
+
+
+def _call(fn, **change):
+    """Call ``fn`` (``vae_loss`` or its reference) with the good arguments, some of them replaced."""
+    r, t, m, lv = _good()
+    return _call_with(fn, dict(recon=r, target=t, mu=m, logvar=lv), change)
+
+
+def _assert_raises_naming(arg, exc, fragment, call):
+    """``call()`` raises exactly ``exc``, with ``fragment`` and the argument's name in its message."""
+    with pytest.raises(exc) as info:
+        call()
+    assert type(info.value) is exc, f"{type(info.value).__name__}: {info.value}"
+    message = str(info.value)
+    assert fragment in message, message
+    assert arg in message, f"the message does not name {arg!r}: {message}"
 
 
 # (argument, bad value as written in the table, changes to the good call, exception, message fragment)
@@ -147,14 +164,7 @@ def _good_autoencoder_kl():
 def _call_autoencoder_kl(fn, **change):
     """Call ``fn`` (``autoencoder_kl_loss`` or its reference) with the good
     arguments, some of them replaced."""
-    args = _good_autoencoder_kl()
-    kwargs = {}
-    for k, v in change.items():
-        (args if k in args else kwargs)[k] = v(args) if callable(v) else v
-    return fn(
-        args["inputs"], args["reconstructions"], args["posterior_mean"], args["posterior_logvar"],
-        args["logvar"], **kwargs,
-    )
+    return _call_with(fn, _good_autoencoder_kl(), change)
 
 
 # (argument, bad value as written in the table, changes to the good call, exception, message fragment)
@@ -530,12 +540,7 @@ def test_errors_md_rows_parse_back_to_the_matrix():
 @pytest.mark.parametrize("case", VAE_LOSS_CASES, ids=[f"{c[0]}: {c[1]}" for c in VAE_LOSS_CASES])
 def test_vae_loss_bad_argument(case, fn):
     arg, _, change, exc, fragment = case
-    with pytest.raises(exc) as info:
-        _call(fn, **change)
-    assert type(info.value) is exc, f"{type(info.value).__name__}: {info.value}"
-    message = str(info.value)
-    assert fragment in message, message
-    assert arg in message, f"the message does not name {arg!r}: {message}"
+    _assert_raises_naming(arg, exc, fragment, lambda: _call(fn, **change))
 
 
 def test_every_argument_has_rows():
@@ -558,12 +563,7 @@ def test_every_argument_has_rows():
 @pytest.mark.parametrize("case", AUTOENCODER_KL_CASES, ids=[f"{c[0]}: {c[1]}" for c in AUTOENCODER_KL_CASES])
 def test_autoencoder_kl_loss_bad_argument(case, fn):
     arg, _, change, exc, fragment = case
-    with pytest.raises(exc) as info:
-        _call_autoencoder_kl(fn, **change)
-    assert type(info.value) is exc, f"{type(info.value).__name__}: {info.value}"
-    message = str(info.value)
-    assert fragment in message, message
-    assert arg in message, f"the message does not name {arg!r}: {message}"
+    _assert_raises_naming(arg, exc, fragment, lambda: _call_autoencoder_kl(fn, **change))
 
 
 def test_autoencoder_kl_loss_every_argument_has_rows():
