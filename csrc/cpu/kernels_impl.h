@@ -126,17 +126,19 @@ void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
   }
 }
 
-// A sample is cut into chunks of kChunk elements; work item `item` is chunk
-// (item % chunks) of sample (item / chunks). Calls
-// chunk_body(item, b, first, last) with [first, last) the chunk's element
-// range within sample b, all items in parallel.
+// A sample is cut into chunks of `chunk` elements (kChunk unless an element
+// costs far more than the loss's); work item `item` is chunk (item % chunks)
+// of sample (item / chunks). Calls chunk_body(item, b, first, last) with
+// [first, last) the chunk's element range within sample b, all items in
+// parallel.
 template <typename ChunkBody>
-int64_t for_each_chunk(int64_t batch, int64_t numel_per_sample, const ChunkBody& chunk_body) {
-  const int64_t chunks = (numel_per_sample + kChunk - 1) / kChunk;
+int64_t for_each_chunk(int64_t batch, int64_t numel_per_sample, const ChunkBody& chunk_body,
+                       int64_t chunk = kChunk) {
+  const int64_t chunks = (numel_per_sample + chunk - 1) / chunk;
   parallel_items(batch * chunks, [&](int64_t item) {
     const int64_t b = item / chunks;
-    const int64_t first = (item % chunks) * kChunk;
-    chunk_body(item, b, first, std::min(first + kChunk, numel_per_sample));
+    const int64_t first = (item % chunks) * chunk;
+    chunk_body(item, b, first, std::min(first + chunk, numel_per_sample));
   });
   return chunks;
 }
@@ -144,11 +146,13 @@ int64_t for_each_chunk(int64_t batch, int64_t numel_per_sample, const ChunkBody&
 // out[b] = Σ over sample b of term(offset, count), where term returns the
 // per-element values of elements [offset, offset + count) as one vector.
 template <typename Acc, typename Term>
-void sum_per_sample(int64_t batch, int64_t numel_per_sample, Acc* out, const Term& term) {
+void sum_per_sample(int64_t batch, int64_t numel_per_sample, Acc* out, const Term& term,
+                    int64_t chunk = kChunk) {
   using Vec = at::vec::Vectorized<Acc>;
-  std::vector<Acc> partial(static_cast<size_t>(batch * ((numel_per_sample + kChunk - 1) / kChunk)));
+  std::vector<Acc> partial(static_cast<size_t>(batch * ((numel_per_sample + chunk - 1) / chunk)));
   const int64_t chunks = for_each_chunk(
-      batch, numel_per_sample, [&](int64_t item, int64_t b, int64_t first, int64_t last) {
+      batch, numel_per_sample,
+      [&](int64_t item, int64_t b, int64_t first, int64_t last) {
         const int64_t base = b * numel_per_sample;
         Vec acc(Acc(0));
         int64_t i = first;
@@ -159,7 +163,8 @@ void sum_per_sample(int64_t batch, int64_t numel_per_sample, Acc* out, const Ter
         Acc sum = 0;
         for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
         partial[item] = sum;
-      });
+      },
+      chunk);
   for (int64_t b = 0; b < batch; ++b) {
     double sum = 0;
     for (int64_t c = 0; c < chunks; ++c) sum += static_cast<double>(partial[b * chunks + c]);
@@ -169,12 +174,16 @@ void sum_per_sample(int64_t batch, int64_t numel_per_sample, Acc* out, const Ter
 
 // Calls body(b, offset, count) over every vector-sized run of every sample.
 template <typename Acc, typename Body>
-void for_each_vector(int64_t batch, int64_t numel_per_sample, const Body& body) {
+void for_each_vector(int64_t batch, int64_t numel_per_sample, const Body& body,
+                     int64_t chunk = kChunk) {
   constexpr int64_t lanes = at::vec::Vectorized<Acc>::size();
-  for_each_chunk(batch, numel_per_sample, [&](int64_t, int64_t b, int64_t first, int64_t last) {
-    const int64_t base = b * numel_per_sample;
-    for (int64_t i = first; i < last; i += lanes) body(b, base + i, std::min(lanes, last - i));
-  });
+  for_each_chunk(
+      batch, numel_per_sample,
+      [&](int64_t, int64_t b, int64_t first, int64_t last) {
+        const int64_t base = b * numel_per_sample;
+        for (int64_t i = first; i < last; i += lanes) body(b, base + i, std::min(lanes, last - i));
+      },
+      chunk);
 }
 
 // The weights of elements [i, i + count) (count <= lanes, all in one sample;
@@ -369,6 +378,7 @@ void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad
 
 // Pixels per work item: with K = 10 a pixel costs a few hundred operations.
 constexpr int64_t kPixelChunk = 256;
+
 // Mixtures up to this size (PixelCNN++, VDVAE and NVAE use 10) are evaluated
 // once in the backward, their per-channel derivatives kept on the stack.
 constexpr int kCachedComponents = 16;
@@ -414,43 +424,29 @@ dmol::Pixel<VecOps<Acc>> load_pixels(const DmolProblem& p, int64_t b, int64_t fi
       }
       px.x[c] = v * Vec(Acc(2)) - Vec(Acc(1));
     } else {
-      px.x[c] = PixelLanes<Acc, Acc>{static_cast<const Acc*>(p.target) + at, 0,
-                                     p.target_strides[2], count}(0);
+      px.x[c] = PixelLanes<Acc, Acc>{static_cast<const Acc*>(p.target) + at, 0, p.target_strides[2],
+                                     count}(0);
     }
   }
   return px;
 }
 
+// Work items, per-sample sums and their order are the per-element kernels'
+// (sum_per_sample, for_each_vector) with a pixel in place of an element.
 template <typename T>
 void dmol_forward_typed(const DmolProblem& p, acc_t<T>* nll) {
   using Acc = acc_t<T>;
-  using Vec = at::vec::Vectorized<Acc>;
-  const int64_t chunks = (p.pixels + kPixelChunk - 1) / kPixelChunk;
-  std::vector<double> partial(static_cast<size_t>(p.batch * chunks));
   const T* params = static_cast<const T*>(p.params);
-  parallel_items(p.batch * chunks, [&](int64_t item) {
-    const int64_t b = item / chunks;
-    const int64_t first = (item % chunks) * kPixelChunk;
-    const int64_t last = std::min(first + kPixelChunk, p.pixels);
-    Vec acc(Acc(0));
-    for (int64_t i = first; i < last; i += Vec::size()) {
-      const int64_t count = std::min<int64_t>(Vec::size(), last - i);
-      const PixelLanes<Acc, T> read{params + b * p.param_strides[0] + i * p.param_strides[2],
-                                    p.param_strides[1], p.param_strides[2], count};
-      const Vec v = dmol::pixel_nll(load_pixels<Acc>(p, b, i, count), read);
-      acc = acc + (count == Vec::size() ? v : Vec::set(Vec(Acc(0)), v, count));
-    }
-    alignas(64) Acc lanes[Vec::size()];
-    acc.store(lanes);
-    double sum = 0;
-    for (int64_t k = 0; k < Vec::size(); ++k) sum += lanes[k];
-    partial[item] = sum;
-  });
-  for (int64_t b = 0; b < p.batch; ++b) {
-    double sum = 0;
-    for (int64_t c = 0; c < chunks; ++c) sum += partial[b * chunks + c];
-    nll[b] = static_cast<Acc>(sum);
-  }
+  sum_per_sample<Acc>(
+      p.batch, p.pixels, nll,
+      [&](int64_t offset, int64_t count) {
+        const int64_t b = offset / p.pixels;
+        const int64_t i = offset - b * p.pixels;
+        const PixelLanes<Acc, T> read{params + b * p.param_strides[0] + i * p.param_strides[2],
+                                      p.param_strides[1], p.param_strides[2], count};
+        return dmol::pixel_nll(load_pixels<Acc>(p, b, i, count), read);
+      },
+      kPixelChunk);
 }
 
 template <typename T>
@@ -458,33 +454,28 @@ void dmol_backward_typed(const DmolProblem& p, const acc_t<T>* grad, T* out,
                          const int64_t* out_strides) {
   using Acc = acc_t<T>;
   using Vec = at::vec::Vectorized<Acc>;
-  const int64_t chunks = (p.pixels + kPixelChunk - 1) / kPixelChunk;
   const T* params = static_cast<const T*>(p.params);
-  parallel_items(p.batch * chunks, [&](int64_t item) {
-    const int64_t b = item / chunks;
-    const int64_t first = (item % chunks) * kPixelChunk;
-    const int64_t last = std::min(first + kPixelChunk, p.pixels);
-    for (int64_t i = first; i < last; i += Vec::size()) {
-      const int64_t count = std::min<int64_t>(Vec::size(), last - i);
-      const PixelLanes<Acc, T> read{params + b * p.param_strides[0] + i * p.param_strides[2],
-                                    p.param_strides[1], p.param_strides[2], count};
-      T* base = out + b * out_strides[0] + i * out_strides[2];
-      dmol::pixel_nll_backward<kCachedComponents>(load_pixels<Acc>(p, b, i, count), read,
-                                                  Vec(grad[b]),
-                               [&](int64_t j, const Vec& v) {
-                                 T* ptr = base + j * out_strides[1];
-                                 if (out_strides[2] == 1) {
-                                   store(ptr, v, count);
-                                   return;
-                                 }
-                                 alignas(64) Acc lanes[Vec::size()];
-                                 v.store(lanes);
-                                 for (int64_t l = 0; l < count; ++l) {
-                                   ptr[l * out_strides[2]] = static_cast<T>(lanes[l]);
-                                 }
-                               });
-    }
-  });
+  for_each_vector<Acc>(
+      p.batch, p.pixels,
+      [&](int64_t b, int64_t offset, int64_t count) {
+        const int64_t i = offset - b * p.pixels;
+        const PixelLanes<Acc, T> read{params + b * p.param_strides[0] + i * p.param_strides[2],
+                                      p.param_strides[1], p.param_strides[2], count};
+        T* base = out + b * out_strides[0] + i * out_strides[2];
+        dmol::pixel_nll_backward<kCachedComponents>(
+            load_pixels<Acc>(p, b, i, count), read, Vec(grad[b]), [&](int64_t j, const Vec& v) {
+              T* ptr = base + j * out_strides[1];
+              if (out_strides[2] == 1) {
+                store(ptr, v, count);
+                return;
+              }
+              alignas(64) Acc lanes[Vec::size()];
+              v.store(lanes);
+              for (int64_t l = 0; l < count; ++l)
+                ptr[l * out_strides[2]] = static_cast<T>(lanes[l]);
+            });
+      },
+      kPixelChunk);
 }
 
 void dmol_forward(const DmolProblem& p, void* nll) {
