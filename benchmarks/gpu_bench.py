@@ -1,10 +1,16 @@
 """GPU benchmark: forward+backward of the VAE loss, eager vs torch.compile vs fused, against the floor.
 
     python benchmarks/gpu_bench.py [--batch 64] [--size 256] [--latent 512] [--iters 50] [--repeats 5]
-                                   [--warmup 3] [--beta 1]
+                                   [--warmup 3] [--beta 1] [--no-dmol]
 
 The three methods are those of the CPU benchmark (``fusedvae.bench.METHODS``:
-``eager_loss``, the same under ``torch.compile``, ``fusedvae.vae_loss``).
+``eager_loss``, the same under ``torch.compile``, ``fusedvae.vae_loss``). After
+them, unless ``--no-dmol``, the discretized mixture of logistics
+(:data:`DMOL_CASES`: ``[B, 3, H, W]`` uint8 images under K = 10 components,
+float32 parameters ``[B, 10K, H, W]``), whose step is the per-sample NLL summed
+and its gradient w.r.t. the parameters, for ``fusedvae.reference``'s
+``discretized_mix_logistic_nll`` (eager), the same under ``torch.compile`` and
+``fusedvae.discretized_mix_logistic_nll`` (:data:`DMOL_METHODS`).
 
 Per case it prints:
 
@@ -27,22 +33,38 @@ Per case it prints:
 - in a second table, the host's time per step without graphs: the wall time
   to enqueue ``N`` steps, divided by ``N``. It is what the host spends
   launching a step; where it exceeds the device time, a program without
-  graphs runs at the host's pace.
+  graphs runs at the host's pace;
+- for the discretized mixture, in another table, each method's extra peak
+  device memory in one step without graphs (:func:`peak_extra_bytes`), in MB
+  and as a multiple of the decoder output (the parameters' bytes); the
+  returned gradient, as large as that, is part of it.
+
+The discretized mixture's floor (:func:`dmol_min_bytes`) is the parameters
+read once, the target read once and the parameters' gradient written once: the
+fewest bytes of any implementation, one that computed the gradient in the same
+pass as the NLL. A forward, then a backward that reads both again (the VAE
+cases' floor, and the fused kernel's design) move the parameters and the
+target once more: with float32 parameters and uint8 images that step is at
+most 67 % of this floor.
 
 Before timing, every method's loss and gradients are compared with a float64
 truth: ``fusedvae.reference`` on float64 CPU copies of the same inputs (a uint8
 target read as value/255 in float64), each within the tolerance of the
 precision the method computes in (``fusedvae.bench.accuracy``). The relative
 errors are printed in a third table; the script exits 1, after every case has
-run, if any method is outside its tolerance.
+run, if any method is outside its tolerance. The discretized mixture is checked
+by ``fusedvae.bench``'s own check (the worst per-sample NLL and the gradient
+against ``fusedvae.reference`` in float64 on the same device, within
+``bench.DMOL_NLL_RTOL`` and ``bench.DMOL_GRAD_RTOL``), in the same table.
 
 Everything but the CUDA timers (:func:`capture_step`, :func:`time_graph`,
-:func:`time_events`, :func:`copy_bandwidth_gbs`, the defaults of
-:func:`device_timers`) and :func:`main` works on plain numbers or on any
+:func:`time_events`, :func:`copy_bandwidth_gbs`, :func:`peak_extra_bytes`, the
+defaults of :func:`device_timers`) and :func:`main` works on plain numbers or on any
 device; ``benchmarks/test_gpu_bench.py`` runs it on the CPU, :func:`run_cases`
-included, with stand-ins for the CUDA timers.
+and :func:`run_dmol_cases` included, with stand-ins for the CUDA timers.
 """
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -51,7 +73,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import fusedvae
-from fusedvae import bench
+from fusedvae import bench, reference
 
 GIB = 2**30
 # The copy that measures the bandwidth moves at least this much: a smaller one
@@ -59,6 +81,7 @@ GIB = 2**30
 # more than the memory can give.
 MIN_COPY_BYTES = GIB
 LATENT_DTYPE = torch.float32  # mu and logvar, as make_inputs makes them
+METHOD_NAMES = ("eager", "compiled", "fused")  # the table's order
 
 
 def element_bytes(recon_itemsize: int, target_itemsize: int) -> int:
@@ -98,6 +121,40 @@ CASES = [
 ]
 
 
+# The discretized mixture's parameters and images, as bench.make_dmol_inputs makes them.
+DMOL_PARAMS_DTYPE, DMOL_TARGET_DTYPE = torch.float32, torch.uint8
+
+
+def dmol_params_bytes(batch: int, side: int, itemsize: int = 4, components: int = bench.DMOL_COMPONENTS) -> int:
+    """Bytes of the decoder output ``[batch, 10K, side, side]`` of an RGB discretized mixture of K logistics."""
+    return batch * 10 * components * side * side * itemsize
+
+
+def dmol_min_bytes(batch: int, side: int, params_itemsize: int = 4, target_itemsize: int = 1,
+                   components: int = bench.DMOL_COMPONENTS) -> int:
+    """Fewest bytes a forward+backward of the discretized mixture moves (the module docstring says why).
+
+    The parameters read once, the ``[batch, 3, side, side]`` target read once,
+    the parameters' gradient written once.
+    """
+    target_bytes = batch * 3 * side * side * target_itemsize
+    return 2 * dmol_params_bytes(batch, side, params_itemsize, components) + target_bytes
+
+
+# (name, batch, image side, minimum bytes for fwd+bwd)
+DMOL_CASES = [
+    (f"DMOL {b}x3x{s}x{s}, K={bench.DMOL_COMPONENTS}", b, s,
+     dmol_min_bytes(b, s, DMOL_PARAMS_DTYPE.itemsize, DMOL_TARGET_DTYPE.itemsize))
+    for b, s in [(32, 32), (8, 64), (4, 256)]
+]
+
+# Those of fusedvae.bench, but compiled for one shape at a time as the VAE
+# cases' compiled method is (dynamic=False: a training loop sees one shape;
+# by default the second shape would be recompiled with symbolic shapes).
+DMOL_METHODS = {**bench.DMOL_METHODS,
+                "compiled": torch.compile(reference.discretized_mix_logistic_nll, dynamic=False)}
+
+
 def copy_bytes(*needed: int) -> int:
     """Bytes the bandwidth copy moves: the largest of ``needed`` and :data:`MIN_COPY_BYTES`."""
     return max((MIN_COPY_BYTES, *needed))
@@ -123,13 +180,17 @@ def percent_of_floor(floor: float, measured: float) -> float:
 
 
 def case_row(name: str, nbytes: int, copy_gbs: float, ms: Dict[str, float],
-             host_ms: Optional[Dict[str, float]] = None, how: Optional[Dict[str, str]] = None) -> Dict[str, object]:
+             host_ms: Optional[Dict[str, float]] = None, how: Optional[Dict[str, str]] = None,
+             peak_bytes: Optional[Dict[str, int]] = None, output_bytes: Optional[int] = None) -> Dict[str, object]:
     """One case's numbers for :func:`format_table`, from plain numbers.
 
     ``ms`` maps each method (``eager``, ``compiled``, ``fused``) to its device
     ms per step, ``host_ms`` to its host ms per step; ``how`` maps a method to
-    how it was timed where that is not a graph replay (a reason, printed).
+    how it was timed where that is not a graph replay (a reason, printed);
+    ``peak_bytes`` to its extra peak memory, shown as a multiple of
+    ``output_bytes`` (the decoder output) in ``x_output``.
     """
+    peak_bytes = dict(peak_bytes or {})
     floor = floor_ms(nbytes, copy_gbs)
     return {
         "case": name,
@@ -141,11 +202,14 @@ def case_row(name: str, nbytes: int, copy_gbs: float, ms: Dict[str, float],
         "eager/fused": ms["eager"] / ms["fused"],
         "compiled/fused": ms["compiled"] / ms["fused"],
         "how": dict(how or {}),
+        "peak_bytes": peak_bytes,
+        "output_bytes": output_bytes,
+        "x_output": {m: b / output_bytes for m, b in peak_bytes.items()},
     }
 
 
 def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes: int) -> str:
-    """Markdown: the device-time table, the host-time table and the notes on methods not captured."""
+    """Markdown: the device-time table, the notes on methods not captured, the host-time and memory tables."""
     lines = [
         f"Copy bandwidth: {copy_gbs:.0f} GB/s (device-to-device copy of {copy_nbytes / GIB:.2f} GiB, "
         "read + write counted). floor = fewest bytes a fused forward+backward moves / that bandwidth.",
@@ -160,7 +224,7 @@ def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes
     notes = []
     for r in rows:
         cells = []
-        for method in ("eager", "compiled", "fused"):
+        for method in METHOD_NAMES:
             mark = ""
             if method in r["how"]:
                 mark = "*"
@@ -187,6 +251,20 @@ def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes
         for r in with_host:
             h = r["host_ms"]
             lines.append(f"| {r['case']} | {h['eager']:.3f} | {h['compiled']:.3f} | {h['fused']:.3f} |")
+    with_memory = [r for r in rows if r["peak_bytes"]]
+    if with_memory:
+        lines += [
+            "",
+            "Extra peak device memory of one step without graphs: torch.cuda.max_memory_allocated during "
+            "the step minus memory_allocated before it (the inputs), the returned gradient included; MB "
+            "and multiple of the decoder output (params bytes). The goal for fused is at most 1.2x.",
+            "",
+            "| case | params MB | eager MB | compile MB | fused MB |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in with_memory:
+            cells = " | ".join(f"{r['peak_bytes'][m] / 1e6:.1f} ({r['x_output'][m]:.2f}x)" for m in METHOD_NAMES)
+            lines.append(f"| {r['case']} | {r['output_bytes'] / 1e6:.1f} | {cells} |")
     return "\n".join(lines)
 
 
@@ -229,6 +307,32 @@ def make_step(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], b
 def _synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _release(device) -> None:
+    # The graphs' pools, before the next case allocates.
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def dmol_accuracy(params: torch.Tensor, target: torch.Tensor,
+                  methods: Optional[Dict[str, Callable[..., torch.Tensor]]] = None) -> Dict[str, Dict[str, object]]:
+    """``fusedvae.bench``'s float64 check of each discretized-mixture method, in :func:`bench.accuracy`'s form.
+
+    ``loss_err`` is the worst per-sample relative error of the NLL, ``grad_err``
+    the gradient's largest absolute error over its largest element, against
+    ``fusedvae.reference`` in float64; the tolerances are ``bench.DMOL_NLL_RTOL``
+    and ``bench.DMOL_GRAD_RTOL``. So the rows join :func:`report`'s table and failures.
+    """
+    report = {}
+    for name, fn in (DMOL_METHODS if methods is None else methods).items():
+        a = bench._dmol_accuracy(fn, params, target)
+        errors = (("NLL", a["nll_rel"], bench.DMOL_NLL_RTOL), ("gradient", a["grad_rel"], bench.DMOL_GRAD_RTOL))
+        problems = [f"{what}: relative error {err:.2e} > {tol:.2g}" for what, err, tol in errors if not err <= tol]
+        report[name] = {"loss_err": a["nll_rel"], "loss_tol": bench.DMOL_NLL_RTOL, "grad_err": a["grad_rel"],
+                        "grad_tol": bench.DMOL_GRAD_RTOL, "ok": not problems, "problems": problems}
+    return report
 
 
 def time_host(fn: Callable[[], object], iters: int, device="cpu") -> float:
@@ -320,6 +424,16 @@ def time_events(fn: Callable[[], object], iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def peak_extra_bytes(step: Callable[[], object]) -> int:
+    """Peak device bytes one call of ``step`` (no graph) holds beyond what was allocated before, outputs included."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def copy_bandwidth_gbs(nbytes: int, iters: int, repeats: int) -> float:
     """Copy bandwidth in GB/s (read + write) of a device-to-device copy of ``nbytes`` bytes."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
@@ -369,6 +483,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed samples per method, interleaved; the median is shown")
     parser.add_argument("--warmup", type=int, default=3, help="steps on a side stream before each capture")
     parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--no-dmol", action="store_true", help="skip the discretized-mixture cases (DMOL_CASES)")
     args = parser.parse_args(argv)
     for name in ("batch", "size", "latent", "iters", "repeats"):
         if getattr(args, name) < 1:
@@ -381,6 +496,16 @@ def case_bytes(args: argparse.Namespace) -> Dict[str, int]:
     numel = args.batch * 3 * args.size * args.size
     return {name: min_bytes(numel, r.itemsize, t.itemsize, args.batch, args.latent, LATENT_DTYPE.itemsize)
             for name, r, t, _ in CASES}
+
+
+def time_case(name: str, steps: Dict[str, Callable[[], object]], nbytes: int, copy_gbs: float,
+              args: argparse.Namespace, device, timers: Callable, **memory) -> Dict[str, object]:
+    """Device and host times of each method's step, as a :func:`case_row` (``memory``: its memory arguments)."""
+    step_timers, how, keep = timers(steps, args.iters, args.warmup)
+    ms = interleave(step_timers, args.repeats)
+    host_ms = {label: time_host(s, args.iters, device) for label, s in steps.items()}
+    print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()), file=sys.stderr, flush=True)
+    return case_row(name, nbytes, copy_gbs, ms, host_ms, how, **memory)
 
 
 def run_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: Callable = device_timers,
@@ -399,15 +524,29 @@ def run_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: 
         # One step of each method (compiling the compiled one) against the float64 truth.
         accuracy_rows.append((name, bench.accuracy(inputs, args.beta, methods)))
         steps = {label: make_step(f, inputs, args.beta) for label, f in methods.items()}
-        step_timers, how, keep = timers(steps, args.iters, args.warmup)
-        ms = interleave(step_timers, args.repeats)
-        host_ms = {label: time_host(s, args.iters, device) for label, s in steps.items()}
-        rows.append(case_row(name, nbytes[name], copy_gbs, ms, host_ms, how))
-        print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()), file=sys.stderr, flush=True)
-        del inputs, steps, step_timers, keep
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()  # the graphs' pools, before the next case allocates
+        rows.append(time_case(name, steps, nbytes[name], copy_gbs, args, device, timers))
+        del inputs, steps
+        _release(device)
+    return rows, accuracy_rows
+
+
+def run_dmol_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: Callable = device_timers,
+                   peak: Callable[[Callable[[], object]], int] = peak_extra_bytes, cases: Sequence = DMOL_CASES,
+                   ) -> Tuple[List[Dict[str, object]], List[Tuple[str, Dict[str, Dict[str, object]]]]]:
+    """:func:`run_cases` for the discretized mixture's ``cases``, each row with every method's extra peak memory.
+
+    ``peak`` measures one step's (:func:`peak_extra_bytes`, which needs CUDA).
+    """
+    rows, accuracy_rows = [], []
+    for name, batch, side, nbytes in cases:
+        params, target = bench.make_dmol_inputs(batch, side, device)
+        accuracy_rows.append((name, dmol_accuracy(params, target)))  # compiles the compiled method too
+        steps = {label: functools.partial(bench._dmol_step, f, params, target) for label, f in DMOL_METHODS.items()}
+        peak_bytes = {label: peak(s) for label, s in steps.items()}
+        rows.append(time_case(name, steps, nbytes, copy_gbs, args, device, timers,
+                              peak_bytes=peak_bytes, output_bytes=params.numel() * params.element_size()))
+        del params, target, steps
+        _release(device)
     return rows, accuracy_rows
 
 
@@ -430,10 +569,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shape = (args.batch, 3, args.size, args.size)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {shape}  Z {args.latent}",
           flush=True)
-    copy_nbytes = copy_bytes(*case_bytes(args).values())
+    dmol_cases = [] if args.no_dmol else DMOL_CASES
+    copy_nbytes = copy_bytes(*case_bytes(args).values(), *(c[3] for c in dmol_cases))
     copy_gbs = copy_bandwidth_gbs(copy_nbytes, max(1, args.iters // 5), args.repeats)
     torch.cuda.empty_cache()  # the copy's buffers back to the device before the cases
     rows, accuracy_rows = run_cases(args, copy_gbs)
+    dmol_rows, dmol_accuracy_rows = run_dmol_cases(args, copy_gbs, cases=dmol_cases)
+    rows, accuracy_rows = rows + dmol_rows, accuracy_rows + dmol_accuracy_rows
     text, failed = report(rows, accuracy_rows, copy_gbs, copy_nbytes)
     print()
     print(text)

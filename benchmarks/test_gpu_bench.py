@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from fusedvae import bench
+from fusedvae import bench, reference
 
 _PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_bench.py")
 
@@ -48,6 +48,32 @@ def test_min_bytes_counts_the_latents():
     assert gpu_bench.min_bytes(NUMEL, 4, 4, 64, 512) == 251_658_240 + 786_432
     assert gpu_bench.min_bytes(NUMEL, 4, 1, 64, 512) == 14 * NUMEL + LATENT_BYTES
     assert gpu_bench.min_bytes(NUMEL, 2, 1, 64, 512) == 8 * NUMEL + LATENT_BYTES
+
+
+def test_dmol_bytes_of_each_case():
+    # [B, 100, H, W] float32 parameters (K = 10) read once and their gradient
+    # written once, [B, 3, H, W] uint8 images read once.
+    assert gpu_bench.dmol_params_bytes(32, 32) == 32 * 100 * 32 * 32 * 4 == 13_107_200
+    assert gpu_bench.dmol_min_bytes(32, 32) == 2 * 13_107_200 + 32 * 3 * 32 * 32 == 26_312_704
+    assert gpu_bench.dmol_min_bytes(32, 32, 4, 4) == 2 * 13_107_200 + 4 * 98_304  # a float32 target
+    assert gpu_bench.dmol_min_bytes(32, 32, 2, 1) == 13_107_200 + 98_304  # bfloat16 parameters
+    assert gpu_bench.dmol_params_bytes(1, 1, components=3) == 30 * 4
+    assert gpu_bench.DMOL_CASES == [
+        ("DMOL 32x3x32x32, K=10", 32, 32, 26_312_704),
+        ("DMOL 8x3x64x64, K=10", 8, 64, 26_312_704),  # as many pixels
+        ("DMOL 4x3x256x256, K=10", 4, 256, 2 * 104_857_600 + 786_432),
+    ]
+    # the dtypes the bytes are counted for are those the inputs have
+    params, target = bench.make_dmol_inputs(1, 2)
+    assert (params.dtype, target.dtype) == (gpu_bench.DMOL_PARAMS_DTYPE, gpu_bench.DMOL_TARGET_DTYPE)
+    # 210_501_632 B at 3000 GB/s
+    assert gpu_bench.floor_ms(gpu_bench.DMOL_CASES[2][3], 3000.0) == pytest.approx(0.070167210666, rel=1e-9)
+    # a forward, then a backward that reads parameters and images again, at copy
+    # speed: 803 of 1206 bytes per pixel, 67 % of the floor
+    params_bytes, target_bytes = gpu_bench.dmol_params_bytes(4, 256), 4 * 3 * 256 * 256
+    two_pass = gpu_bench.floor_ms(3 * params_bytes + 2 * target_bytes, 3000.0)
+    assert gpu_bench.percent_of_floor(gpu_bench.floor_ms(gpu_bench.DMOL_CASES[2][3], 3000.0), two_pass) == \
+        pytest.approx(100 * 803 / 1206)
 
 
 def test_copy_moves_at_least_one_gib():
@@ -123,6 +149,41 @@ def test_format_table():
     host_header = lines.index("| case | eager host ms | compile host ms | fused host ms |")
     assert "host" in lines[host_header - 2].lower() and "not device time" in lines[host_header - 2]
     assert lines[host_header + 2] == "| fp32 recon, uint8 target | 0.450 | 0.200 | 0.030 |"
+
+
+def test_memory_table():
+    ms = {"eager": 0.9, "compiled": 0.3, "fused": 0.12}
+    peak = {"eager": 80_000_000, "compiled": 30_000_000, "fused": 13_200_000}
+    row = gpu_bench.case_row("DMOL 32x3x32x32, K=10", 26_312_704, 3000.0, ms, ms, peak_bytes=peak,
+                             output_bytes=13_107_200)
+    assert row["x_output"] == pytest.approx({"eager": 6.103515625, "compiled": 2.288818359375,
+                                             "fused": 1.007080078125})
+    assert row["percent_of_floor"] == pytest.approx(100 * 26_312_704 / 3e12 * 1e3 / 0.12)
+    lines = gpu_bench.format_table(_rows() + [row], 3000.0, 2**30).splitlines()
+    header = lines.index("| case | params MB | eager MB | compile MB | fused MB |")
+    assert "decoder output" in lines[header - 2] and "1.2x" in lines[header - 2]
+    # only the row with memory, after the host table
+    assert lines[header + 2:] == ["| DMOL 32x3x32x32, K=10 | 13.1 | 80.0 (6.10x) | 30.0 (2.29x) | 13.2 (1.01x) |"]
+    assert lines.index("| case | eager host ms | compile host ms | fused host ms |") < header
+    # no memory measured: no memory table
+    assert "params MB" not in gpu_bench.format_table(_rows(), 3000.0, 2**30)
+
+
+def test_dmol_accuracy_in_the_form_of_bench_accuracy():
+    params, target = bench.make_dmol_inputs(1, 4)
+    acc = gpu_bench.dmol_accuracy(params, target, {
+        "eager": reference.discretized_mix_logistic_nll,
+        "fused": lambda p, t: reference.discretized_mix_logistic_nll(p, t) * 1.001,
+    })
+    assert acc["eager"]["ok"] and acc["eager"]["problems"] == []
+    assert acc["eager"]["loss_err"] <= bench.DMOL_NLL_RTOL and acc["eager"]["grad_err"] <= bench.DMOL_GRAD_RTOL
+    assert not acc["fused"]["ok"]
+    assert acc["fused"]["problems"] == [  # 1e-3 off in both
+        f"NLL: relative error {acc['fused']['loss_err']:.2e} > 2e-05",
+        f"gradient: relative error {acc['fused']['grad_err']:.2e} > 0.0001"]
+    assert (acc["fused"]["loss_tol"], acc["fused"]["grad_tol"]) == (bench.DMOL_NLL_RTOL, bench.DMOL_GRAD_RTOL)
+    table = bench.format_accuracy([("DMOL", acc)])
+    assert "| DMOL | " in table and table.rstrip().endswith("FAIL |")
 
 
 def test_time_host_is_wall_time_per_call():
@@ -230,26 +291,35 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_run_cases_and_report_on_the_cpu(fresh_dynamo):
-    """main's loop on the CPU: the CUDA capture and replay stand-ins call the step itself."""
-    args = gpu_bench.parse_args(["--batch", "2", "--size", "8", "--latent", "4", "--iters", "2", "--repeats", "2"])
-    captured, failing = [], {}
-
-    def capture(step, warmup):
-        if step is failing["step"]:
-            raise RuntimeError("capture failed")
-        captured.append(step)
-        return step, step()  # the "graph" is the step itself, replayed by calling it
+def _cpu_timers(captured):
+    """device_timers with CPU stand-ins for the CUDA capture and replay: the
+    "graph" is the step itself, replayed by calling it; the compiled step's
+    capture fails."""
 
     def timers(steps, iters, warmup):
-        failing["step"] = steps["compiled"]
+        def capture(step, warmup):
+            if step is steps["compiled"]:
+                raise RuntimeError("capture failed")
+            captured.append(step)
+            return step, step()
+
         return gpu_bench.device_timers(
             steps, iters, warmup, capture=capture,
             time_replays=lambda graph, n: gpu_bench.time_host(graph, n, "cpu"),
             time_eager=lambda fn, n: gpu_bench.time_host(fn, n, "cpu"),
             recover=lambda: None)
 
-    rows, accuracy_rows = gpu_bench.run_cases(args, 3000.0, device="cpu", timers=timers)
+    return timers
+
+
+SMALL_ARGS = ["--batch", "2", "--size", "8", "--latent", "4", "--iters", "2", "--repeats", "2"]
+
+
+def test_run_cases_and_report_on_the_cpu(fresh_dynamo):
+    """main's loop on the CPU, with stand-ins for the CUDA timers."""
+    args = gpu_bench.parse_args(SMALL_ARGS)
+    captured = []
+    rows, accuracy_rows = gpu_bench.run_cases(args, 3000.0, device="cpu", timers=_cpu_timers(captured))
     names = [c[0] for c in gpu_bench.CASES]
     assert [r["case"] for r in rows] == names == [a for a, _ in accuracy_rows]
     assert len(captured) == 2 * len(names)  # eager and fused in every case
@@ -277,9 +347,42 @@ def test_run_cases_and_report_on_the_cpu(fresh_dynamo):
     assert failed == ["bf16 recon, uint8 target fused: loss off"]
 
 
+def test_run_dmol_cases_and_report_on_the_cpu(fresh_dynamo):
+    """main's loop over the discretized mixture on the CPU, one small case, with stand-ins for the CUDA timers."""
+    args = gpu_bench.parse_args(SMALL_ARGS)
+    cases = [("DMOL 2x3x8x8, K=10", 2, 8, gpu_bench.dmol_min_bytes(2, 8))]
+    captured, measured = [], []
+
+    def peak(step):  # what the step returns: the [B] NLL and the gradient
+        measured.append(step)
+        return sum(t.numel() * t.element_size() for t in step())
+
+    rows, accuracy_rows = gpu_bench.run_dmol_cases(args, 3000.0, device="cpu", timers=_cpu_timers(captured),
+                                                   peak=peak, cases=cases)
+    assert [r["case"] for r in rows] == [a for a, _ in accuracy_rows] == ["DMOL 2x3x8x8, K=10"]
+    (row,) = rows
+    (_, acc), = accuracy_rows
+    assert set(acc) == set(row["ms"]) == set(row["host_ms"]) == set(gpu_bench.DMOL_METHODS)
+    assert all(r["ok"] for r in acc.values()), acc
+    assert len(captured) == 2 and len(measured) == 3  # eager and fused captured; every method measured
+    assert row["min_bytes"] == 2 * (2 * 100 * 8 * 8 * 4) + 2 * 3 * 8 * 8 == 102_784
+    assert row["floor_ms"] == pytest.approx(102_784 / 3e12 * 1e3)
+    assert row["output_bytes"] == 51_200
+    assert row["peak_bytes"] == dict.fromkeys(gpu_bench.DMOL_METHODS, 51_200 + 2 * 4)
+    assert row["x_output"]["fused"] == pytest.approx(1 + 8 / 51_200)
+    assert set(row["how"]) == {"compiled"} and "capture failed" in row["how"]["compiled"]
+    text, failed = gpu_bench.report(rows, accuracy_rows, 3000.0, 2**30)
+    assert failed == [], failed
+    lines = text.splitlines()
+    assert any(line.startswith("| DMOL 2x3x8x8, K=10 | 0.1 | 0.000 | ") for line in lines)
+    assert "| DMOL 2x3x8x8, K=10 | 0.1 | 0.1 (1.00x) | 0.1 (1.00x) | 0.1 (1.00x) |" in lines
+    assert any(line.startswith("| DMOL 2x3x8x8, K=10 | ") and "[2e-05]" in line for line in lines)  # accuracy
+
+
 def test_parse_args():
     args = gpu_bench.parse_args([])
     assert (args.batch, args.size, args.latent, args.iters, args.repeats, args.beta) == (64, 256, 512, 50, 5, 1.0)
+    assert not args.no_dmol and gpu_bench.parse_args(["--no-dmol"]).no_dmol
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--iters", "0"])
 
@@ -296,7 +399,8 @@ def test_main_on_cuda(capsys):
 
     if not fusedvae.has_cuda_kernels():
         pytest.skip("fusedvae was built without CUDA kernels")
-    rc = gpu_bench.main(["--batch", "2", "--size", "16", "--latent", "8", "--iters", "3", "--repeats", "2"])
+    rc = gpu_bench.main(["--batch", "2", "--size", "16", "--latent", "8", "--iters", "3", "--repeats", "2",
+                         "--no-dmol"])
     out = capsys.readouterr().out
     assert rc == 0, out
     lines = out.splitlines()
@@ -306,3 +410,20 @@ def test_main_on_cuda(capsys):
     assert "*" not in "".join(rows), out  # every method captured
     assert all(float(r.split("|")[3]) > 0 for r in rows)  # floor ms
     assert "| case | eager host ms | compile host ms | fused host ms |" in lines
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dmol_cases_on_cuda(fresh_dynamo):
+    import fusedvae
+
+    if not fusedvae.has_cuda_kernels():
+        pytest.skip("fusedvae was built without CUDA kernels")
+    args = gpu_bench.parse_args(["--iters", "3", "--repeats", "2"])
+    cases = [("DMOL 2x3x16x16, K=10", 2, 16, gpu_bench.dmol_min_bytes(2, 16))]
+    rows, accuracy_rows = gpu_bench.run_dmol_cases(args, 3000.0, cases=cases)
+    (row,), ((_, acc),) = rows, accuracy_rows
+    assert all(r["ok"] for r in acc.values()), acc
+    assert row["how"] == {}, row["how"]  # every method captured
+    assert all(v > 0 for v in row["ms"].values())
+    # each step holds at least the gradient it returns, as large as the parameters
+    assert all(b >= row["output_bytes"] == 2 * 100 * 16 * 16 * 4 for b in row["peak_bytes"].values()), row

@@ -265,6 +265,107 @@ Tensor dmol_nll_autograd(const Tensor& params, const Tensor& target, int64_t bit
   return DmolFunction::apply(params, target, bits, log_scale_min)[0];
 }
 
+// --------------------------------------------------- KL over latent groups --
+
+using KlGroupsOp = std::tuple<Tensor, Tensor, Tensor>(at::TensorList, at::TensorList,
+                                                      at::TensorList, at::TensorList,
+                                                      at::ArrayRef<double>);
+using TensorLists =
+    std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>;
+using KlGroupsBackwardOp = TensorLists(const OptTensor&, const OptTensor&, at::TensorList,
+                                       at::TensorList, at::TensorList, at::TensorList,
+                                       const Tensor&, at::ArrayRef<double>);
+
+const c10::TypedOperatorHandle<KlGroupsOp>& gaussian_kl_op() {
+  static const auto op = find_op<KlGroupsOp>("fusedvae::gaussian_kl");
+  return op;
+}
+const c10::TypedOperatorHandle<KlGroupsBackwardOp>& gaussian_kl_backward_op() {
+  static const auto op = find_op<KlGroupsBackwardOp>("fusedvae::gaussian_kl_backward");
+  return op;
+}
+
+// The saved tensors of GaussianKlFunction: mu, logvar, then the priors (where
+// given), each one per group, then dim_mean.
+struct KlSaved {
+  std::vector<Tensor> mu, logvar, prior_mu, prior_logvar;
+  Tensor dim_mean;
+  KlSaved(const variable_list& saved, size_t groups, bool prior) {
+    auto take = [&](size_t first) {
+      return std::vector<Tensor>(saved.begin() + first, saved.begin() + first + groups);
+    };
+    mu = take(0);
+    logvar = take(groups);
+    if (prior) {
+      prior_mu = take(2 * groups);
+      prior_logvar = take(3 * groups);
+    }
+    dim_mean = saved.back();
+  }
+};
+
+class GaussianKlFunction : public torch::autograd::Function<GaussianKlFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList mu, at::TensorList logvar,
+                               at::TensorList prior_mu, at::TensorList prior_logvar,
+                               const std::vector<double>& free_bits) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [kl, kl_term, dim_mean] =
+        gaussian_kl_op().call(mu, logvar, prior_mu, prior_logvar, free_bits);
+    variable_list saved;
+    for (at::TensorList list : {mu, logvar, prior_mu, prior_logvar}) {
+      saved.insert(saved.end(), list.begin(), list.end());
+    }
+    saved.push_back(dim_mean);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["groups"] = static_cast<int64_t>(mu.size());
+    ctx->saved_data["prior"] = !prior_mu.empty();
+    ctx->saved_data["free_bits"] = free_bits;
+    ctx->mark_non_differentiable({dim_mean});
+    return {kl, kl_term, dim_mean};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const size_t groups = static_cast<size_t>(ctx->saved_data["groups"].toInt());
+    const bool prior = ctx->saved_data["prior"].toBool();
+    const KlSaved s(ctx->get_saved_variables(), groups, prior);
+    const std::vector<double> free_bits = ctx->saved_data["free_bits"].toDoubleVector();
+    // One gradient per input tensor, in input order, then none for free_bits.
+    variable_list result;
+    if (!grads[0].defined() && !grads[1].defined()) {
+      result.resize((prior ? 4 : 2) * groups + 1);
+      return result;
+    }
+    auto [grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar] =
+        gaussian_kl_backward_op().call(optional(grads[0]), optional(grads[1]), s.mu, s.logvar,
+                                       s.prior_mu, s.prior_logvar, s.dim_mean, free_bits);
+    for (auto* list : {&grad_mu, &grad_logvar, &grad_prior_mu, &grad_prior_logvar}) {
+      result.insert(result.end(), list->begin(), list->end());
+    }
+    result.emplace_back();
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> gaussian_kl_autograd(at::TensorList mu, at::TensorList logvar,
+                                                        at::TensorList prior_mu,
+                                                        at::TensorList prior_logvar,
+                                                        at::ArrayRef<double> free_bits) {
+  bool record = false;
+  for (at::TensorList list : {mu, logvar, prior_mu, prior_logvar}) {
+    for (const Tensor& t : list) {
+      refuse_tangents("gaussian_kl", t);
+      record = record || requires_grad(t);
+    }
+  }
+  if (!at::GradMode::is_enabled() || !record) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return gaussian_kl_op().call(mu, logvar, prior_mu, prior_logvar, free_bits);
+  }
+  const variable_list out =
+      GaussianKlFunction::apply(mu, logvar, prior_mu, prior_logvar, free_bits.vec());
+  return {out[0], out[1], out[2]};
+}
+
 // ------------------------------------------------------------ backward ops --
 // The outputs of a fused backward op carry a node that refuses to be
 // differentiated: create_graph=True still works as long as nothing
@@ -335,6 +436,33 @@ std::tuple<Tensor, Tensor> gaussian_kl_per_dim_backward_autograd(const Tensor& g
   return {out[0], out[1]};
 }
 
+TensorLists gaussian_kl_backward_autograd(const OptTensor& grad_kl, const OptTensor& grad_kl_term,
+                                          at::TensorList mu, at::TensorList logvar,
+                                          at::TensorList prior_mu, at::TensorList prior_logvar,
+                                          const Tensor& dim_mean, at::ArrayRef<double> free_bits) {
+  TensorLists grads;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    grads = gaussian_kl_backward_op().call(grad_kl, grad_kl_term, mu, logvar, prior_mu,
+                                           prior_logvar, dim_mean, free_bits);
+  }
+  variable_list inputs{grad_kl.value_or(Tensor()), grad_kl_term.value_or(Tensor())};
+  variable_list outputs;
+  for (at::TensorList list : {mu, logvar, prior_mu, prior_logvar}) {
+    inputs.insert(inputs.end(), list.begin(), list.end());
+  }
+  auto& [grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar] = grads;
+  for (auto* list : {&grad_mu, &grad_logvar, &grad_prior_mu, &grad_prior_logvar}) {
+    outputs.insert(outputs.end(), list->begin(), list->end());
+  }
+  outputs = refuse_second_order("gaussian_kl_backward", inputs, std::move(outputs));
+  size_t next = 0;
+  for (auto* list : {&grad_mu, &grad_logvar, &grad_prior_mu, &grad_prior_logvar}) {
+    for (Tensor& t : *list) t = outputs[next++];
+  }
+  return grads;
+}
+
 Tensor cb_log_normalizer_backward_autograd(const Tensor& grad, const Tensor& logits) {
   Tensor a;
   {
@@ -365,6 +493,8 @@ TORCH_LIBRARY_IMPL(fusedvae, Autograd, m) {
   m.impl("vae_loss_backward", &vae_loss_backward_autograd);
   m.impl("gaussian_kl_per_dim", &gaussian_kl_per_dim_autograd);
   m.impl("gaussian_kl_per_dim_backward", &gaussian_kl_per_dim_backward_autograd);
+  m.impl("gaussian_kl", &gaussian_kl_autograd);
+  m.impl("gaussian_kl_backward", &gaussian_kl_backward_autograd);
   m.impl("cb_log_normalizer", &cb_log_normalizer_autograd);
   m.impl("cb_log_normalizer_backward", &cb_log_normalizer_backward_autograd);
   m.impl("dmol_nll", &dmol_nll_autograd);

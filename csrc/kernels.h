@@ -65,13 +65,27 @@ struct ReconProblem {
   WeightView weight;  // each element's ℓ (or residual) and its derivatives times w
 };
 
-// A diagonal-Gaussian posterior: mu and logvar, both dense [batch, latent].
+// A diagonal-Gaussian posterior: mu and logvar, both dense [batch, latent],
+// and the prior it is compared with: N(prior_mu, exp(prior_logvar)), dense and
+// of the posterior's shape and dtype, or N(0, I) where both are null.
 struct KlProblem {
   const void* mu;
   const void* logvar;
   DType dtype;
   int64_t batch;
   int64_t latent_dim;
+  const void* prior_mu = nullptr;
+  const void* prior_logvar = nullptr;
+  FUSEDVAE_HD bool has_prior() const { return prior_mu != nullptr; }
+};
+
+// The gradients of a KL's inputs (of the KlProblem's dtype and layout); the
+// prior's are written only where the problem has a prior.
+struct KlGrads {
+  void* mu;
+  void* logvar;
+  void* prior_mu = nullptr;
+  void* prior_logvar = nullptr;
 };
 
 // The coefficient each KL element's derivatives (∂/∂μ, ∂/∂lv) are multiplied
@@ -163,9 +177,9 @@ struct Kernels {
   // per_dim == false: kl[b] = Σ_j kl_bj (accumulation type, [batch]);
   // per_dim == true:  kl[b, j] (accumulation type, [batch, latent]).
   void (*gaussian_kl_forward)(const KlProblem& p, bool per_dim, void* kl);
-  // grad_mu = c_bj·μ, grad_logvar = c_bj·∂kl/∂lv (of `dtype`), c from `coef`.
-  void (*gaussian_kl_backward)(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
-                               void* grad_logvar);
+  // Each gradient in `grads` = c_bj·∂kl_bj/∂(its input) (of `dtype`), c from `coef`.
+  void (*gaussian_kl_backward)(const KlProblem& p, const KlCoefficients& coef,
+                               const KlGrads& grads);
   // out (of `dtype`) = log C(logits); grad_logits = grad · d log C / dη.
   void (*cb_log_normalizer_forward)(const CbProblem& p, void* out);
   void (*cb_log_normalizer_backward)(const CbProblem& p, const void* grad, void* grad_logits);
@@ -186,6 +200,10 @@ void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* k
 void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, const void* aux,
                         const ObjectiveGrads& out);
 
+// kl[b] = Σ_j kl_bj and, where dim_mean is not null, dim_mean[j] = mean_b kl_bj
+// (the free-bits statistics), each summed in index order, in the accumulation type.
+void gaussian_kl_sums(const KlProblem& p, void* kl, void* dim_mean);
+
 // The kernels in use: the baseline build until select_kernels() has run.
 const Kernels& kernels();
 // Switches kernels() to the best build this CPU runs (cpu/kernels.cpp). Called
@@ -203,8 +221,10 @@ void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, con
                         const ObjectiveGrads& out, void* stream);
 // kl[b, j] (accumulation type, [batch, latent]).
 void gaussian_kl_per_dim(const KlProblem& p, void* kl, void* stream);
-void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
-                          void* grad_logvar, void* stream);
+void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, const KlGrads& grads,
+                          void* stream);
+// As cpu::gaussian_kl_sums.
+void gaussian_kl_sums(const KlProblem& p, void* kl, void* dim_mean, void* stream);
 void cb_log_normalizer_forward(const CbProblem& p, void* out, void* stream);
 void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits,
                                 void* stream);

@@ -10,6 +10,8 @@
 #include <array>
 #include <cmath>
 #include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace fusedvae {
@@ -17,8 +19,8 @@ namespace {
 
 using at::Tensor;
 
-DType to_dtype(const Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
+DType to_dtype(at::ScalarType type, const char* name) {
+  switch (type) {
     case at::kFloat:
       return DType::kFloat32;
     case at::kDouble:
@@ -29,9 +31,10 @@ DType to_dtype(const Tensor& t, const char* name) {
       return DType::kBFloat16;
     default:
       TORCH_CHECK_TYPE(false, "fusedvae: expected ", name,
-                       " to be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+                       " to be float32, float64, float16 or bfloat16, got ", type);
   }
 }
+DType to_dtype(const Tensor& t, const char* name) { return to_dtype(t.scalar_type(), name); }
 
 // The target is read in its own dtype: a float64 one only beside a float64
 // recon (whose sums are float64), any other floating one, uint8 or bool beside
@@ -506,8 +509,200 @@ std::tuple<Tensor, Tensor> gaussian_kl_per_dim_backward(const Backend& backend, 
   Tensor grad_mu = at::empty(mu.sizes(), mu.options());
   Tensor grad_logvar = at::empty(mu.sizes(), mu.options());
   backend.kl_backward(in.problem, KlCoefficients{g.const_data_ptr(), nullptr, nullptr},
-                      grad_mu.data_ptr(), grad_logvar.data_ptr());
+                      KlGrads{grad_mu.data_ptr(), grad_logvar.data_ptr()});
   return {grad_mu, grad_logvar};
+}
+
+// ------------------------------------------------ KL over latent groups ----
+
+namespace {
+
+// One latent group of gaussian_kl: its tensors in the common dtype, contiguous,
+// as the kernels read them.
+struct KlGroup {
+  Tensor mu, logvar, prior_mu, prior_logvar;
+  KlProblem problem{};
+};
+
+// The groups of gaussian_kl, checked and converted to their common dtype.
+struct KlGroups {
+  std::vector<KlGroup> groups;
+  at::ScalarType dtype = at::kFloat;
+  int64_t batch = 0;
+  int64_t free_bits_dims = 0;  // Σ J_g over the groups with free bits: dim_mean's size
+
+  KlGroups(at::TensorList mu, at::TensorList logvar, at::TensorList prior_mu,
+           at::TensorList prior_logvar, at::ArrayRef<double> free_bits) {
+    const size_t count = mu.size();
+    TORCH_CHECK_VALUE(count >= 1, "fusedvae: expected mu to hold at least one latent group");
+    TORCH_CHECK_VALUE(logvar.size() == count, "fusedvae: expected logvar to hold ", count,
+                      " groups (as mu does), got ", logvar.size());
+    const bool prior = !prior_mu.empty() || !prior_logvar.empty();
+    TORCH_CHECK_VALUE(!prior || (prior_mu.size() == count && prior_logvar.size() == count),
+                      "fusedvae: expected prior_mu and prior_logvar to be empty or to hold ", count,
+                      " groups (as mu does), got ", prior_mu.size(), " and ", prior_logvar.size());
+    TORCH_CHECK_VALUE(free_bits.size() == count, "fusedvae: expected free_bits to hold ", count,
+                      " values (one per group), got ", free_bits.size());
+    const Tensor& first = mu[0];
+    TORCH_CHECK_VALUE(first.dim() >= 1,
+                      "fusedvae: expected mu[0] of shape [batch, ...], got a 0-d tensor");
+    batch = first.size(0);
+    for (size_t g = 0; g < count; ++g) {
+      const std::string at_g = "[" + std::to_string(g) + "]";
+      const auto name = [&](const char* base) { return std::string(base) + at_g; };
+      to_dtype(mu[g], name("mu").c_str());
+      to_dtype(logvar[g], name("logvar").c_str());
+      TORCH_CHECK_VALUE(mu[g].dim() >= 1 && mu[g].size(0) == batch, "fusedvae: expected mu", at_g,
+                        " of shape [", batch, ", ...] (the batch size of mu[0]), got ",
+                        mu[g].sizes());
+      check_same_shape(logvar[g], name("logvar").c_str(), mu[g], name("mu").c_str());
+      check_same_device(mu[g], name("mu").c_str(), first, "mu[0]");
+      check_same_device(logvar[g], name("logvar").c_str(), first, "mu[0]");
+      TORCH_CHECK_VALUE(std::isfinite(free_bits[g]) && free_bits[g] >= 0,
+                        "fusedvae: expected free_bits", at_g, " to be a finite number >= 0, got ",
+                        free_bits[g]);
+      dtype = at::promote_types(g == 0 ? mu[g].scalar_type() : dtype, mu[g].scalar_type());
+      dtype = at::promote_types(dtype, logvar[g].scalar_type());
+      if (prior) {
+        for (const auto& [t, base] :
+             {std::pair<const Tensor&, const char*>{prior_mu[g], "prior_mu"},
+              {prior_logvar[g], "prior_logvar"}}) {
+          to_dtype(t, name(base).c_str());
+          check_same_shape(t, name(base).c_str(), mu[g], name("mu").c_str());
+          check_same_device(t, name(base).c_str(), first, "mu[0]");
+          dtype = at::promote_types(dtype, t.scalar_type());
+        }
+      }
+      if (free_bits[g] > 0) free_bits_dims += batch == 0 ? 0 : mu[g].numel() / batch;
+    }
+    const auto working = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
+    const DType kernel_dtype = to_dtype(dtype, "mu");
+    for (size_t g = 0; g < count; ++g) {
+      KlGroup group;
+      group.mu = working(mu[g]);
+      group.logvar = working(logvar[g]);
+      group.problem = KlProblem{group.mu.const_data_ptr(), group.logvar.const_data_ptr(),
+                                kernel_dtype, batch, batch == 0 ? 0 : group.mu.numel() / batch};
+      if (prior) {
+        group.prior_mu = working(prior_mu[g]);
+        group.prior_logvar = working(prior_logvar[g]);
+        group.problem.prior_mu = group.prior_mu.const_data_ptr();
+        group.problem.prior_logvar = group.prior_logvar.const_data_ptr();
+      }
+      groups.push_back(std::move(group));
+    }
+  }
+
+  at::TensorOptions acc_options() const {
+    return groups[0].mu.options().dtype(accumulate_type(dtype));
+  }
+};
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> gaussian_kl(const Backend& backend, at::TensorList mu,
+                                               at::TensorList logvar, at::TensorList prior_mu,
+                                               at::TensorList prior_logvar,
+                                               at::ArrayRef<double> free_bits) {
+  const c10::OptionalDeviceGuard guard(mu.empty() ? std::nullopt
+                                                  : std::optional<at::Device>(mu[0].device()));
+  const KlGroups in(mu, logvar, prior_mu, prior_logvar, free_bits);
+  const at::TensorOptions acc = in.acc_options();
+  Tensor kl = at::empty({in.batch}, acc);
+  Tensor kl_term;  // Σ_g kl_bg, or K_g = Σ_j max(λ_g, m_j) where group g has free bits
+  Tensor dim_mean = at::empty({in.free_bits_dims}, acc);
+  Tensor group_kl = in.groups.size() > 1 ? at::empty({in.batch}, acc) : kl;
+  int64_t offset = 0;
+  for (size_t g = 0; g < in.groups.size(); ++g) {
+    const KlProblem& p = in.groups[g].problem;
+    Tensor out = g == 0 ? kl : group_kl;
+    if (free_bits[g] > 0) {
+      const Tensor mean = dim_mean.narrow(0, offset, p.latent_dim);
+      offset += p.latent_dim;
+      backend.kl_sums(p, out.data_ptr(), mean.data_ptr());
+      const Tensor floor = mean.clamp_min(free_bits[g]).sum();
+      kl_term = kl_term.defined() ? kl_term.add_(floor) : floor.expand({in.batch}).clone();
+    } else {
+      backend.kl_sums(p, out.data_ptr(), nullptr);
+      kl_term = kl_term.defined() ? kl_term.add_(out) : out.clone();
+    }
+    if (g > 0) kl.add_(group_kl);
+  }
+  return {kl, kl_term, dim_mean};
+}
+
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+gaussian_kl_backward(const Backend& backend, const std::optional<Tensor>& grad_kl,
+                     const std::optional<Tensor>& grad_kl_term, at::TensorList mu,
+                     at::TensorList logvar, at::TensorList prior_mu, at::TensorList prior_logvar,
+                     const Tensor& dim_mean, at::ArrayRef<double> free_bits) {
+  const c10::OptionalDeviceGuard guard(mu.empty() ? std::nullopt
+                                                  : std::optional<at::Device>(mu[0].device()));
+  const KlGroups in(mu, logvar, prior_mu, prior_logvar, free_bits);
+  const at::TensorOptions acc = in.acc_options();
+  TORCH_CHECK_VALUE(dim_mean.dim() == 1 && dim_mean.size(0) == in.free_bits_dims,
+                    "fusedvae: expected dim_mean of shape [", in.free_bits_dims,
+                    "] (gaussian_kl's third output), got ", dim_mean.sizes());
+  const auto per_sample = [&](const std::optional<Tensor>& grad, const char* name) {
+    if (!grad.has_value()) return Tensor();
+    TORCH_CHECK_VALUE(grad->dim() == 1 && grad->size(0) == in.batch, "fusedvae: expected ", name,
+                      " of shape [", in.batch, "], got ", grad->sizes());
+    check_same_device(*grad, name, mu[0], "mu[0]");
+    return grad->to(acc).contiguous();
+  };
+  const Tensor g_kl = per_sample(grad_kl, "grad_kl");
+  const Tensor g_term = per_sample(grad_kl_term, "grad_kl_term");
+  // ∂loss/∂kl_bg: grad_kl_b, plus grad_kl_term_b where the group has no free
+  // bits; with free bits, K_g's Σ_b grad_kl_term_b / B on each dimension whose
+  // batch mean passes the clamp (m_j >= λ_g, as torch.clamp's gradient).
+  Tensor plain =
+      g_kl.defined() && g_term.defined() ? g_kl.add(g_term) : (g_kl.defined() ? g_kl : g_term);
+  const Tensor term_share =
+      g_term.defined() && in.batch > 0 ? g_term.sum().div(double(in.batch)) : Tensor();
+  const Tensor dims = dim_mean.to(acc).contiguous();
+  std::vector<Tensor> grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar;
+  int64_t offset = 0;
+  for (size_t g = 0; g < in.groups.size(); ++g) {
+    const KlGroup& group = in.groups[g];
+    const KlProblem& p = group.problem;
+    Tensor coef_sample = plain, coef_dim;
+    if (free_bits[g] > 0) {
+      coef_sample = g_kl;
+      if (term_share.defined()) {
+        coef_dim =
+            dims.narrow(0, offset, p.latent_dim).ge(free_bits[g]).to(acc.dtype()).mul(term_share);
+      }
+      offset += p.latent_dim;
+    }
+    KlGrads out{};
+    const auto gradient = [&](const Tensor& like, std::vector<Tensor>& list) {
+      list.push_back(at::empty_like(like));
+      return list.back().data_ptr();
+    };
+    out.mu = gradient(group.mu, grad_mu);
+    out.logvar = gradient(group.logvar, grad_logvar);
+    if (p.has_prior()) {
+      out.prior_mu = gradient(group.prior_mu, grad_prior_mu);
+      out.prior_logvar = gradient(group.prior_logvar, grad_prior_logvar);
+    }
+    // A null coefficient counts as 0 (KlCoefficients).
+    backend.kl_backward(
+        p,
+        KlCoefficients{nullptr, coef_sample.defined() ? coef_sample.const_data_ptr() : nullptr,
+                       coef_dim.defined() ? coef_dim.const_data_ptr() : nullptr},
+        out);
+  }
+  // Each gradient in its input's dtype and shape.
+  const auto restore = [](std::vector<Tensor>& grads, at::TensorList inputs) {
+    for (size_t g = 0; g < grads.size(); ++g) {
+      grads[g] = grads[g].to(inputs[g].scalar_type());
+    }
+  };
+  restore(grad_mu, mu);
+  restore(grad_logvar, logvar);
+  restore(grad_prior_mu, prior_mu);
+  restore(grad_prior_logvar, prior_logvar);
+  return {grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar};
 }
 
 Tensor cb_log_normalizer(const Backend& backend, const Tensor& logits) {
@@ -541,7 +736,8 @@ namespace {
 // running over H·W: dense NCHW and channels-last tensors have them; any other
 // is copied first.
 Tensor with_pixel_index(const Tensor& t) {
-  const bool collapsible = t.size(2) <= 1 || t.size(3) <= 1 || t.stride(2) == t.stride(3) * t.size(3);
+  const bool collapsible =
+      t.size(2) <= 1 || t.size(3) <= 1 || t.stride(2) == t.stride(3) * t.size(3);
   return collapsible ? t : t.contiguous();
 }
 
@@ -566,16 +762,16 @@ struct DmolInputs {
                       target_in.sizes());
     const int64_t channels = target_in.size(1);
     const int64_t per_k = channels == 3 ? 10 : 3;
-    TORCH_CHECK_VALUE(params_in.dim() == 4 && params_in.size(0) == target_in.size(0) &&
-                          params_in.size(2) == target_in.size(2) &&
-                          params_in.size(3) == target_in.size(3) && params_in.size(1) > 0 &&
-                          params_in.size(1) % per_k == 0,
-                      "fusedvae: expected params of shape [B, ", per_k, "K, H, W] for a target of shape ",
-                      target_in.sizes(), ", got ", params_in.sizes());
+    TORCH_CHECK_VALUE(
+        params_in.dim() == 4 && params_in.size(0) == target_in.size(0) &&
+            params_in.size(2) == target_in.size(2) && params_in.size(3) == target_in.size(3) &&
+            params_in.size(1) > 0 && params_in.size(1) % per_k == 0,
+        "fusedvae: expected params of shape [B, ", per_k, "K, H, W] for a target of shape ",
+        target_in.sizes(), ", got ", params_in.sizes());
     check_same_device(target_in, "target", params_in, "params");
     TORCH_CHECK_VALUE(bits >= 1 && bits <= 16, "fusedvae: expected bits in [1, 16], got ", bits);
-    TORCH_CHECK_VALUE(std::isfinite(log_scale_min), "fusedvae: expected a finite log_scale_min, got ",
-                      log_scale_min);
+    TORCH_CHECK_VALUE(std::isfinite(log_scale_min),
+                      "fusedvae: expected a finite log_scale_min, got ", log_scale_min);
     params = with_pixel_index(params_in);
     const bool wide = params_in.scalar_type() == at::kDouble;
     Tensor target_read = target_in;
@@ -586,7 +782,8 @@ struct DmolInputs {
     problem.params = params.const_data_ptr();
     problem.dtype = dtype;
     problem.target = target.const_data_ptr();
-    problem.target_dtype = t == at::kByte ? DType::kUInt8 : (wide ? DType::kFloat64 : DType::kFloat32);
+    problem.target_dtype =
+        t == at::kByte ? DType::kUInt8 : (wide ? DType::kFloat64 : DType::kFloat32);
     problem.batch = params.size(0);
     problem.channels = static_cast<int>(channels);
     problem.k = params.size(1) / per_k;
@@ -604,7 +801,8 @@ Tensor dmol_nll(const Backend& backend, const Tensor& params, const Tensor& targ
                 double log_scale_min) {
   const c10::OptionalDeviceGuard guard(params.device());
   DmolInputs in(params, target, bits, log_scale_min);
-  Tensor nll = at::empty({in.problem.batch}, params.options().dtype(accumulate_type(params.scalar_type())));
+  Tensor nll =
+      at::empty({in.problem.batch}, params.options().dtype(accumulate_type(params.scalar_type())));
   backend.dmol_forward(in.problem, nll.data_ptr());
   return nll;
 }
@@ -615,7 +813,8 @@ Tensor dmol_nll_backward(const Backend& backend, const Tensor& grad, const Tenso
   DmolInputs in(params, target, bits, log_scale_min);
   check_same_device(grad, "grad", params, "params");
   TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == in.problem.batch,
-                    "fusedvae: expected grad of shape [", in.problem.batch, "], got ", grad.sizes());
+                    "fusedvae: expected grad of shape [", in.problem.batch, "], got ",
+                    grad.sizes());
   const Tensor g = grad.to(accumulate_type(params.scalar_type())).contiguous();
   // The gradient in the layout the kernel reads params in (NCHW or channels-last).
   Tensor grad_params = at::empty_like(in.params);

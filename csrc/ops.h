@@ -9,6 +9,7 @@
 #include <array>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "kernels.h"
 
@@ -22,8 +23,10 @@ class Backend {
   virtual void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads,
                                   const void* aux, const ObjectiveGrads& out) const = 0;
   virtual void kl_per_dim(const KlProblem& p, void* kl) const = 0;
-  virtual void kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
-                           void* grad_logvar) const = 0;
+  // cpu::gaussian_kl_sums' contract.
+  virtual void kl_sums(const KlProblem& p, void* kl, void* dim_mean) const = 0;
+  virtual void kl_backward(const KlProblem& p, const KlCoefficients& coef,
+                           const KlGrads& grads) const = 0;
   virtual void cb_forward(const CbProblem& p, void* out) const = 0;
   virtual void cb_backward(const CbProblem& p, const void* grad, void* grad_logits) const = 0;
   virtual void dmol_forward(const DmolProblem& p, void* nll) const = 0;
@@ -56,6 +59,21 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_per_dim_backward(const Backend& b
                                                                 const at::Tensor& grad,
                                                                 const at::Tensor& mu,
                                                                 const at::Tensor& logvar);
+
+// The KL of diagonal-Gaussian posteriors to their priors over latent groups
+// (registration.cpp's schema); the prior lists are empty (N(0, I)) or one per group.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_kl(const Backend& backend,
+                                                           at::TensorList mu, at::TensorList logvar,
+                                                           at::TensorList prior_mu,
+                                                           at::TensorList prior_logvar,
+                                                           at::ArrayRef<double> free_bits);
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>>
+gaussian_kl_backward(const Backend& backend, const std::optional<at::Tensor>& grad_kl,
+                     const std::optional<at::Tensor>& grad_kl_term, at::TensorList mu,
+                     at::TensorList logvar, at::TensorList prior_mu, at::TensorList prior_logvar,
+                     const at::Tensor& dim_mean, at::ArrayRef<double> free_bits);
 
 at::Tensor cb_log_normalizer(const Backend& backend, const at::Tensor& logits);
 

@@ -40,15 +40,26 @@ void register_kernels(torch::Library& m) {
          [](const Tensor& grad, const Tensor& mu, const Tensor& logvar) {
            return gaussian_kl_per_dim_backward(BackendT{}, grad, mu, logvar);
          });
+  m.impl("gaussian_kl", [](at::TensorList mu, at::TensorList logvar, at::TensorList prior_mu,
+                           at::TensorList prior_logvar, at::ArrayRef<double> free_bits) {
+    return gaussian_kl(BackendT{}, mu, logvar, prior_mu, prior_logvar, free_bits);
+  });
+  m.impl("gaussian_kl_backward",
+         [](const OptTensor& grad_kl, const OptTensor& grad_kl_term, at::TensorList mu,
+            at::TensorList logvar, at::TensorList prior_mu, at::TensorList prior_logvar,
+            const Tensor& dim_mean, at::ArrayRef<double> free_bits) {
+           return gaussian_kl_backward(BackendT{}, grad_kl, grad_kl_term, mu, logvar, prior_mu,
+                                       prior_logvar, dim_mean, free_bits);
+         });
   m.impl("cb_log_normalizer",
          [](const Tensor& logits) { return cb_log_normalizer(BackendT{}, logits); });
   m.impl("cb_log_normalizer_backward", [](const Tensor& grad, const Tensor& logits) {
     return cb_log_normalizer_backward(BackendT{}, grad, logits);
   });
-  m.impl("dmol_nll", [](const Tensor& params, const Tensor& target, int64_t bits,
-                        double log_scale_min) {
-    return dmol_nll(BackendT{}, params, target, bits, log_scale_min);
-  });
+  m.impl("dmol_nll",
+         [](const Tensor& params, const Tensor& target, int64_t bits, double log_scale_min) {
+           return dmol_nll(BackendT{}, params, target, bits, log_scale_min);
+         });
   m.impl("dmol_nll_backward", [](const Tensor& grad, const Tensor& params, const Tensor& target,
                                  int64_t bits, double log_scale_min) {
     return dmol_nll_backward(BackendT{}, grad, params, target, bits, log_scale_min);

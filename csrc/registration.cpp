@@ -55,7 +55,8 @@ PyObject* cpu_float_math(PyObject*, PyObject* args) {
   }
   if (data.len % static_cast<Py_ssize_t>(sizeof(float)) != 0) {
     PyBuffer_Release(&data);
-    PyErr_SetString(PyExc_ValueError, "expected data to hold float32 values (a multiple of 4 bytes)");
+    PyErr_SetString(PyExc_ValueError,
+                    "expected data to hold float32 values (a multiple of 4 bytes)");
     return nullptr;
   }
   PyObject* out = PyBytes_FromStringAndSize(nullptr, data.len);
@@ -123,6 +124,21 @@ TORCH_LIBRARY(fusedvae, m) {
   m.def(
       "gaussian_kl_per_dim_backward(Tensor grad, Tensor mu, Tensor logvar) "
       "-> (Tensor grad_mu, Tensor grad_logvar)");
+  // KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) over latent
+  // groups (each [batch, ...], shapes free; the prior lists empty for N(0, I)):
+  // kl [batch] = Σ_g kl_bg; kl_term [batch] = Σ_g kl_bg where free_bits[g] is 0,
+  // else Σ_j max(free_bits[g], mean_b kl_bj) over group g's dimensions; dim_mean
+  // holds those batch means of the free-bits groups, in group order. The
+  // backward takes the gradients of kl and kl_term (either may be absent) and
+  // returns one gradient per input tensor, lists as the inputs.
+  m.def(
+      "gaussian_kl(Tensor[] mu, Tensor[] logvar, Tensor[] prior_mu, Tensor[] prior_logvar, "
+      "float[] free_bits) -> (Tensor kl, Tensor kl_term, Tensor dim_mean)");
+  m.def(
+      "gaussian_kl_backward(Tensor? grad_kl, Tensor? grad_kl_term, Tensor[] mu, Tensor[] logvar, "
+      "Tensor[] prior_mu, Tensor[] prior_logvar, Tensor dim_mean, float[] free_bits) "
+      "-> (Tensor[] grad_mu, Tensor[] grad_logvar, Tensor[] grad_prior_mu, "
+      "Tensor[] grad_prior_logvar)");
   // log C(logits) of the continuous Bernoulli, elementwise.
   m.def("cb_log_normalizer(Tensor logits) -> Tensor");
   m.def("cb_log_normalizer_backward(Tensor grad, Tensor logits) -> Tensor");

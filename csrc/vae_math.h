@@ -326,6 +326,40 @@ FUSEDVAE_HD typename O::V kl_grad_logvar(typename O::V logvar) {
   return O::splat(0.5) * O::expm1(logvar);
 }
 
+// KL(N(μ, e^lv) || N(μp, e^lvp)) per dimension, the KL to a learned prior of
+// hierarchical VAEs (Sønderby et al. 2016; Vahdat & Kautz 2020, NVAE):
+// ½((μ - μp)²e^{-lvp} + e^{lv - lvp} - 1 - (lv - lvp)) = kl_per_dim(z, u) with
+// z = (μ - μp)·e^{-lvp/2} and u = lv - lvp, which stays finite wherever the
+// terms do (e^{-lvp} alone would overflow float32 below lvp ≈ -88).
+template <class O>
+FUSEDVAE_HD typename O::V kl_prior_z(typename O::V mu, typename O::V prior_mu,
+                                     typename O::V prior_logvar) {
+  return (mu - prior_mu) * O::exp(O::splat(-0.5) * prior_logvar);
+}
+template <class O>
+FUSEDVAE_HD typename O::V kl_per_dim_prior(typename O::V mu, typename O::V logvar,
+                                           typename O::V prior_mu, typename O::V prior_logvar) {
+  return kl_per_dim<O>(kl_prior_z<O>(mu, prior_mu, prior_logvar), logvar - prior_logvar);
+}
+
+// Its derivatives: ∂/∂μ = z·e^{-lvp/2} = -∂/∂μp, ∂/∂lv = ½ expm1(u),
+// ∂/∂lvp = -½(expm1(u) + z²).
+template <class O>
+struct KlPriorGrad {
+  typename O::V mu, logvar, prior_mu, prior_logvar;
+};
+template <class O>
+FUSEDVAE_HD KlPriorGrad<O> kl_prior_grad(typename O::V mu, typename O::V logvar,
+                                         typename O::V prior_mu, typename O::V prior_logvar) {
+  using V = typename O::V;
+  const V inv_sigma = O::exp(O::splat(-0.5) * prior_logvar);
+  const V z = (mu - prior_mu) * inv_sigma;
+  const V d_mu = z * inv_sigma;
+  const V half_expm1 = O::splat(0.5) * O::expm1(logvar - prior_logvar);
+  return {d_mu, half_expm1, O::splat(0.0) - d_mu,
+          O::splat(0.0) - half_expm1 - O::splat(0.5) * z * z};
+}
+
 // ------------------------------------------------------------ likelihoods --
 // Each likelihood is one traits type: its name, how it reads recon, whether it
 // takes a log-scale s, and its per-element loss ℓ and derivatives. A likelihood

@@ -4,7 +4,8 @@ Public API:
     vae_loss, VAELoss, VAELossOutput; autoencoder_kl_loss, AutoencoderKLLoss,
     AutoencoderKLLossOutput (latent diffusion's autoencoder objective);
     continuous_bernoulli_log_normalizer, continuous_bernoulli_mean,
-    discretized_mix_logistic_nll (PixelCNN++'s likelihood), normalized_beta,
+    discretized_mix_logistic_nll (PixelCNN++'s likelihood), gaussian_kl (the KL
+    to learned priors over latent groups), normalized_beta,
     unnormalized_beta; ``fusedvae.reference`` holds the
     pure-PyTorch definition every fused path is tested against.
 
@@ -23,6 +24,7 @@ from .functional import (
     continuous_bernoulli_log_normalizer,
     continuous_bernoulli_mean,
     discretized_mix_logistic_nll,
+    gaussian_kl,
     normalized_beta,
     unnormalized_beta,
     vae_loss,
@@ -40,6 +42,7 @@ __all__ = [
     "controllers",
     "diagnostics",
     "discretized_mix_logistic_nll",
+    "gaussian_kl",
     "has_cuda_kernels",
     "normalized_beta",
     "reference",

@@ -6,7 +6,7 @@ with the device unless ``validate=True`` asked for the range checks.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -20,7 +20,13 @@ from ._args import is_real
 LIKELIHOOD_ROWS = _C.likelihoods
 LIKELIHOODS = tuple(dict.fromkeys(name for name, _, _ in LIKELIHOOD_ROWS))
 SCALED_LIKELIHOODS = tuple(dict.fromkeys(name for name, _, scaled in LIKELIHOOD_ROWS if scaled))
+# The per-pixel likelihoods beside the per-element table: the discretized
+# mixture of logistics (csrc/dmol.h), whose recon is the mixture's parameters.
+PIXEL_LIKELIHOODS = ("dmol",)
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
+# PixelCNN++'s clamp of the mixture's log-scales, the default of
+# discretized_mix_logistic_nll and what vae_loss(likelihood="dmol") uses.
+DMOL_LOG_SCALE_MIN = -7.0
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # Lower soft clip on the log-scale for log_scale="optimal" (σ-VAE, Rybkin et al. 2021).
@@ -28,6 +34,30 @@ OPTIMAL_LOG_SCALE_MIN = -6.0
 
 Beta = Union[float, Tensor]
 LogScale = Union[None, float, str, Tensor]
+Latent = Union[Tensor, Sequence[Tensor]]
+OptionalLatent = Union[None, Tensor, Sequence[Optional[Tensor]]]
+FreeBits = Union[float, Sequence[float]]
+
+
+class LatentGroups(NamedTuple):
+    """The latents of a KL, checked: one entry per group; a prior entry is None
+    where that group's prior is N(0, I). ``grouped``: given as sequences."""
+
+    mu: List[Tensor]
+    logvar: List[Tensor]
+    prior_mu: List[Optional[Tensor]]
+    prior_logvar: List[Optional[Tensor]]
+    free_bits: List[float]
+    grouped: bool
+
+    @property
+    def has_prior(self) -> bool:
+        return any(p is not None for p in self.prior_mu)
+
+    @property
+    def size(self) -> int:
+        """J, the latent elements per sample over every group."""
+        return sum(per_sample_size(m) for m in self.mu)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,41 +116,42 @@ def _check_scalar_tensor(value: Tensor, name: str, recon: Tensor, recon_name: st
 def check_vae_loss_args(
     recon: Tensor,
     target: Tensor,
-    mu: Tensor,
-    logvar: Tensor,
+    mu: Latent,
+    logvar: Latent,
     likelihood: str,
     logits: bool,
     beta: Beta,
     reduction: str,
     log_scale: LogScale,
-    free_bits: float,
+    free_bits: FreeBits,
     validate: bool,
     weight: Optional[Tensor] = None,
-) -> None:
-    """Raise TypeError/ValueError for any argument vae_loss cannot take."""
-    _check_float_tensor(recon, "recon")
-    _check_tensor(target, "target")
-    if not (target.dtype.is_floating_point or target.dtype in (torch.uint8, torch.bool)):
-        raise TypeError(f"target must be a floating-point, uint8 or bool tensor, got dtype {target.dtype}")
-    if target.shape != recon.shape:
-        raise ValueError(
-            f"target must have the shape of recon {tuple(recon.shape)}, got {tuple(target.shape)}"
-        )
-    _check_device(target, "target", recon)
-    _check_no_grad(target, "target")
-    _check_float_tensor(mu, "mu")
-    _check_float_tensor(logvar, "logvar")
-    if mu.shape[0] != recon.shape[0]:
-        raise ValueError(
-            f"mu must have the batch size of recon ({recon.shape[0]}), got shape {tuple(mu.shape)}"
-        )
-    if logvar.shape != mu.shape:
-        raise ValueError(f"logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
-    _check_device(mu, "mu", recon)
-    _check_device(logvar, "logvar", recon)
+    prior_mu: OptionalLatent = None,
+    prior_logvar: OptionalLatent = None,
+    bits: int = 8,
+) -> LatentGroups:
+    """Raise TypeError/ValueError for any argument vae_loss cannot take; return its latents."""
+    if likelihood not in LIKELIHOODS + PIXEL_LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS + PIXEL_LIKELIHOODS}, got {likelihood!r}")
+    if likelihood == "dmol":
+        check_dmol_args(recon, target, bits, DMOL_LOG_SCALE_MIN, params_name="recon")
+        if weight is not None:
+            raise ValueError("weight is not supported with likelihood='dmol'")
+    else:
+        _check_float_tensor(recon, "recon")
+        _check_tensor(target, "target")
+        if not (target.dtype.is_floating_point or target.dtype in (torch.uint8, torch.bool)):
+            raise TypeError(f"target must be a floating-point, uint8 or bool tensor, got dtype {target.dtype}")
+        if target.shape != recon.shape:
+            raise ValueError(
+                f"target must have the shape of recon {tuple(recon.shape)}, got {tuple(target.shape)}"
+            )
+        _check_device(target, "target", recon)
+        _check_no_grad(target, "target")
+        if bits != 8:
+            raise ValueError(f"bits is only used with likelihood='dmol', got bits={bits!r}")
+    latents = check_latents(mu, logvar, prior_mu, prior_logvar, free_bits, recon)
 
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
     if not isinstance(logits, bool):
         raise TypeError(f"logits must be a bool, got {type(logits).__name__}")
     if reduction not in REDUCTIONS:
@@ -134,11 +165,6 @@ def check_vae_loss_args(
     else:
         raise TypeError(f"beta must be a float or a 0-d tensor, got {type(beta).__name__}")
 
-    if not is_real(free_bits):
-        raise TypeError(f"free_bits must be a float, got {type(free_bits).__name__}")
-    if not (_is_finite(free_bits) and free_bits >= 0):
-        raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension), got {free_bits}")
-
     _check_log_scale(log_scale, likelihood, recon)
     _check_weight(weight, recon)
 
@@ -146,6 +172,95 @@ def check_vae_loss_args(
         raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
     if validate:
         _check_ranges(recon, target, likelihood, logits)
+    return latents
+
+
+def _as_list(value, name: str, allow_none: bool = False):
+    """A tensor (one group) or a sequence of them, as (list, whether a sequence)."""
+    if isinstance(value, Tensor) or (allow_none and value is None):
+        return [value], False
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            raise ValueError(f"{name} must hold at least one latent group, got an empty {type(value).__name__}")
+        return list(value), True
+    kinds = "a tensor, a sequence of tensors or None" if allow_none else "a tensor or a sequence of tensors"
+    raise TypeError(f"{name} must be {kinds}, got {type(value).__name__}")
+
+
+def check_latents(
+    mu: Latent,
+    logvar: Latent,
+    prior_mu: OptionalLatent,
+    prior_logvar: OptionalLatent,
+    free_bits: FreeBits,
+    recon: Optional[Tensor] = None,
+) -> LatentGroups:
+    """The posterior's (and prior's) latent groups, checked against each other
+    and, where given, against recon's batch size and device."""
+    mus, grouped = _as_list(mu, "mu")
+    logvars, _ = _as_list(logvar, "logvar")
+    if len(logvars) != len(mus) or isinstance(logvar, Tensor) != isinstance(mu, Tensor):
+        raise ValueError(f"logvar must hold one tensor per group of mu ({len(mus)}), got {_describe(logvar)}")
+    prior_mus, _ = _as_list(prior_mu, "prior_mu", allow_none=True)
+    prior_logvars, _ = _as_list(prior_logvar, "prior_logvar", allow_none=True)
+    for name, value, values in (("prior_mu", prior_mu, prior_mus), ("prior_logvar", prior_logvar, prior_logvars)):
+        if value is None:
+            values[:] = [None] * len(mus)
+        elif len(values) != len(mus) or isinstance(value, Tensor) != isinstance(mu, Tensor):
+            raise ValueError(f"{name} must hold one entry per group of mu ({len(mus)}), got {_describe(value)}")
+
+    if isinstance(free_bits, (list, tuple)):
+        if len(free_bits) != len(mus):
+            raise ValueError(f"free_bits must be a float or hold one value per group of mu ({len(mus)}), "
+                             f"got {len(free_bits)} values")
+        free_bits_list = list(free_bits)
+    else:
+        free_bits_list = [free_bits] * len(mus)
+    for value in free_bits_list:
+        if not is_real(value):
+            raise TypeError(f"free_bits must be a float or a sequence of floats, got {type(value).__name__}")
+        if not (_is_finite(value) and value >= 0):
+            raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension), got {value}")
+
+    ref = mus[0]
+    for g in range(len(mus)):
+        at = f"[{g}]" if grouped else ""
+        _check_float_tensor(mus[g], f"mu{at}")
+        _check_float_tensor(logvars[g], f"logvar{at}")
+        batch = recon.shape[0] if recon is not None else ref.shape[0]
+        if mus[g].shape[0] != batch:
+            of = "recon" if recon is not None else "mu[0]"
+            raise ValueError(f"mu{at} must have the batch size of {of} ({batch}), got shape {tuple(mus[g].shape)}")
+        if logvars[g].shape != mus[g].shape:
+            raise ValueError(
+                f"logvar{at} must have the shape of mu{at} {tuple(mus[g].shape)}, got {tuple(logvars[g].shape)}"
+            )
+        device_ref, device_name = (recon, "recon") if recon is not None else (ref, "mu[0]")
+        _check_device(mus[g], f"mu{at}", device_ref, device_name)
+        _check_device(logvars[g], f"logvar{at}", device_ref, device_name)
+        if (prior_mus[g] is None) != (prior_logvars[g] is None):
+            given, missing = ("prior_mu", "prior_logvar") if prior_mus[g] is not None else ("prior_logvar", "prior_mu")
+            raise ValueError(f"{missing}{at} must be given with {given}{at} (None for both means N(0, I))")
+        for name, prior in (("prior_mu", prior_mus[g]), ("prior_logvar", prior_logvars[g])):
+            if prior is None:
+                continue
+            _check_tensor(prior, f"{name}{at}")
+            if prior.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{name}{at} must be a floating-point tensor (float32, float64, float16 or "
+                                f"bfloat16), got dtype {prior.dtype}")
+            _check_device(prior, f"{name}{at}", device_ref, device_name)
+            if not _broadcasts_to(prior, mus[g]):
+                raise ValueError(f"{name}{at} must be broadcastable to the shape of mu{at} "
+                                 f"{tuple(mus[g].shape)}, got shape {tuple(prior.shape)}")
+    return LatentGroups(mus, logvars, prior_mus, prior_logvars, [float(v) for v in free_bits_list], grouped)
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return "a tensor"
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)} entries"
+    return type(value).__name__
 
 
 def _check_log_scale(log_scale: LogScale, likelihood: str, recon: Tensor) -> None:
@@ -283,10 +398,11 @@ def check_autoencoder_kl_args(
     _check_weight(weights, reconstructions, "weights", "reconstructions")
 
 
-def check_dmol_args(params, target, bits, log_scale_min) -> int:
+def check_dmol_args(params, target, bits, log_scale_min, params_name: str = "params") -> int:
     """Raise TypeError/ValueError for any argument discretized_mix_logistic_nll
-    cannot take; return K, the number of mixture components."""
-    _check_float_tensor(params, "params")
+    cannot take (its params named ``params_name``); return K, the number of
+    mixture components."""
+    _check_float_tensor(params, params_name)
     _check_tensor(target, "target")
     if not (target.dtype.is_floating_point or target.dtype == torch.uint8):
         raise TypeError(f"target must be a floating-point or uint8 tensor, got dtype {target.dtype}")
@@ -296,10 +412,10 @@ def check_dmol_args(params, target, bits, log_scale_min) -> int:
     if (params.dim() != 4 or params.shape[0] != target.shape[0] or params.shape[2:] != target.shape[2:]
             or params.shape[1] % per_k != 0 or params.shape[1] == 0):
         raise ValueError(
-            f"params must have shape [B, {per_k}K, H, W] for a target of shape {tuple(target.shape)}, "
+            f"{params_name} must have shape [B, {per_k}K, H, W] for a target of shape {tuple(target.shape)}, "
             f"got {tuple(params.shape)}"
         )
-    _check_device(target, "target", params, "params")
+    _check_device(target, "target", params, params_name)
     _check_no_grad(target, "target")
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ValueError(f"bits must be an int in [1, 16], got {bits!r}")

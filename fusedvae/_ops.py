@@ -154,6 +154,49 @@ def _gaussian_kl_per_dim_backward_fake(grad, mu, logvar):
     return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
 
 
+def _check_kl_groups(mu, logvar, prior_mu, prior_logvar, free_bits):
+    """csrc/ops.cpp's KlGroups checks; returns (batch, accumulation dtype, dim_mean's size)."""
+    torch._check(len(mu) >= 1, lambda: "fusedvae: expected mu to hold at least one latent group")
+    torch._check(len(logvar) == len(mu) and len(free_bits) == len(mu),
+                 lambda: "fusedvae: expected logvar and free_bits to hold one entry per group of mu")
+    torch._check(len(prior_mu) == len(prior_logvar) and len(prior_mu) in (0, len(mu)),
+                 lambda: "fusedvae: expected prior_mu and prior_logvar to be empty or to hold one group per group of mu")
+    torch._check(mu[0].dim() >= 1, lambda: "fusedvae: expected mu[0] of shape [batch, ...]")
+    batch = mu[0].shape[0]
+    dtype = mu[0].dtype
+    free_bits_dims = 0
+    for g, m in enumerate(mu):
+        torch._check(m.dim() >= 1 and m.shape[0] == batch,
+                     lambda: f"fusedvae: expected mu[{g}] of shape [{batch}, ...] (the batch size of mu[0])")
+        others = [logvar[g]] + ([prior_mu[g], prior_logvar[g]] if prior_mu else [])
+        for t in [m] + others:
+            torch._check(t.dtype in FLOAT_DTYPES, lambda: f"fusedvae: expected float tensors, got {t.dtype}")
+            torch._check(t.device == mu[0].device, lambda: "fusedvae: expected every group on the device of mu[0]")
+            dtype = torch.promote_types(dtype, t.dtype)
+        for t in others:
+            torch._check(t.shape == m.shape, lambda: f"fusedvae: expected the shape of mu[{g}] {tuple(m.shape)}")
+        if free_bits[g] > 0:
+            free_bits_dims += m[0].numel() if batch != 0 else 0
+    return batch, accumulate_dtype(dtype), free_bits_dims
+
+
+@torch.library.register_fake("fusedvae::gaussian_kl")
+def _gaussian_kl_fake(mu, logvar, prior_mu, prior_logvar, free_bits):
+    batch, acc, free_bits_dims = _check_kl_groups(mu, logvar, prior_mu, prior_logvar, free_bits)
+    new = mu[0].new_empty
+    return new((batch,), dtype=acc), new((batch,), dtype=acc), new((free_bits_dims,), dtype=acc)
+
+
+@torch.library.register_fake("fusedvae::gaussian_kl_backward")
+def _gaussian_kl_backward_fake(grad_kl, grad_kl_term, mu, logvar, prior_mu, prior_logvar, dim_mean, free_bits):
+    _check_kl_groups(mu, logvar, prior_mu, prior_logvar, free_bits)
+
+    def like(tensors):  # contiguous, in each input's dtype, as the C++ kernel returns
+        return [t.new_empty(t.shape) for t in tensors]
+
+    return like(mu), like(logvar), like(prior_mu), like(prior_logvar)
+
+
 @torch.library.register_fake("fusedvae::cb_log_normalizer")
 def _cb_log_normalizer_fake(logits):
     return torch.empty_like(logits)

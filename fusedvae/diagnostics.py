@@ -81,46 +81,52 @@ def elbo(out: VAELossOutput) -> Tensor:
 
 @overload
 def bits_per_dim(
-    nll_nats_per_sample: Tensor, num_dims: int, *, pixel_levels: int = ..., data_scaled_to_unit: bool = ...
+    nll_nats_per_sample: Tensor, num_dims: int, *, pixel_levels: int = ..., data_scaled_to_unit: bool = ...,
+    discrete: bool = ...,
 ) -> Tensor: ...
 
 
 @overload
 def bits_per_dim(
-    nll_nats_per_sample: float, num_dims: int, *, pixel_levels: int = ..., data_scaled_to_unit: bool = ...
+    nll_nats_per_sample: float, num_dims: int, *, pixel_levels: int = ..., data_scaled_to_unit: bool = ...,
+    discrete: bool = ...,
 ) -> float: ...
 
 
-def bits_per_dim(nll_nats_per_sample, num_dims, *, pixel_levels=256, data_scaled_to_unit=True):
+def bits_per_dim(nll_nats_per_sample, num_dims, *, pixel_levels=256, data_scaled_to_unit=True, discrete=False):
     r"""Convert a negative log-likelihood in nats per sample to bits per dimension.
 
     .. math::
+        \text{bpd} = \frac{\text{NLL}}{D \ln 2} \quad (\texttt{discrete=True}), \qquad
         \text{bpd} = \frac{\text{NLL}}{D \ln 2} + \log_2 L
-        \quad (\texttt{data\_scaled\_to\_unit=True}), \qquad
-        \text{bpd} = \frac{\text{NLL}}{D \ln 2} \quad (\texttt{False})
+        \quad (\texttt{discrete=False}, \texttt{data\_scaled\_to\_unit=True}: \text{the default})
 
-    with :math:`D` = ``num_dims`` and :math:`L` = ``pixel_levels``.
+    with :math:`D` = ``num_dims`` and :math:`L` = ``pixel_levels``; with
+    ``discrete=False`` and ``data_scaled_to_unit=False`` the first formula too.
 
-    The :math:`\log_2 L` term is the convention for images with :math:`L` levels
-    (8-bit: :math:`L = 256`, +8 bits/dim) modelled by a *continuous density* on
-    data scaled to :math:`[0, 1]`: a density on :math:`[0,1]^D` and the density of
-    the same model on the pixel scale :math:`[0, L)^D` differ by the Jacobian
-    :math:`L^{-D}`, so :math:`-\log_2 p` on the pixel scale is :math:`D\log_2 L`
-    bits larger, and it is that number which bounds the discrete model's
-    code length when the data are dequantised with uniform noise (Theis et al.,
-    2016, "A note on the evaluation of generative models", ). Without
-    dequantisation a density on discrete data can be made arbitrarily large and
-    the figure is not a bound at all.
+    **Discrete likelihoods** (``discrete=True``) give the probability of the data
+    themselves, so their NLL is already a code length and nothing is added:
+    :func:`fusedvae.discretized_mix_logistic_nll` (the probability of each pixel's
+    bin of the :math:`2^\text{bits}` levels, whatever scale the target is read at;
+    the ``[-1, 1]`` scaling it uses is no reason for a correction), ``"bernoulli"`` on
+    binarised data, or any other distribution over the :math:`L` levels.
+    ``data_scaled_to_unit`` is then ignored: it describes what a density is defined on.
 
-    Use ``data_scaled_to_unit=True`` (the default) for a continuous likelihood on
-    data in ``[0, 1]``: ``"gaussian"`` or ``"cbernoulli"`` with ``target`` in
-    ``[0, 1]`` or as uint8 pixels (which :func:`fusedvae.vae_loss` reads as
-    ``value / 255``). Use ``data_scaled_to_unit=False`` for a discrete likelihood,
-    whose NLL is already a code length: ``"bernoulli"`` on binarised data, or a
-    discretised likelihood over the :math:`L` levels; also for a density on data
-    left on the pixel scale. (The Bernoulli likelihood on grey levels is neither a
-    density nor a distribution over the levels, so its bits/dim are not comparable
-    with either.)
+    **Continuous densities** (``discrete=False``, the default) on data scaled to
+    :math:`[0, 1]` (``data_scaled_to_unit=True``, the default) get :math:`\log_2 L`
+    bits more (8-bit: :math:`L = 256`, +8 bits/dim): ``"gaussian"``, ``"laplace"`` or
+    ``"cbernoulli"`` with ``target`` in ``[0, 1]`` or as uint8 pixels (which
+    :func:`fusedvae.vae_loss` reads as ``value / 255``). A density on
+    :math:`[0,1]^D` and the density of the same model on the pixel scale
+    :math:`[0, L)^D` differ by the Jacobian :math:`L^{-D}`, so :math:`-\log_2 p` on
+    the pixel scale is :math:`D\log_2 L` bits larger, and it is that number which
+    bounds the discrete model's code length when the data are dequantised with
+    uniform noise (Theis et al., 2016, "A note on the evaluation of generative
+    models"). Without dequantisation a density on discrete data can be made
+    arbitrarily large and the figure is not a bound at all. A density on data left
+    on the pixel scale takes ``data_scaled_to_unit=False``. (The Bernoulli
+    likelihood on grey levels is neither a density nor a distribution over the
+    levels, so its bits/dim are not comparable with either.)
 
     Args:
         nll_nats_per_sample (Tensor or float): the negative log-likelihood (or
@@ -128,23 +134,32 @@ def bits_per_dim(nll_nats_per_sample, num_dims, *, pixel_levels=256, data_scaled
             Any shape; the conversion is elementwise.
         num_dims (int): :math:`D`, the dimensions of one sample (e.g. ``3*32*32``).
         pixel_levels (int, optional): :math:`L`, the number of levels of the
-            discrete data (>= 2). Default: ``256``.
-        data_scaled_to_unit (bool, optional): add :math:`\log_2 L` (see above).
+            discrete data (>= 2); used only for a density on data scaled to unit.
+            Default: ``256``.
+        data_scaled_to_unit (bool, optional): for a density (``discrete=False``),
+            whether its data were scaled to :math:`[0, 1]`: add :math:`\log_2 L`.
             Default: ``True``.
+        discrete (bool, optional): whether the NLL is that of a discrete
+            likelihood (see above): add nothing. Default: ``False``.
 
     Returns:
         Tensor or float: bits per dimension, of the type and shape of the input.
 
     Example::
 
+        >>> # a discretized mixture of logistics on 8-bit images: NLL / (D ln 2)
+        >>> nll = fusedvae.discretized_mix_logistic_nll(params, images_uint8)
+        >>> fusedvae.diagnostics.bits_per_dim(nll + kl, num_dims=3 * 32 * 32, discrete=True).mean()
+        >>> # a Gaussian density on the same images read as value / 255: + 8 bits/dim
         >>> out = fusedvae.vae_loss(mean, images_uint8, mu, logvar, likelihood="gaussian")
         >>> fusedvae.diagnostics.bits_per_dim(out.rec + out.kl, num_dims=3 * 32 * 32).mean()
     """
     num_dims = _args.check_positive_int(num_dims, "num_dims")
     if not _args.is_int(pixel_levels) or pixel_levels < 2:
         raise ValueError(f"pixel_levels must be an int >= 2, got {pixel_levels!r}")
-    if not isinstance(data_scaled_to_unit, bool):
-        raise TypeError(f"data_scaled_to_unit must be a bool, got {type(data_scaled_to_unit).__name__}")
+    for name, flag in (("data_scaled_to_unit", data_scaled_to_unit), ("discrete", discrete)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if isinstance(nll_nats_per_sample, Tensor):
         if not nll_nats_per_sample.dtype.is_floating_point:
             raise TypeError(f"nll_nats_per_sample must be a floating-point tensor, got dtype {nll_nats_per_sample.dtype}")
@@ -153,7 +168,7 @@ def bits_per_dim(nll_nats_per_sample, num_dims, *, pixel_levels=256, data_scaled
     else:
         raise TypeError(f"nll_nats_per_sample must be a tensor or a float, got {type(nll_nats_per_sample).__name__}")
     bpd = nll_nats_per_sample / (num_dims * math.log(2.0))
-    if data_scaled_to_unit:
+    if data_scaled_to_unit and not discrete:
         bpd = bpd + math.log2(pixel_levels)
     return bpd
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._checks import Beta, LogScale
+from ._checks import Beta, FreeBits, Latent, LatentGroups, LogScale, OptionalLatent
 from ._ops import ops
 from .reference import AutoencoderKLLossOutput, VAELossOutput
 
@@ -21,6 +21,7 @@ __all__ = [
     "continuous_bernoulli_log_normalizer",
     "continuous_bernoulli_mean",
     "discretized_mix_logistic_nll",
+    "gaussian_kl",
     "normalized_beta",
     "unnormalized_beta",
 ]
@@ -29,17 +30,20 @@ __all__ = [
 def vae_loss(
     recon: Tensor,
     target: Tensor,
-    mu: Tensor,
-    logvar: Tensor,
+    mu: Latent,
+    logvar: Latent,
     *,
     likelihood: str = "bernoulli",
     logits: bool = True,
     beta: Beta = 1.0,
     reduction: str = "batchmean",
     log_scale: LogScale = None,
-    free_bits: float = 0.0,
+    free_bits: FreeBits = 0.0,
     weight: Optional[Tensor] = None,
     validate: bool = False,
+    prior_mu: OptionalLatent = None,
+    prior_logvar: OptionalLatent = None,
+    bits: int = 8,
 ) -> VAELossOutput:
     r"""The VAE objective -ELBO = reconstruction NLL + β·KL, fused.
 
@@ -54,6 +58,14 @@ def vae_loss(
     backward pass, which writes the gradient once; β, the reduction and any
     upstream gradient act on the ``[B]`` vectors.
 
+    Hierarchical VAEs (VDVAE, NVAE) pass their latent groups as sequences
+    (``mu=[mu_1, mu_2, ...]``, shapes free) and each group's learned prior as
+    ``prior_mu``/``prior_logvar``; ``kl_b`` is then the sum over groups of
+    :func:`gaussian_kl`'s terms and ``J`` the latent elements of all groups.
+    With ``likelihood="dmol"`` the reconstruction term is
+    :func:`discretized_mix_logistic_nll` of ``recon`` (the mixture's parameters)
+    and ``target`` (the image), and ``N`` is the target's elements per sample.
+
     Args:
         recon (Tensor): decoder output of shape ``[B, ...]``; logits (``logits=True``),
             probabilities, or the Gaussian mean / Laplace median. float32, float64, float16 or bfloat16,
@@ -66,14 +78,19 @@ def vae_loss(
             memory than matched dtypes. A float64 tensor anywhere (``target``, ``log_scale``,
             ``mu`` or ``logvar``) makes the whole computation float64; ``rec`` and ``kl``
             come back in the dtypes PyTorch's type promotion gives their own inputs.
-        mu (Tensor): posterior mean, ``[B, ...]`` (a flat ``[B, J]`` code or a spatial latent).
-        logvar (Tensor): posterior log-variance, shaped like ``mu``.
+        mu (Tensor or sequence of Tensors): posterior mean, ``[B, ...]`` (a flat ``[B, J]``
+            code or a spatial latent), or one such tensor per latent group.
+        logvar (Tensor or sequence of Tensors): posterior log-variance, shaped like ``mu``.
         likelihood (str, optional): ``'bernoulli'`` | ``'cbernoulli'`` (continuous
             Bernoulli, Loaiza-Ganem & Cunningham 2019) | ``'gaussian'``:
             ``ℓ = ((t - x)/σ)²/2 + log σ + log(2π)/2`` | ``'laplace'``:
             ``ℓ = |t - x|/b + log b + log 2`` (the L1 loss with a learned scale, as the
             autoencoders of latent diffusion train; the gradient of ``|t - x|`` at
-            ``t = x`` is 0, as :func:`torch.abs`'s). Default: ``'bernoulli'``.
+            ``t = x`` is 0, as :func:`torch.abs`'s) | ``'dmol'``: the discretized
+            mixture of logistics of PixelCNN++ (:func:`discretized_mix_logistic_nll`, with
+            ``recon`` its ``[B, 10K, H, W]`` parameters, ``target`` the ``[B, 3, H, W]``
+            image, ``bits`` and a log-scale clamp of -7; ``logits`` is ignored, ``log_scale``
+            and ``weight`` are not taken). Default: ``'bernoulli'``.
         logits (bool, optional): for the Bernoulli likelihoods, whether ``recon`` holds
             logits (stable for every finite value) or probabilities (each log clamped at
             -100 and the gradient divided by ``max(p(1-p), 1e-12)``, as
@@ -91,9 +108,10 @@ def vae_loss(
             ``[1, C, 1, 1]``); or ``'optimal'``: the batch's maximum-likelihood scale, σ² the
             batch MSE (σ-VAE, Rybkin et al. 2021) or b the batch's mean ``|t - x|``, with s
             softly clipped below at -6. Default: ``None``, meaning a scale of 1.
-        free_bits (float, optional): free bits λ in nats per latent dimension (Kingma et al.
-            2016): the KL term becomes ``Σ_j max(λ, mean_b kl_bj)``, the same for every
-            sample. Default: ``0.0``.
+        free_bits (float or sequence of floats, optional): free bits λ in nats per latent
+            dimension (Kingma et al. 2016): the KL term becomes ``Σ_j max(λ, mean_b kl_bj)``,
+            the same for every sample; with latent groups, one λ for all or one per group,
+            each applied to its group's dimensions. Default: ``0.0``.
         weight (Tensor, optional): a floating-point tensor broadcastable to ``recon``
             (per sample ``[B, 1, 1, 1]``, per channel ``[1, C, 1, 1]``, per pixel) that
             multiplies each element's ℓ in ``rec``, as ``weight`` does in
@@ -104,10 +122,17 @@ def vae_loss(
             (σ² = Σ w·r²/Σ w, b = Σ w·|r|/Σ w). Default: ``None``.
         validate (bool, optional): check that Bernoulli targets (and probabilities) lie in
             ``[0, 1]``; this syncs with the device. Default: ``False``.
+        prior_mu (Tensor, sequence of Tensors or None, optional): the mean of each group's
+            prior N(prior_mu, exp(prior_logvar)), broadcastable to its ``mu`` (a top-down
+            prior ``[B, ...]``, or a learned ``[1, ...]``) and differentiable; ``None`` (for
+            all groups, or in place of one group's) means N(0, I). Default: ``None``.
+        prior_logvar (Tensor, sequence of Tensors or None, optional): the prior's
+            log-variance, given with ``prior_mu``. Default: ``None``.
+        bits (int, optional): ``likelihood="dmol"`` only: bits per subpixel. Default: ``8``.
 
     Returns:
         VAELossOutput: ``(loss, rec, kl)``; ``rec`` and ``kl`` are the per-sample ``[B]``
-        terms (``kl`` without β or free bits), all differentiable. Results are float32
+        terms (``kl`` summed over groups, without β or free bits), all differentiable. Results are float32
         (float64 for float64 inputs), whatever the input precision.
 
     Example::
@@ -116,10 +141,14 @@ def vae_loss(
         >>> out = fusedvae.vae_loss(recon_logits, images, mu, logvar, beta=4.0)
         >>> out.loss.backward()
     """
-    _checks.check_vae_loss_args(
+    latents = _checks.check_vae_loss_args(
         recon, target, mu, logvar, likelihood, logits, beta, reduction, log_scale, free_bits, validate,
-        weight,
+        weight, prior_mu, prior_logvar, bits,
     )
+    if latents.grouped or latents.has_prior or likelihood == "dmol":
+        return _grouped_vae_loss(recon, target, latents, likelihood, logits, beta, reduction, log_scale, weight,
+                                 bits)
+    free_bits = latents.free_bits[0]
     in_dtypes = (recon.dtype, target.dtype, mu.dtype, logvar.dtype)
     recon, target, log_scale, mu, logvar, weight = _as_read(recon, target, log_scale, mu, logvar, weight)
     scale_tensor = log_scale if isinstance(log_scale, Tensor) else None
@@ -139,6 +168,108 @@ def vae_loss(
 
 
 _vae_loss_op = ops.vae_loss.default
+_gaussian_kl_op = ops.gaussian_kl.default
+_dmol_nll_op = ops.dmol_nll.default
+
+
+def _kl_terms(latents: LatentGroups):
+    """The fused KL over the groups: (kl, kl_term), each ``[B]``."""
+    prior_mu, prior_logvar = [], []
+    if latents.has_prior:
+        for m, pm, plv in zip(latents.mu, latents.prior_mu, latents.prior_logvar):
+            # A group without a prior compares with N(0, I); a broadcast prior is
+            # expanded here, so autograd sums its gradient over the broadcast.
+            prior_mu.append(m.new_zeros(m.shape) if pm is None else pm.expand(m.shape))
+            prior_logvar.append(m.new_zeros(m.shape) if plv is None else plv.expand(m.shape))
+    kl, kl_term, _ = _gaussian_kl_op(latents.mu, latents.logvar, prior_mu, prior_logvar, latents.free_bits)
+    return kl, kl_term
+
+
+def _grouped_vae_loss(recon, target, latents, likelihood, logits, beta, reduction, log_scale, weight, bits):
+    """vae_loss over latent groups, learned priors or a per-pixel likelihood: the
+    reconstruction's and the KL's fused ops, combined on the ``[B]`` vectors."""
+    if likelihood == "dmol":
+        rec = _dmol_nll_op(recon, target, bits, _checks.DMOL_LOG_SCALE_MIN)
+        n = _checks.per_sample_size(target)
+    else:
+        # The objective op with an empty latent gives rec alone.
+        empty = recon.new_empty((recon.shape[0], 0), dtype=_checks.accumulate_dtype(recon.dtype))
+        in_dtypes = (recon.dtype, target.dtype)
+        recon, target, log_scale, empty, _, weight = _as_read(recon, target, log_scale, empty, empty, weight)
+        scale_tensor = log_scale if isinstance(log_scale, Tensor) else None
+        optimal = isinstance(log_scale, str)
+        scale_value = float(log_scale) if not (optimal or scale_tensor is not None or log_scale is None) else 0.0
+        _, rec, _, _ = _vae_loss_op(
+            recon, target, empty, empty, scale_tensor, None, likelihood, logits, "sum", scale_value, optimal,
+            0.0, 0.0, weight,
+        )
+        if rec.dtype == torch.float64 and torch.float64 not in in_dtypes:
+            rec = rec.float()  # computed in float64 for a float64 log_scale or weight; rec's data are narrower
+        n = _checks.per_sample_size(recon)
+    kl, kl_term = _kl_terms(latents)
+    if reduction == "mean":
+        per_sample = rec / n + beta * kl_term / latents.size
+    else:
+        per_sample = rec + beta * kl_term
+    if reduction == "none":
+        loss = per_sample
+    elif reduction == "sum":
+        loss = per_sample.sum()
+    else:
+        loss = per_sample.mean()
+    return VAELossOutput(loss, rec, kl)
+
+
+def gaussian_kl(
+    mu: Latent,
+    logvar: Latent,
+    prior_mu: OptionalLatent = None,
+    prior_logvar: OptionalLatent = None,
+    *,
+    free_bits: FreeBits = 0.0,
+) -> Tensor:
+    r"""Per-sample KL divergence between diagonal Gaussians, summed over latent groups, fused.
+
+    For each group, a posterior :math:`N(\mu, e^{v})` and a prior
+    :math:`N(\mu_p, e^{v_p})` (N(0, I) where none is given):
+
+    .. math::
+        \text{kl}_{bj} = \tfrac12\left(v_{p} - v + \frac{e^{v} + (\mu - \mu_p)^2}{e^{v_p}} - 1\right)
+
+    summed over the group's dimensions and over the groups: the KL term of
+    hierarchical VAEs with learned top-down priors (Sønderby et al. 2016,
+    "Ladder variational autoencoders"; Vahdat & Kautz 2020, NVAE; Child 2021,
+    VDVAE). One op evaluates every group, forward and backward, reading each
+    tensor once per pass; the gradients of ``mu``, ``logvar`` and the prior's
+    tensors are the only tensors of the latents' size it allocates (a broadcast
+    prior is expanded to its group's shape first).
+
+    Args:
+        mu (Tensor or sequence of Tensors): posterior mean of each group, ``[B, ...]``;
+            the groups' shapes may differ beyond the batch dimension.
+        logvar (Tensor or sequence of Tensors): posterior log-variance, shaped like ``mu``.
+        prior_mu (Tensor, sequence of Tensors or None, optional): the prior's mean per group,
+            broadcastable to that group's ``mu``; ``None`` (for all groups, or one group's
+            entry) means N(0, I). Default: ``None``.
+        prior_logvar (Tensor, sequence of Tensors or None, optional): the prior's
+            log-variance, given with ``prior_mu``. Default: ``None``.
+        free_bits (float or sequence of floats, optional): free bits λ in nats per latent
+            dimension (Kingma et al. 2016), one for all groups or one per group. A group with
+            λ > 0 contributes ``Σ_j max(λ, mean_b kl_bj)`` over its dimensions, the same for
+            every sample, in place of its KL: the term a loss should use. Default: ``0.0``.
+
+    Returns:
+        Tensor: the ``[B]`` per-sample KL (with free bits, the KL term), float32 (float64
+        where any input is float64).
+
+    Example::
+
+        >>> # q_i = N(mu_i, e^{logvar_i}), p_i = N(pmu_i, e^{plogvar_i}): one group per resolution
+        >>> kl = fusedvae.gaussian_kl([mu_1, mu_2], [logvar_1, logvar_2], [pmu_1, pmu_2], [plogvar_1, plogvar_2])
+        >>> loss = (nll + kl).mean()
+    """
+    latents = _checks.check_latents(mu, logvar, prior_mu, prior_logvar, free_bits)
+    return _kl_terms(latents)[1]
 
 
 def _as_read(recon: Tensor, target: Tensor, log_scale, mu: Tensor, logvar: Tensor, weight: Optional[Tensor]):

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ._args import check_finite
-from ._checks import Beta, LogScale
+from ._checks import Beta, FreeBits, Latent, LogScale, OptionalLatent
 from .functional import AutoencoderKLLossOutput, VAELossOutput, autoencoder_kl_loss, vae_loss
 
 
@@ -24,8 +24,9 @@ class VAELoss(nn.Module):
     tensor a buffer.
 
     Shape:
-        - recon, target: ``[B, ...]``
-        - mu, logvar: ``[B, ...]``
+        - recon, target: ``[B, ...]`` (for ``likelihood="dmol"``, ``[B, 10K, H, W]`` and ``[B, 3, H, W]``)
+        - mu, logvar: ``[B, ...]``, or one such tensor per latent group; ``prior_mu`` and
+          ``prior_logvar`` (optional) likewise, as :func:`fusedvae.vae_loss` takes them
         - Output: :class:`fusedvae.VAELossOutput` ``(loss, rec, kl)``; ``rec`` and ``kl``
           are ``[B]``, ``loss`` is ``[]`` or ``[B]`` for ``reduction='none'``.
 
@@ -43,8 +44,9 @@ class VAELoss(nn.Module):
         beta: Beta = 1.0,
         reduction: str = "batchmean",
         log_scale: LogScale = None,
-        free_bits: float = 0.0,
+        free_bits: FreeBits = 0.0,
         validate: bool = False,
+        bits: int = 8,
     ) -> None:
         super().__init__()
         self.likelihood = likelihood
@@ -52,6 +54,7 @@ class VAELoss(nn.Module):
         self.reduction = reduction
         self.free_bits = free_bits
         self.validate = validate
+        self.bits = bits
         if isinstance(beta, Tensor):
             self.register_buffer("beta", beta)
         else:
@@ -62,7 +65,14 @@ class VAELoss(nn.Module):
             self.log_scale = log_scale
 
     def forward(
-        self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, weight: Optional[Tensor] = None
+        self,
+        recon: Tensor,
+        target: Tensor,
+        mu: Latent,
+        logvar: Latent,
+        weight: Optional[Tensor] = None,
+        prior_mu: OptionalLatent = None,
+        prior_logvar: OptionalLatent = None,
     ) -> VAELossOutput:
         return vae_loss(
             recon,
@@ -77,6 +87,9 @@ class VAELoss(nn.Module):
             log_scale=self.log_scale,
             free_bits=self.free_bits,
             validate=self.validate,
+            prior_mu=prior_mu,
+            prior_logvar=prior_logvar,
+            bits=self.bits,
         )
 
     def extra_repr(self) -> str:

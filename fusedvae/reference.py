@@ -7,6 +7,7 @@ PyTorch's autograd of these formulas. The fused ops are tested against it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from ._checks import Beta, LogScale
+from ._checks import Beta, FreeBits, Latent, LogScale, OptionalLatent
 
 
 class VAELossOutput(NamedTuple):
@@ -25,7 +26,8 @@ class VAELossOutput(NamedTuple):
         loss: the objective, reduced as asked (shape ``[]``, or ``[B]`` for
             ``reduction="none"``).
         rec: per-sample reconstruction negative log-likelihood Σ_i ℓ(x_i, t_i), shape ``[B]``.
-        kl: per-sample KL(q(z|x) || N(0, I)), shape ``[B]``, without free bits or β.
+        kl: per-sample KL(q(z|x) || p(z)), shape ``[B]``, summed over latent groups,
+            without free bits or β; p(z) = N(0, I) unless a prior is given.
     """
 
     loss: Tensor
@@ -114,26 +116,76 @@ def _optimal_log_scale(x: Tensor, t: Tensor, likelihood: str, weight: Optional[T
     return s_min + F.softplus(s_raw - s_min)
 
 
+def gaussian_kl(
+    mu: Latent,
+    logvar: Latent,
+    prior_mu: OptionalLatent = None,
+    prior_logvar: OptionalLatent = None,
+    *,
+    free_bits: FreeBits = 0.0,
+) -> Tensor:
+    """Reference implementation of :func:`fusedvae.gaussian_kl` (same arguments, same result)."""
+    latents = _checks.check_latents(mu, logvar, prior_mu, prior_logvar, free_bits)
+    return _kl_terms(latents)[1]
+
+
+def _kl_terms(latents: _checks.LatentGroups):
+    """(kl, kl_term), each ``[B]``: the KL summed over the groups, and the term the
+    loss uses, where free bits replace a group's KL by Σ_j max(λ, mean_b kl_bj)."""
+    tensors = [t for group in zip(latents.mu, latents.logvar, latents.prior_mu, latents.prior_logvar)
+               for t in group if t is not None]
+    dtype = _checks.accumulate_dtype(functools.reduce(torch.promote_types, [t.dtype for t in tensors]))
+    batch = latents.mu[0].shape[0]
+    kl = kl_term = 0
+    for m, lv, pm, plv, lam in zip(*latents[:5]):
+        m, lv = m.to(dtype), lv.to(dtype)
+        if pm is None:
+            # KL(N(μ, e^lv) || N(0, I)) (Kingma & Welling 2014, App. B).
+            per_dim = 0.5 * (m**2 + torch.exp(lv) - 1 - lv)
+        else:
+            # KL(N(μ, e^lv) || N(μp, e^lvp)) between diagonal Gaussians.
+            pm, plv = pm.to(dtype), plv.to(dtype)
+            per_dim = 0.5 * (plv - lv + (torch.exp(lv) + (m - pm) ** 2) / torch.exp(plv) - 1)
+        per_dim = per_dim.reshape(batch, _checks.per_sample_size(m))
+        group_kl = per_dim.sum(dim=1)
+        kl = kl + group_kl
+        if lam > 0:
+            # Free bits (Kingma et al. 2016): each dimension's batch-mean KL counts
+            # as at least λ nats; the same batch-level term for every sample.
+            kl_term = kl_term + torch.clamp(per_dim.mean(dim=0), min=lam).sum().expand(batch)
+        else:
+            kl_term = kl_term + group_kl
+    return kl, kl_term
+
+
 def vae_loss(
     recon: Tensor,
     target: Tensor,
-    mu: Tensor,
-    logvar: Tensor,
+    mu: Latent,
+    logvar: Latent,
     *,
     likelihood: str = "bernoulli",
     logits: bool = True,
     beta: Beta = 1.0,
     reduction: str = "batchmean",
     log_scale: LogScale = None,
-    free_bits: float = 0.0,
+    free_bits: FreeBits = 0.0,
     weight: Optional[Tensor] = None,
     validate: bool = False,
+    prior_mu: OptionalLatent = None,
+    prior_logvar: OptionalLatent = None,
+    bits: int = 8,
 ) -> VAELossOutput:
     """Reference implementation of :func:`fusedvae.vae_loss` (same arguments, same result)."""
-    _checks.check_vae_loss_args(
+    latents = _checks.check_vae_loss_args(
         recon, target, mu, logvar, likelihood, logits, beta, reduction, log_scale, free_bits, validate,
-        weight,
+        weight, prior_mu, prior_logvar, bits,
     )
+    kl, kl_term = _kl_terms(latents)
+    if likelihood == "dmol":
+        rec = discretized_mix_logistic_nll(recon, target, bits=bits, log_scale_min=_checks.DMOL_LOG_SCALE_MIN)
+        return VAELossOutput(_reduce(rec, kl_term, beta, reduction, _checks.per_sample_size(target), latents.size),
+                             rec, kl)
     # Computed in the accumulation dtype of the promoted floating inputs.
     dtype = recon.dtype
     for other in (target, log_scale, weight):
@@ -160,31 +212,20 @@ def vae_loss(
         nll = nll * weight.to(dtype)
     rec = nll.reshape(batch, _checks.per_sample_size(recon)).sum(dim=1)
 
-    # Diagonal Gaussian posterior against N(0, I) (Kingma & Welling 2014, App. B).
-    m = mu.to(_checks.accumulate_dtype(torch.promote_types(mu.dtype, logvar.dtype)))
-    lv = logvar.to(m.dtype)
-    kl_per_dim = 0.5 * (m**2 + torch.exp(lv) - 1 - lv)
-    kl_per_dim = kl_per_dim.reshape(batch, _checks.per_sample_size(mu))
-    kl = kl_per_dim.sum(dim=1)
+    loss = _reduce(rec, kl_term, beta, reduction, _checks.per_sample_size(recon), latents.size)
+    return VAELossOutput(loss, rec, kl)
 
-    if free_bits > 0:
-        # Free bits (Kingma et al. 2016): each dimension's batch-mean KL counts
-        # as at least free_bits nats; the same batch-level term for every sample.
-        kl_term = torch.clamp(kl_per_dim.mean(dim=0), min=free_bits).sum().expand(batch)
-    else:
-        kl_term = kl
 
+def _reduce(rec: Tensor, kl_term: Tensor, beta: Beta, reduction: str, n: int, j: int) -> Tensor:
     if reduction == "mean":
-        per_sample = rec / _checks.per_sample_size(recon) + beta * kl_term / _checks.per_sample_size(mu)
+        per_sample = rec / n + beta * kl_term / j
     else:
         per_sample = rec + beta * kl_term
     if reduction == "none":
-        loss = per_sample
-    elif reduction == "sum":
-        loss = per_sample.sum()
-    else:
-        loss = per_sample.mean()
-    return VAELossOutput(loss, rec, kl)
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample.mean()
 
 
 def autoencoder_kl_loss(

@@ -77,6 +77,56 @@ def test_bits_per_dim_of_a_fair_bernoulli_is_one_bit():
     )
 
 
+def _dmol_zero_params(batch, k=2, side=4):
+    # Every logit, mean, log-scale and coupling coefficient 0 (tanh 0 = 0: no
+    # coupling): K equal components, each subpixel under one logistic of mean 0, scale 1.
+    return torch.zeros(batch, 10 * k, side, side, dtype=F64)
+
+
+@pytest.mark.parametrize("nll_fn", [fusedvae.discretized_mix_logistic_nll,
+                                    fusedvae.reference.discretized_mix_logistic_nll], ids=["fused", "reference"])
+def test_bits_per_dim_of_the_discretized_mixture_is_nll_over_d_ln2(nll_fn):
+    d = 3 * 4 * 4
+    # One bit per subpixel: 2 levels (x = -1, 1), both edge bins of a logistic
+    # centred between them, probability sigma(0) = 1/2 each.
+    target = (torch.randint(0, 2, (3, 3, 4, 4), generator=torch.Generator().manual_seed(4)) * 255).to(torch.uint8)
+    nll = nll_fn(_dmol_zero_params(3), target, bits=1)
+    torch.testing.assert_close(nll, torch.full((3,), d * math.log(2), dtype=F64), rtol=1e-13, atol=0)
+    torch.testing.assert_close(bits_per_dim(nll, d, discrete=True), torch.ones(3, dtype=F64), rtol=1e-13, atol=0)
+
+    # 8 bits, every pixel of a sample at one level v, read as x = v/127.5 - 1, h = 1/255:
+    # v = 0 is the lower edge bin sigma(x + h), v = 255 the upper 1 - sigma(x - h)
+    # (the same by symmetry), v = 128 (x = h) the bin sigma(2h) - sigma(0).
+    def sigmoid(u):
+        return 1 / (1 + math.exp(-u))
+
+    h = 1 / 255
+    p = [sigmoid(-1 + h), sigmoid(2 * h) - 0.5, sigmoid(-1 + h)]
+    target = torch.tensor([0, 128, 255], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 3, 4, 4).contiguous()
+    nll = nll_fn(_dmol_zero_params(3), target)
+    expected_nll = torch.tensor([-d * math.log(q) for q in p], dtype=F64)
+    torch.testing.assert_close(nll, expected_nll, rtol=1e-12, atol=0)
+    bpd = bits_per_dim(nll, d, discrete=True)
+    expected_bpd = torch.tensor([-math.log2(q) for q in p], dtype=F64)  # 1.890, 8.994, 1.890 bits
+    torch.testing.assert_close(bpd, expected_bpd, rtol=1e-12, atol=0)
+    torch.testing.assert_close(bpd, nll / (d * math.log(2)), rtol=1e-15, atol=0)
+    # discrete ignores the data scaling, which describes a density's data; the
+    # old spelling of the same (data_scaled_to_unit=False) gives the same
+    torch.testing.assert_close(bits_per_dim(nll, d, discrete=True, data_scaled_to_unit=True), bpd, rtol=0, atol=0)
+    torch.testing.assert_close(bits_per_dim(nll, d, data_scaled_to_unit=False), bpd, rtol=0, atol=0)
+    # the default treats the NLL as a density's on [0, 1] data: 8 bits/dim too many here
+    torch.testing.assert_close(bits_per_dim(nll, d), bpd + 8, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"discrete": False}, {"discrete": False, "data_scaled_to_unit": True}])
+def test_bits_per_dim_continuous_default_is_unchanged(kwargs):
+    # A continuous density on [0, 1] data: NLL / (D ln 2) + log2 L, for tensors and floats.
+    nll = torch.tensor([-2000.0, 0.0, 1500.0], dtype=F64)
+    torch.testing.assert_close(bits_per_dim(nll, 3 * 16 * 16, **kwargs), nll / (768 * math.log(2)) + 8.0,
+                               rtol=1e-15, atol=0)
+    assert bits_per_dim(768 * math.log(2), 768, pixel_levels=32, **kwargs) == pytest.approx(1.0 + 5.0, rel=1e-15)
+
+
 def test_bits_per_dim_formula_and_gradient():
     nll = torch.tensor([100.0, 2500.0], dtype=F64, requires_grad=True)
     bpd = bits_per_dim(nll, 784)
@@ -92,6 +142,7 @@ def test_bits_per_dim_formula_and_gradient():
         ((1.0, 3.0), {}, ValueError, "num_dims"),
         ((1.0, 3), {"pixel_levels": 1}, ValueError, "pixel_levels"),
         ((1.0, 3), {"data_scaled_to_unit": 1}, TypeError, "data_scaled_to_unit"),
+        ((1.0, 3), {"discrete": None}, TypeError, "discrete"),
         ((torch.tensor([1, 2]), 3), {}, TypeError, "nll_nats_per_sample"),
         (("1.0", 3), {}, TypeError, "nll_nats_per_sample"),
     ],

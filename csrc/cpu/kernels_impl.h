@@ -303,21 +303,25 @@ void gaussian_kl_forward(const KlProblem& p, bool per_dim, void* kl) {
     using O = VecOps<Acc>;
     const T* mu = static_cast<const T*>(p.mu);
     const T* lv = static_cast<const T*>(p.logvar);
+    const T* prior_mu = static_cast<const T*>(p.prior_mu);
+    const T* prior_lv = static_cast<const T*>(p.prior_logvar);
     Acc* out = static_cast<Acc*>(kl);
-    if (per_dim) {
-      for_each_vector<Acc>(p.batch, p.latent_dim, [&](int64_t, int64_t i, int64_t n) {
-        store(out + i, math::kl_per_dim<O>(load<Acc>(mu + i, n), load<Acc>(lv + i, n)), n);
-      });
-    } else {
-      sum_per_sample<Acc>(p.batch, p.latent_dim, out, [&](int64_t i, int64_t n) {
+    const auto term = [&](int64_t i, int64_t n) {
+      if (prior_mu == nullptr)
         return math::kl_per_dim<O>(load<Acc>(mu + i, n), load<Acc>(lv + i, n));
-      });
+      return math::kl_per_dim_prior<O>(load<Acc>(mu + i, n), load<Acc>(lv + i, n),
+                                       load<Acc>(prior_mu + i, n), load<Acc>(prior_lv + i, n));
+    };
+    if (per_dim) {
+      for_each_vector<Acc>(p.batch, p.latent_dim,
+                           [&](int64_t, int64_t i, int64_t n) { store(out + i, term(i, n), n); });
+    } else {
+      sum_per_sample<Acc>(p.batch, p.latent_dim, out, term);
     }
   });
 }
 
-void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
-                          void* grad_logvar) {
+void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, const KlGrads& grads) {
   dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = acc_t<T>;
@@ -328,8 +332,12 @@ void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, void* 
     const Acc* per_element = static_cast<const Acc*>(coef.per_element);
     const Acc* per_sample = static_cast<const Acc*>(coef.per_sample);
     const Acc* per_dim = static_cast<const Acc*>(coef.per_dim);
-    T* gmu = static_cast<T*>(grad_mu);
-    T* glv = static_cast<T*>(grad_logvar);
+    const T* prior_mu = static_cast<const T*>(p.prior_mu);
+    const T* prior_lv = static_cast<const T*>(p.prior_logvar);
+    T* gmu = static_cast<T*>(grads.mu);
+    T* glv = static_cast<T*>(grads.logvar);
+    T* gpmu = static_cast<T*>(grads.prior_mu);
+    T* gplv = static_cast<T*>(grads.prior_logvar);
     const int64_t latent = p.latent_dim;
     for_each_vector<Acc>(p.batch, latent, [&](int64_t b, int64_t i, int64_t n) {
       Vec c;
@@ -339,8 +347,17 @@ void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, void* 
         c = Vec(per_sample != nullptr ? per_sample[b] : Acc(0));
         if (per_dim != nullptr) c = c + load<Acc>(per_dim + (i - b * latent), n);
       }
-      store(gmu + i, c * load<Acc>(mu + i, n), n);
-      store(glv + i, c * math::kl_grad_logvar<O>(load<Acc>(lv + i, n)), n);
+      if (prior_mu == nullptr) {
+        store(gmu + i, c * load<Acc>(mu + i, n), n);
+        store(glv + i, c * math::kl_grad_logvar<O>(load<Acc>(lv + i, n)), n);
+        return;
+      }
+      const auto d = math::kl_prior_grad<O>(load<Acc>(mu + i, n), load<Acc>(lv + i, n),
+                                            load<Acc>(prior_mu + i, n), load<Acc>(prior_lv + i, n));
+      store(gmu + i, c * d.mu, n);
+      store(glv + i, c * d.logvar, n);
+      store(gpmu + i, c * d.prior_mu, n);
+      store(gplv + i, c * d.prior_logvar, n);
     });
   });
 }

@@ -18,6 +18,29 @@ Acc beta_of(const ObjectiveProblem& p) {
   return p.beta != nullptr ? *static_cast<const Acc*>(p.beta) : Acc(p.objective.beta_value);
 }
 
+// kl[b] = Σ_j kl_bj and, where dim_mean is not null, dim_mean[j] = mean_b kl_bj,
+// from the per-dimension terms, each summed in index order.
+template <typename Acc>
+void kl_sums(const KlProblem& p, Acc* kl, Acc* dim_mean) {
+  if (dim_mean == nullptr) {
+    kernels().gaussian_kl_forward(p, /*per_dim=*/false, kl);
+    return;
+  }
+  const int64_t batch = p.batch, latent = p.latent_dim;
+  std::vector<Acc> per_dim(static_cast<size_t>(batch * latent));
+  kernels().gaussian_kl_forward(p, /*per_dim=*/true, per_dim.data());
+  for (int64_t j = 0; j < latent; ++j) dim_mean[j] = Acc(0);
+  for (int64_t b = 0; b < batch; ++b) {
+    double sum = 0;
+    for (int64_t j = 0; j < latent; ++j) {
+      sum += per_dim[b * latent + j];
+      dim_mean[j] += per_dim[b * latent + j];
+    }
+    kl[b] = static_cast<Acc>(sum);
+  }
+  for (int64_t j = 0; j < latent; ++j) dim_mean[j] /= Acc(batch);
+}
+
 template <typename Acc>
 void forward(const ObjectiveProblem& p, Acc* loss, Acc* rec, Acc* kl, Acc* aux) {
   const Objective& o = p.objective;
@@ -27,27 +50,12 @@ void forward(const ObjectiveProblem& p, Acc* loss, Acc* rec, Acc* kl, Acc* aux) 
 
   kernels().recon_loss_forward(p.recon, rec);
   const bool free_bits = o.free_bits > 0;
+  Acc* mean = aux + layout.kl_dim_mean();
+  kl_sums<Acc>(p.kl, kl, free_bits ? mean : nullptr);
   if (free_bits) {
-    // kl[b] and m[j] from the per-dimension terms, each summed in index order.
-    std::vector<Acc> per_dim(static_cast<size_t>(batch * o.j));
-    kernels().gaussian_kl_forward(p.kl, /*per_dim=*/true, per_dim.data());
-    Acc* mean = aux + layout.kl_dim_mean();
-    for (int64_t b = 0; b < batch; ++b) {
-      double sum = 0;
-      for (int64_t j = 0; j < o.j; ++j) {
-        sum += per_dim[b * o.j + j];
-        mean[j] += per_dim[b * o.j + j];
-      }
-      kl[b] = static_cast<Acc>(sum);
-    }
     Acc total = 0;
-    for (int64_t j = 0; j < o.j; ++j) {
-      mean[j] /= Acc(batch);
-      total += free_bits_clamp(mean[j], Acc(o.free_bits));
-    }
+    for (int64_t j = 0; j < o.j; ++j) total += free_bits_clamp(mean[j], Acc(o.free_bits));
     aux[AuxLayout::kFreeBitsTerm] = total;
-  } else {
-    kernels().gaussian_kl_forward(p.kl, /*per_dim=*/false, kl);
   }
   for (int64_t b = 0; b < batch; ++b) aux[layout.kl() + b] = kl[b];
 
@@ -153,7 +161,7 @@ void backward(const ObjectiveProblem& p, const OutputGrads& g, const Acc* aux,
       }
     }
     const KlCoefficients coef{nullptr, kl_coef.data(), free_bits ? dim_coef.data() : nullptr};
-    kernels().gaussian_kl_backward(p.kl, coef, out.mu, out.logvar);
+    kernels().gaussian_kl_backward(p.kl, coef, KlGrads{out.mu, out.logvar});
   }
 }
 
@@ -166,6 +174,14 @@ void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* k
   } else {
     forward<float>(p, static_cast<float*>(loss), static_cast<float*>(rec), static_cast<float*>(kl),
                    static_cast<float*>(aux));
+  }
+}
+
+void gaussian_kl_sums(const KlProblem& p, void* kl, void* dim_mean) {
+  if (p.dtype == DType::kFloat64) {
+    kl_sums<double>(p, static_cast<double*>(kl), static_cast<double*>(dim_mean));
+  } else {
+    kl_sums<float>(p, static_cast<float*>(kl), static_cast<float*>(dim_mean));
   }
 }
 

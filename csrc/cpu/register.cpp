@@ -15,9 +15,12 @@ class CpuBackend final : public Backend {
   void kl_per_dim(const KlProblem& p, void* kl) const override {
     cpu::kernels().gaussian_kl_forward(p, /*per_dim=*/true, kl);
   }
-  void kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
-                   void* grad_logvar) const override {
-    cpu::kernels().gaussian_kl_backward(p, coef, grad_mu, grad_logvar);
+  void kl_sums(const KlProblem& p, void* kl, void* dim_mean) const override {
+    cpu::gaussian_kl_sums(p, kl, dim_mean);
+  }
+  void kl_backward(const KlProblem& p, const KlCoefficients& coef,
+                   const KlGrads& grads) const override {
+    cpu::kernels().gaussian_kl_backward(p, coef, grads);
   }
   void cb_forward(const CbProblem& p, void* out) const override {
     cpu::kernels().cb_log_normalizer_forward(p, out);

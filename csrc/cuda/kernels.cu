@@ -186,8 +186,12 @@ __device__ __forceinline__ void store_latent(void* ptr, DType dtype, int64_t i, 
 
 template <typename Acc>
 __device__ __forceinline__ Acc kl_element(const KlProblem& p, int64_t i) {
-  return math::kl_per_dim<math::ScalarOps<Acc>>(load_latent<Acc>(p.mu, p.dtype, i),
-                                                load_latent<Acc>(p.logvar, p.dtype, i));
+  using O = math::ScalarOps<Acc>;
+  const Acc mu = load_latent<Acc>(p.mu, p.dtype, i);
+  const Acc lv = load_latent<Acc>(p.logvar, p.dtype, i);
+  if (!p.has_prior()) return math::kl_per_dim<O>(mu, lv);
+  return math::kl_per_dim_prior<O>(mu, lv, load_latent<Acc>(p.prior_mu, p.dtype, i),
+                                   load_latent<Acc>(p.prior_logvar, p.dtype, i));
 }
 
 template <typename T>
@@ -607,11 +611,12 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
-// grad_mu, grad_logvar = c·∂kl/∂(μ, lv) with c from KlCoefficients, one thread
-// per element.
+// Each gradient of `grads` = c·∂kl/∂(its input) with c from KlCoefficients,
+// one thread per element.
 template <typename Acc>
 __global__ void __launch_bounds__(kThreads)
-    kl_backward_kernel(KlProblem p, KlCoefficients coef, void* grad_mu, void* grad_logvar) {
+    kl_backward_kernel(KlProblem p, KlCoefficients coef, KlGrads grads) {
+  using O = math::ScalarOps<Acc>;
   const int64_t numel = p.batch * p.latent_dim;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < numel;
        i += int64_t(gridDim.x) * kThreads) {
@@ -623,10 +628,19 @@ __global__ void __launch_bounds__(kThreads)
       c = coef.per_sample != nullptr ? static_cast<const Acc*>(coef.per_sample)[b] : Acc(0);
       if (coef.per_dim != nullptr) c += static_cast<const Acc*>(coef.per_dim)[i - b * p.latent_dim];
     }
-    store_latent<Acc>(grad_mu, p.dtype, i, c * load_latent<Acc>(p.mu, p.dtype, i));
-    store_latent<Acc>(
-        grad_logvar, p.dtype, i,
-        c * math::kl_grad_logvar<math::ScalarOps<Acc>>(load_latent<Acc>(p.logvar, p.dtype, i)));
+    const Acc mu = load_latent<Acc>(p.mu, p.dtype, i);
+    const Acc lv = load_latent<Acc>(p.logvar, p.dtype, i);
+    if (!p.has_prior()) {
+      store_latent<Acc>(grads.mu, p.dtype, i, c * mu);
+      store_latent<Acc>(grads.logvar, p.dtype, i, c * math::kl_grad_logvar<O>(lv));
+      continue;
+    }
+    const auto d = math::kl_prior_grad<O>(mu, lv, load_latent<Acc>(p.prior_mu, p.dtype, i),
+                                          load_latent<Acc>(p.prior_logvar, p.dtype, i));
+    store_latent<Acc>(grads.mu, p.dtype, i, c * d.mu);
+    store_latent<Acc>(grads.logvar, p.dtype, i, c * d.logvar);
+    store_latent<Acc>(grads.prior_mu, p.dtype, i, c * d.prior_mu);
+    store_latent<Acc>(grads.prior_logvar, p.dtype, i, c * d.prior_logvar);
   }
 }
 
@@ -792,15 +806,27 @@ void gaussian_kl_per_dim(const KlProblem& p, void* kl, void* stream) {
   });
 }
 
-void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
-                          void* grad_logvar, void* stream) {
+void gaussian_kl_backward(const KlProblem& p, const KlCoefficients& coef, const KlGrads& grads,
+                          void* stream) {
   const int64_t numel = p.batch * p.latent_dim;
   if (numel == 0) return;
   dispatch_acc(p.dtype, [&](auto tag) {
     using Acc = typename decltype(tag)::type;
     kl_backward_kernel<Acc>
-        <<<elementwise_blocks(numel), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-            p, coef, grad_mu, grad_logvar);
+        <<<elementwise_blocks(numel), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, coef,
+                                                                                        grads);
+  });
+}
+
+void gaussian_kl_sums(const KlProblem& p, void* kl, void* dim_mean, void* stream) {
+  const bool free_bits = dim_mean != nullptr;
+  const int64_t blocks = p.batch + (free_bits ? (p.latent_dim + kThreads - 1) / kThreads : 0);
+  if (blocks == 0) return;
+  dispatch_acc(p.dtype, [&](auto tag) {
+    using Acc = typename decltype(tag)::type;
+    kl_forward_kernel<Acc>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+            p, free_bits, as_acc<Acc>(kl), as_acc<Acc>(kl), as_acc<Acc>(dim_mean));
   });
 }
 

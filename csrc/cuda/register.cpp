@@ -40,9 +40,13 @@ class CudaBackend final : public Backend {
     cuda::gaussian_kl_per_dim(p, kl, stream());
     check_launch();
   }
-  void kl_backward(const KlProblem& p, const KlCoefficients& coef, void* grad_mu,
-                   void* grad_logvar) const override {
-    cuda::gaussian_kl_backward(p, coef, grad_mu, grad_logvar, stream());
+  void kl_sums(const KlProblem& p, void* kl, void* dim_mean) const override {
+    cuda::gaussian_kl_sums(p, kl, dim_mean, stream());
+    check_launch();
+  }
+  void kl_backward(const KlProblem& p, const KlCoefficients& coef,
+                   const KlGrads& grads) const override {
+    cuda::gaussian_kl_backward(p, coef, grads, stream());
     check_launch();
   }
   void cb_forward(const CbProblem& p, void* out) const override {
