@@ -179,10 +179,16 @@ def _kl_terms(latents: LatentGroups):
         for m, pm, plv in zip(latents.mu, latents.prior_mu, latents.prior_logvar):
             # A group without a prior compares with N(0, I); a broadcast prior is
             # expanded here, so autograd sums its gradient over the broadcast.
-            prior_mu.append(m.new_zeros(m.shape) if pm is None else pm.expand(m.shape))
-            prior_logvar.append(m.new_zeros(m.shape) if plv is None else plv.expand(m.shape))
+            prior_mu.append(_shaped_like(pm, m))
+            prior_logvar.append(_shaped_like(plv, m))
     kl, kl_term, _ = _gaussian_kl_op(latents.mu, latents.logvar, prior_mu, prior_logvar, latents.free_bits)
     return kl, kl_term
+
+
+def _shaped_like(prior: Optional[Tensor], mu: Tensor) -> Tensor:
+    if prior is None:
+        return mu.new_zeros(mu.shape)
+    return prior if prior.shape == mu.shape else prior.expand(mu.shape)
 
 
 def _grouped_vae_loss(recon, target, latents, likelihood, logits, beta, reduction, log_scale, weight, bits):
@@ -239,10 +245,9 @@ def gaussian_kl(
     summed over the group's dimensions and over the groups: the KL term of
     hierarchical VAEs with learned top-down priors (Sønderby et al. 2016,
     "Ladder variational autoencoders"; Vahdat & Kautz 2020, NVAE; Child 2021,
-    VDVAE). One op evaluates every group, forward and backward, reading each
-    tensor once per pass; the gradients of ``mu``, ``logvar`` and the prior's
-    tensors are the only tensors of the latents' size it allocates (a broadcast
-    prior is expanded to its group's shape first).
+    VDVAE). Every group goes through one fused op, forward and backward, and
+    one autograd node; a broadcast prior is expanded to its group's shape (a
+    copy) and a group without a prior compares with zeros of its shape.
 
     Args:
         mu (Tensor or sequence of Tensors): posterior mean of each group, ``[B, ...]``;

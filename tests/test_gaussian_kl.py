@@ -255,6 +255,14 @@ def test_no_host_sync(device):
     assert all(torch.isfinite(t.grad).all() for t in leaves)
 
 
+def test_every_group_goes_through_one_autograd_node():
+    mu, logvar, prior_mu, prior_logvar = _latents("cpu", prior="all")
+    leaves = _leaves(mu, logvar, prior_mu, prior_logvar)
+    kl = fusedvae.gaussian_kl(mu, logvar, prior_mu, prior_logvar, free_bits=[0.0, 0.1, 0.0])
+    reached = {id(fn.variable) for fn, _ in kl.grad_fn.next_functions if hasattr(fn, "variable")}
+    assert reached == {id(t) for t in leaves}
+
+
 def test_second_order_raises():
     mu, logvar, prior_mu, prior_logvar = _latents("cpu", prior="all")
     leaves = _leaves(mu, logvar, prior_mu, prior_logvar)
