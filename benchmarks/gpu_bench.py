@@ -484,6 +484,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="steps on a side stream before each capture")
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--no-dmol", action="store_true", help="skip the discretized-mixture cases (DMOL_CASES)")
+    parser.add_argument("--cuda-wide-loads", action="store_true",
+                        help="fused runs the opt-in kernels that load 16 bytes of the narrower operand per access")
     args = parser.parse_args(argv)
     for name in ("batch", "size", "latent", "iters", "repeats"):
         if getattr(args, name) < 1:
@@ -567,8 +569,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not fusedvae.has_cuda_kernels():
         raise SystemExit("gpu_bench.py: fusedvae was built without CUDA kernels")
     shape = (args.batch, 3, args.size, args.size)
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {shape}  Z {args.latent}",
-          flush=True)
+    fusedvae._C._set_cuda_wide_loads(args.cuda_wide_loads)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {shape}  Z {args.latent}"
+          f"  wide loads: {'on' if args.cuda_wide_loads else 'off'}", flush=True)
     dmol_cases = [] if args.no_dmol else DMOL_CASES
     copy_nbytes = copy_bytes(*case_bytes(args).values(), *(c[3] for c in dmol_cases))
     copy_gbs = copy_bandwidth_gbs(copy_nbytes, max(1, args.iters // 5), args.repeats)

@@ -140,6 +140,19 @@ for channels, k, dtype in ((3, 10, torch.float32), (1, 4, torch.bfloat16), (3, 2
     fusedvae.discretized_mix_logistic_nll(p, img).sum().backward()
     pl = p.detach().to(memory_format=torch.channels_last).requires_grad_()
     fusedvae.discretized_mix_logistic_nll(pl, img.float() / 127.5 - 1).sum().backward()
+# the KL to learned priors over latent groups, a 16-bit group and free bits on it
+groups = [torch.randn(3, 5, device="cuda", requires_grad=True),
+          torch.randn(3, 2, 4, 4, device="cuda", dtype=torch.half, requires_grad=True)]
+priors = [g.detach().clone().requires_grad_() for g in groups]
+fusedvae.gaussian_kl(groups, [g.detach() for g in groups], priors, priors, free_bits=[0.0, 0.1]).sum().backward()
+# the opt-in wide loads (16 pixels per access) beside float32 and bfloat16 recon
+fusedvae._C._set_cuda_wide_loads(True)
+xa = torch.randn(3, 3, 16, 16, device="cuda", requires_grad=True)
+ta = torch.randint(0, 256, (3, 3, 16, 16), device="cuda", dtype=torch.uint8)
+for xr in (xa, xa.detach().bfloat16().requires_grad_()):
+    for lik in ("bernoulli", "gaussian"):
+        fusedvae.vae_loss(xr, ta, mu, mu.detach(), likelihood=lik).loss.backward()
+fusedvae._C._set_cuda_wide_loads(False)
 torch.cuda.synchronize()
 print("ok")
 '
@@ -157,6 +170,8 @@ step sanitizer-memcheck sanitize memcheck
 step sanitizer-racecheck sanitize racecheck
 
 step benchmark python benchmarks/gpu_bench.py
+# The opt-in wide-load kernels, to compare with the default ones above.
+step benchmark-wide-loads python benchmarks/gpu_bench.py --no-dmol --cuda-wide-loads
 step dmol-benchmark python benchmarks/dmol_bench.py --device cuda
 step train-step python benchmarks/train_step.py --device cuda
 step host-time python benchmarks/train_step.py --device cuda --host-overhead

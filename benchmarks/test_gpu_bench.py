@@ -383,6 +383,7 @@ def test_parse_args():
     args = gpu_bench.parse_args([])
     assert (args.batch, args.size, args.latent, args.iters, args.repeats, args.beta) == (64, 256, 512, 50, 5, 1.0)
     assert not args.no_dmol and gpu_bench.parse_args(["--no-dmol"]).no_dmol
+    assert not args.cuda_wide_loads and gpu_bench.parse_args(["--cuda-wide-loads"]).cuda_wide_loads
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--iters", "0"])
 

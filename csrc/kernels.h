@@ -11,6 +11,7 @@
 // float for float16/bfloat16/float32 inputs, double for float64.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "objective.h"
@@ -211,6 +212,18 @@ const Kernels& kernels();
 // exception set if that failed.
 bool select_kernels();
 }  // namespace cpu
+
+// Kernel variants chosen at run time, each off by default: a kernel that has
+// not yet run on a GPU does not replace one that has (fusedvae._C's
+// _set_cuda_wide_loads switches them; registration.cpp holds the state).
+struct KernelOptions {
+  // The CUDA objective's kernels load 16 bytes of the narrower of recon and
+  // target per access and thread (a uint8 target 16 pixels at a time, recon's
+  // matching elements in 16-byte pieces, at most 64 bytes) instead of 16 bytes
+  // of recon (a uint8 target then reads 4 bytes per access beside float32).
+  std::atomic<bool> cuda_wide_loads{false};
+};
+KernelOptions& kernel_options();
 
 namespace cuda {
 // Same contracts as the CPU functions; `stream` is a cudaStream_t. Nothing here

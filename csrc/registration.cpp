@@ -69,12 +69,28 @@ PyObject* cpu_float_math(PyObject*, PyObject* args) {
   return out;
 }
 
+// `fusedvae._C._set_cuda_wide_loads(enabled) -> bool`: switches
+// KernelOptions::cuda_wide_loads, returning its previous value.
+PyObject* set_cuda_wide_loads(PyObject*, PyObject* arg) {
+  const int enabled = PyObject_IsTrue(arg);
+  if (enabled < 0) return nullptr;
+  const bool previous = fusedvae::kernel_options().cuda_wide_loads.exchange(enabled != 0);
+  return PyBool_FromLong(previous);
+}
+
 PyMethodDef module_methods[] = {
+    {"_set_cuda_wide_loads", set_cuda_wide_loads, METH_O,
+     "Switch the CUDA objective's wide-load kernels on or off; returns the previous setting."},
     {"_cpu_float_math", cpu_float_math, METH_VARARGS,
      "The CPU kernels' float32 approximation `name` applied to the float32 values in `data`."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
+
+fusedvae::KernelOptions& fusedvae::kernel_options() {
+  static KernelOptions options;
+  return options;
+}
 
 // `import fusedvae._C` loads this library, which runs the registrations below,
 // and picks the CPU kernels' build; `fusedvae._C.cpu_kernels` names it.

@@ -567,3 +567,49 @@ def test_unaligned_and_odd_sizes_use_the_scalar_path(device):
                          keep_storage=True)
     exp = run_loss(reference.vae_loss, on_cpu_float64(inputs), upstream=weighted_upstream, likelihood="cbernoulli")
     _assert_close_as(got, exp, F64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def cuda_wide_loads():
+    """The opt-in CUDA kernels that load 16 bytes of the narrower operand per access
+    (csrc/kernels.h, KernelOptions), switched on for one test."""
+    previous = fusedvae._C._set_cuda_wide_loads(True)
+    yield
+    fusedvae._C._set_cuda_wide_loads(previous)
+
+
+def test_cuda_wide_loads_switch_is_off_by_default_and_round_trips():
+    assert fusedvae._C._set_cuda_wide_loads(True) is False
+    assert fusedvae._C._set_cuda_wide_loads(False) is True
+    assert fusedvae._C._set_cuda_wide_loads(False) is False
+
+
+# Each pair whose wide vector width differs from the default one (16 bytes of recon).
+_WIDE_PAIRS = [(F64, torch.uint8), (F32, torch.uint8), (torch.bfloat16, torch.uint8), (torch.float16, torch.uint8),
+               (F32, torch.float16), (F32, torch.bool)]
+
+
+@pytest.mark.usefixtures("cuda_wide_loads")
+@pytest.mark.parametrize("likelihood,logits,ls_kind", [("bernoulli", True, None), ("gaussian", True, "full_tensor"),
+                                                       ("laplace", True, "optimal")],
+                         ids=["bernoulli", "gaussian-full", "laplace-optimal"])
+@pytest.mark.parametrize("recon_dtype,target_dtype", _WIDE_PAIRS,
+                         ids=[f"{_DTYPE_IDS.get(r, 'f64')}-{_DTYPE_IDS[t]}" for r, t in _WIDE_PAIRS])
+@pytest.mark.parametrize("sample_shape", [(3, 32, 33), (3, 5, 7)], ids=["aligned", "tail"])
+def test_wide_loads_match_reference(device, recon_dtype, target_dtype, likelihood, logits, ls_kind, sample_shape):
+    # With the switch on, the CUDA objective reads 16 pixels per access beside a
+    # float32 recon; 3x32x33 samples take that path (3168 = 198·16), 3x5x7 ones
+    # the scalar one. The CPU kernels ignore the switch.
+    inputs = make_inputs(likelihood, logits, recon_dtype, (8,), batch=3, sample_shape=sample_shape,
+                         target_dtype=torch.uint8 if target_dtype == torch.uint8 else None, device=device)
+    if target_dtype == torch.bool:
+        inputs = inputs._replace(target=inputs.target > 0.5)
+    elif target_dtype != torch.uint8:
+        inputs = inputs._replace(target=inputs.target.to(target_dtype))
+    ls = make_log_scale(ls_kind, inputs.recon.shape, dtype=recon_dtype, device=device)
+    kw = dict(likelihood=likelihood, logits=logits, reduction="none")
+    got = run_loss(fusedvae.vae_loss, inputs, upstream=weighted_upstream, log_scale=ls, **kw)
+    exp = run_loss(reference.vae_loss, on_cpu_float64(inputs), upstream=weighted_upstream,
+                   log_scale=on_cpu_float64(ls), **kw)
+    tol = {F64: 1e-10, F32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[recon_dtype]
+    _assert_close_as(got, exp, F64, rtol=tol, atol=tol)

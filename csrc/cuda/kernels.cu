@@ -655,6 +655,23 @@ constexpr int vec_width() {
   return kLoadBytes / sizeof(T) > kMaxVecWidth ? kMaxVecWidth : int(kLoadBytes / sizeof(T));
 }
 
+// KernelOptions::cuda_wide_loads: 16 bytes of the narrower of recon (T) and
+// target per access, at most 64 bytes of recon (four 16-byte loads), at most
+// 16 elements (kChunkMultiple).
+constexpr int kMaxWideBytes = 64;
+template <typename T, typename TargetT>
+constexpr int wide_vec_width() {
+  constexpr int narrow = sizeof(T) < sizeof(TargetT) ? int(sizeof(T)) : int(sizeof(TargetT));
+  constexpr int width = kLoadBytes / narrow < int(kMaxWideBytes / sizeof(T))
+                            ? kLoadBytes / narrow
+                            : int(kMaxWideBytes / sizeof(T));
+  return width < int(kChunkMultiple) ? width : int(kChunkMultiple);
+}
+static_assert(
+    wide_vec_width<float, uint8_t>() == 16 && wide_vec_width<double, uint8_t>() == 8 &&
+        wide_vec_width<float, float>() == vec_width<float>(),
+    "wide loads: 16 pixels beside float32, 64 bytes of float64, unchanged for equal dtypes");
+
 // The vector path needs every pointer aligned to its pack and every sample
 // start on a pack boundary (automatic for a single sample); otherwise the
 // scalar path runs.
@@ -669,6 +686,25 @@ bool aligned(int64_t batch, int64_t numel_per_sample,
     }
   }
   return true;
+}
+
+// Calls launch(width) with the widest vector width whose alignment holds
+// (aligned_for(width)): WIDE where KernelOptions::cuda_wide_loads is on and it
+// differs from VEC, else VEC, else 1 (scalar).
+template <int VEC, int WIDE, class Aligned, class Launch>
+void launch_widest(const Aligned& aligned_for, const Launch& launch) {
+  if constexpr (WIDE > VEC) {
+    if (kernel_options().cuda_wide_loads.load(std::memory_order_relaxed) &&
+        aligned_for(std::integral_constant<int, WIDE>{})) {
+      launch(std::integral_constant<int, WIDE>{});
+      return;
+    }
+  }
+  if (aligned_for(std::integral_constant<int, VEC>{})) {
+    launch(std::integral_constant<int, VEC>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
 }
 
 template <int VEC, class Body>
@@ -720,23 +756,21 @@ void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* k
       using TargetT = typename decltype(t_tag)::type;
       using ScaleT = typename decltype(s_tag)::type;
       using Acc = acc_t<T>;
-      constexpr int VEC = vec_width<T>();
       const ReconTerm<typename decltype(l)::type, T, TargetT, ScaleT> term{
           static_cast<const T*>(p.recon.recon), static_cast<const TargetT*>(p.recon.target),
           static_cast<const ScaleT*>(p.recon.log_scale), p.recon.weight, p.recon.numel_per_sample};
-      const bool vectorize = aligned<VEC>(batch, p.recon.numel_per_sample,
-                                          {{p.recon.recon, int(sizeof(T))},
-                                           {p.recon.target, int(sizeof(TargetT))},
-                                           {p.recon.log_scale, int(sizeof(ScaleT))}});
+      const auto aligned_for = [&](auto width) {
+        return aligned<decltype(width)::value>(batch, p.recon.numel_per_sample,
+                                               {{p.recon.recon, int(sizeof(T))},
+                                                {p.recon.target, int(sizeof(TargetT))},
+                                                {p.recon.log_scale, int(sizeof(ScaleT))}});
+      };
       const unsigned blocks = static_cast<unsigned>(batch * grid.chunks);
       Acc* partial = static_cast<Acc*>(workspace);
-      if (vectorize) {
-        sum_chunks_kernel<VEC>
+      launch_widest<vec_width<T>(), wide_vec_width<T, TargetT>()>(aligned_for, [&](auto width) {
+        sum_chunks_kernel<decltype(width)::value>
             <<<blocks, kThreads, 0, stream>>>(term, p.recon.numel_per_sample, grid, partial);
-      } else {
-        sum_chunks_kernel<1>
-            <<<blocks, kThreads, 0, stream>>>(term, p.recon.numel_per_sample, grid, partial);
-      }
+      });
     });
   }
   dispatch_acc(p.recon.dtype, [&](auto tag) {
@@ -770,24 +804,21 @@ void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, con
     using TargetT = typename decltype(t_tag)::type;
     using ScaleT = typename decltype(s_tag)::type;
     using L = typename decltype(l)::type;
-    constexpr int VEC = vec_width<T>();
-    const bool vectorize = aligned<VEC>(
-        o.batch, o.n,
-        {{p.recon.recon, int(sizeof(T))},
-         {p.recon.target, int(sizeof(TargetT))},
-         {p.recon.log_scale, int(sizeof(ScaleT))},
-         {out.recon, int(sizeof(T))},
-         {objective::uses_shared_scale(o) ? nullptr : out.log_scale, int(sizeof(ScaleT))}});
+    const auto aligned_for = [&](auto width) {
+      return aligned<decltype(width)::value>(
+          o.batch, o.n,
+          {{p.recon.recon, int(sizeof(T))},
+           {p.recon.target, int(sizeof(TargetT))},
+           {p.recon.log_scale, int(sizeof(ScaleT))},
+           {out.recon, int(sizeof(T))},
+           {objective::uses_shared_scale(o) ? nullptr : out.log_scale, int(sizeof(ScaleT))}});
+    };
     const auto* aux_acc = static_cast<const acc_t<T>*>(aux);
-    if (vectorize) {
-      objective_backward_kernel<VEC, L, T, TargetT, ScaleT>
+    launch_widest<vec_width<T>(), wide_vec_width<T, TargetT>()>(aligned_for, [&](auto width) {
+      objective_backward_kernel<decltype(width)::value, L, T, TargetT, ScaleT>
           <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
               p, grads, aux_acc, out, recon_grid, recon_blocks, kl_grid);
-    } else {
-      objective_backward_kernel<1, L, T, TargetT, ScaleT>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-              p, grads, aux_acc, out, recon_grid, recon_blocks, kl_grid);
-    }
+    });
   });
 }
 
