@@ -11,7 +11,7 @@ from torch import Tensor
 from . import _checks
 from ._checks import Beta, FreeBits, Latent, LatentGroups, LogScale, OptionalLatent
 from ._ops import ops
-from .reference import AutoencoderKLLossOutput, VAELossOutput
+from .reference import AutoencoderKLLossOutput, VAELossOutput, objective_from_terms
 
 __all__ = [
     "AutoencoderKLLossOutput",
@@ -213,17 +213,7 @@ def _grouped_vae_loss(recon, target, latents, likelihood, logits, beta, reductio
             rec = rec.float()  # computed in float64 for a float64 log_scale or weight; rec's data are narrower
         n = _checks.per_sample_size(recon)
     kl, kl_term = _kl_terms(latents)
-    if reduction == "mean":
-        per_sample = rec / n + beta * kl_term / latents.size
-    else:
-        per_sample = rec + beta * kl_term
-    if reduction == "none":
-        loss = per_sample
-    elif reduction == "sum":
-        loss = per_sample.sum()
-    else:
-        loss = per_sample.mean()
-    return VAELossOutput(loss, rec, kl)
+    return VAELossOutput(objective_from_terms(rec, kl_term, beta, reduction, n, latents.size), rec, kl)
 
 
 def gaussian_kl(

@@ -184,8 +184,8 @@ def vae_loss(
     kl, kl_term = _kl_terms(latents)
     if likelihood == "dmol":
         rec = discretized_mix_logistic_nll(recon, target, bits=bits, log_scale_min=_checks.DMOL_LOG_SCALE_MIN)
-        return VAELossOutput(_reduce(rec, kl_term, beta, reduction, _checks.per_sample_size(target), latents.size),
-                             rec, kl)
+        loss = objective_from_terms(rec, kl_term, beta, reduction, _checks.per_sample_size(target), latents.size)
+        return VAELossOutput(loss, rec, kl)
     # Computed in the accumulation dtype of the promoted floating inputs.
     dtype = recon.dtype
     for other in (target, log_scale, weight):
@@ -212,11 +212,14 @@ def vae_loss(
         nll = nll * weight.to(dtype)
     rec = nll.reshape(batch, _checks.per_sample_size(recon)).sum(dim=1)
 
-    loss = _reduce(rec, kl_term, beta, reduction, _checks.per_sample_size(recon), latents.size)
+    loss = objective_from_terms(rec, kl_term, beta, reduction, _checks.per_sample_size(recon), latents.size)
     return VAELossOutput(loss, rec, kl)
 
 
-def _reduce(rec: Tensor, kl_term: Tensor, beta: Beta, reduction: str, n: int, j: int) -> Tensor:
+def objective_from_terms(rec: Tensor, kl_term: Tensor, beta: Beta, reduction: str, n: int, j: int) -> Tensor:
+    """The loss from the per-sample terms (``n`` data and ``j`` latent elements per
+    sample): ``reduce_b(rec_b + β·kl_term_b)``, or with ``reduction="mean"``
+    ``mean_b(rec_b/n + β·kl_term_b/j)``."""
     if reduction == "mean":
         per_sample = rec / n + beta * kl_term / j
     else:

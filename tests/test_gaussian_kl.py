@@ -58,6 +58,18 @@ def _assert_close(got, expected, rtol=RTOL64, atol=ATOL64):
     torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
 
 
+def _assert_outputs_and_grads_close(got, expected, leaves):
+    """Each output of two VAELossOutputs, and the gradients of every leaf from
+    random upstream gradients on all three outputs."""
+    for a, b in zip(got, expected):
+        _assert_close(a, b)
+    upstream = [torch.randn_like(t) for t in got]
+    total = sum((t * u).sum() for t, u in zip(got, upstream))
+    expected_total = sum((t * u).sum() for t, u in zip(expected, upstream))
+    for a, b in zip(torch.autograd.grad(total, leaves), torch.autograd.grad(expected_total, leaves)):
+        _assert_close(a, b)
+
+
 @pytest.mark.parametrize("free_bits", FREE_BITS, ids=["no-free-bits", "free-bits", "per-group"])
 @pytest.mark.parametrize("prior", PRIORS)
 def test_gaussian_kl_matches_reference_float64(device, prior, free_bits):
@@ -174,13 +186,7 @@ def test_vae_loss_with_groups_matches_reference(device, prior, reduction):
                   free_bits=[0.0, 0.2, 0.0], likelihood="gaussian", log_scale="optimal")
     got = fusedvae.vae_loss(recon, target, mu, logvar, **kwargs)
     expected = reference.vae_loss(recon, target, mu, logvar, **kwargs)
-    for a, b in zip(got, expected):
-        _assert_close(a, b)
-    upstream = [torch.randn_like(t) for t in got]
-    total = sum((t * u).sum() for t, u in zip(got, upstream))
-    expected_total = sum((t * u).sum() for t, u in zip(expected, upstream))
-    for a, b in zip(torch.autograd.grad(total, leaves), torch.autograd.grad(expected_total, leaves)):
-        _assert_close(a, b)
+    _assert_outputs_and_grads_close(got, expected, leaves)
 
 
 def test_vae_loss_one_group_in_a_list_equals_the_tensor_form(device):
@@ -208,15 +214,9 @@ def test_vae_loss_dmol_matches_reference(device, target_kind, reduction):
                   reduction=reduction, free_bits=0.05)
     got = fusedvae.vae_loss(params, target, mu, logvar, **kwargs)
     expected = reference.vae_loss(params, target, mu, logvar, **kwargs)
-    for a, b in zip(got, expected):
-        _assert_close(a, b)
+    _assert_outputs_and_grads_close(got, expected, leaves)
     # rec is the standalone function's NLL
     _assert_close(got.rec, reference.discretized_mix_logistic_nll(params, target))
-    upstream = [torch.randn_like(t) for t in got]
-    total = sum((t * u).sum() for t, u in zip(got, upstream))
-    expected_total = sum((t * u).sum() for t, u in zip(expected, upstream))
-    for a, b in zip(torch.autograd.grad(total, leaves), torch.autograd.grad(expected_total, leaves)):
-        _assert_close(a, b)
 
 
 def test_vae_loss_dmol_bits(device):
