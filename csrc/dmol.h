@@ -27,6 +27,17 @@
 
 #include "vae_math.h"
 
+// CUDA inlines FUSEDVAE_HD functions already; on the CPU GCC would leave the
+// channel terms and LogSumExp::add as calls, their vector arguments and results
+// passed through memory, so the per-pixel helpers are inlined by force.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FUSEDVAE_DMOL_HD FUSEDVAE_HD
+#elif defined(__GNUC__)  // GCC and clang
+#define FUSEDVAE_DMOL_HD inline __attribute__((always_inline))
+#else
+#define FUSEDVAE_DMOL_HD inline
+#endif
+
 namespace fusedvae {
 namespace dmol {
 
@@ -49,16 +60,19 @@ struct LogSumExp {
   using V = typename O::V;
   V max;
   V sum;
-  FUSEDVAE_HD void start(V v) {
+  FUSEDVAE_DMOL_HD void start(V v) {
     max = v;
     sum = O::splat(1.0);
   }
-  FUSEDVAE_HD void add(V v) {
-    const V next = O::select(O::gt(v, max), v, max);
-    sum = sum * O::exp_nonpositive(max - next) + O::exp_nonpositive(v - next);
-    max = next;
+  FUSEDVAE_DMOL_HD void add(V v) {
+    // One exponential: e^{-|v - max|} scales the old sum when v is the new
+    // maximum and is the new term otherwise (e^0 = 1 exactly on both sides).
+    const auto greater = O::gt(v, max);
+    const V e = O::exp_nonpositive(O::splat(0.0) - O::abs(v - max));
+    sum = O::select(greater, sum * e + O::splat(1.0), sum + e);
+    max = O::select(greater, v, max);
   }
-  FUSEDVAE_HD V value() const { return max + O::log(sum); }
+  FUSEDVAE_DMOL_HD V value() const { return max + O::log_approx(sum); }
 };
 
 // One channel of one component: log P and, with `want_grad`, its derivatives
@@ -70,58 +84,76 @@ struct ChannelTerm {
   typename O::V d_log_scale;
 };
 
-template <class O>
-FUSEDVAE_HD ChannelTerm<O> channel_term(typename O::V x, typename O::V mean,
-                                        typename O::V raw_log_scale, typename O::V half_width,
-                                        typename O::V log_scale_min, bool want_grad) {
+// The channels of one component, N = 1 or 3, each step taken for every channel
+// before the next: the channels are independent, and a CPU overlaps the steps of
+// one with those of the others only where they lie close in the code. (Two
+// components at once, six chains, ran slower: registers spill.)
+template <int N, class O>
+FUSEDVAE_DMOL_HD void channel_terms(const typename O::V* x, const typename O::V* mean,
+                                    const typename O::V* raw_log_scale, typename O::V half_width,
+                                    typename O::V log_scale_min, bool want_grad,
+                                    ChannelTerm<O>* out) {
   using V = typename O::V;
+  using Mask = decltype(O::lt(half_width, half_width));
   const V zero = O::splat(0.0);
   const V one = O::splat(1.0);
-  // torch.clamp(min=): NaN stays NaN; the gradient is zero where clamped (and at the bound).
-  const V log_scale = O::select(O::lt(raw_log_scale, log_scale_min), log_scale_min, raw_log_scale);
-  const V inv_scale = O::exp(zero - log_scale);
-  const V centered = x - mean;
-  const V u = inv_scale * (centered + half_width);
-  const V l = inv_scale * (centered - half_width);
-  const V width = u - l;  // 2·h·s > 0
+  V inv_scale[N], u[N], l[N], e_u[N], e_l[N], expm1_neg_width[N], inv_u[N], inv_l[N];
+  Mask below[N], above[N];
+  for (int c = 0; c < N; ++c) {
+    // torch.clamp(min=): NaN stays NaN; the gradient is zero where clamped (and at the bound).
+    const V log_scale =
+        O::select(O::lt(raw_log_scale[c], log_scale_min), log_scale_min, raw_log_scale[c]);
+    inv_scale[c] = O::exp_approx(zero - log_scale);
+    const V centered = x[c] - mean[c];
+    u[c] = inv_scale[c] * (centered + half_width);
+    l[c] = inv_scale[c] * (centered - half_width);
+  }
   // σ(±u) and σ(±l) from e = e^{-|v|} and 1/(1 + e); the three logs of the
   // interior, log σ(u) + log σ(-l) + log(1 - e^{-w}), as one: min(u, 0) +
   // min(-l, 0) + log(σ(|u|)·σ(|l|)·(1 - e^{-w})), whose argument stays a normal
-  // float for any scale below e^80.
-  const V e_u = O::exp_nonpositive(zero - O::abs(u));
-  const V e_l = O::exp_nonpositive(zero - O::abs(l));
-  const V inv_u = one / (one + e_u);  // σ(|u|)
-  const V inv_l = one / (one + e_l);  // σ(|l|)
-  const V min_u = O::select(O::lt(u, zero), u, zero);
-  const V min_neg_l = O::select(O::gt(l, zero), zero - l, zero);
-  const V expm1_neg_width = O::expm1(zero - width);  // e^{-w} - 1, in (-1, 0)
-  const auto below = O::lt(x, O::splat(-kEdge));
-  const auto above = O::gt(x, O::splat(kEdge));
-  const V log_argument =
-      O::select(below, inv_u, O::select(above, inv_l, inv_u * inv_l * (zero - expm1_neg_width)));
-  const V outside = O::select(below, min_u, O::select(above, min_neg_l, min_u + min_neg_l));
-  ChannelTerm<O> out;
-  out.log_prob = outside + O::log(log_argument);
-  if (want_grad) {
-    // ∂ log P/∂u and ∂ log P/∂l; d/dw log(1 - e^{-w}) = 1/expm1(w) = -(1 + m)/m
-    // with m = expm1(-w).
-    const V inv_expm1 = zero - (one + expm1_neg_width) / expm1_neg_width;
-    const V sig_neg_u = O::select(O::gt(u, zero), e_u * inv_u, inv_u);  // σ(-u)
-    const V sig_l = O::select(O::ge(l, zero), inv_l, e_l * inv_l);      // σ(l)
-    const V du = O::select(below, sig_neg_u, O::select(above, zero, sig_neg_u + inv_expm1));
-    const V dl = O::select(below, zero, O::select(above, zero - sig_l, zero - sig_l - inv_expm1));
-    out.d_mean = zero - inv_scale * (du + dl);
-    out.d_log_scale =
-        O::select(O::gt(raw_log_scale, log_scale_min), zero - (u * du + l * dl), zero);
+  // float for any scale below e^80. w = u - l = 2·h·s > 0.
+  for (int c = 0; c < N; ++c) {
+    e_u[c] = O::exp_nonpositive(zero - O::abs(u[c]));
+    e_l[c] = O::exp_nonpositive(zero - O::abs(l[c]));
+    expm1_neg_width[c] = O::expm1_nonpositive(zero - (u[c] - l[c]));  // e^{-w} - 1, in (-1, 0)
   }
-  return out;
+  for (int c = 0; c < N; ++c) {
+    inv_u[c] = one / (one + e_u[c]);  // σ(|u|)
+    inv_l[c] = one / (one + e_l[c]);  // σ(|l|)
+    below[c] = O::lt(x[c], O::splat(-kEdge));
+    above[c] = O::gt(x[c], O::splat(kEdge));
+  }
+  for (int c = 0; c < N; ++c) {
+    const V min_u = O::select(O::lt(u[c], zero), u[c], zero);
+    const V min_neg_l = O::select(O::gt(l[c], zero), zero - l[c], zero);
+    const V log_argument =
+        O::select(below[c], inv_u[c],
+                  O::select(above[c], inv_l[c], inv_u[c] * inv_l[c] * (zero - expm1_neg_width[c])));
+    const V outside = O::select(below[c], min_u, O::select(above[c], min_neg_l, min_u + min_neg_l));
+    out[c].log_prob = outside + O::log_approx(log_argument);
+  }
+  if (want_grad) {
+    for (int c = 0; c < N; ++c) {
+      // ∂ log P/∂u and ∂ log P/∂l; d/dw log(1 - e^{-w}) = 1/expm1(w) = -(1 + m)/m
+      // with m = expm1(-w).
+      const V inv_expm1 = zero - (one + expm1_neg_width[c]) / expm1_neg_width[c];
+      const V sig_neg_u = O::select(O::gt(u[c], zero), e_u[c] * inv_u[c], inv_u[c]);  // σ(-u)
+      const V sig_l = O::select(O::ge(l[c], zero), inv_l[c], e_l[c] * inv_l[c]);      // σ(l)
+      const V du = O::select(below[c], sig_neg_u, O::select(above[c], zero, sig_neg_u + inv_expm1));
+      const V dl =
+          O::select(below[c], zero, O::select(above[c], zero - sig_l, zero - sig_l - inv_expm1));
+      out[c].d_mean = zero - inv_scale[c] * (du + dl);
+      out[c].d_log_scale =
+          O::select(O::gt(raw_log_scale[c], log_scale_min), zero - (u[c] * du + l[c] * dl), zero);
+    }
+  }
 }
 
 // The coupled mean of channel c in component k: green and blue move with the
 // pixel's red (and green) values by tanh of the coupling coefficients.
 template <class O, typename Read>
-FUSEDVAE_HD typename O::V coupled_mean(const Pixel<O>& px, const Read& p, int c, int64_t k,
-                                       const typename O::V* tanh_rows) {
+FUSEDVAE_DMOL_HD typename O::V coupled_mean(const Pixel<O>& px, const Read& p, int c, int64_t k,
+                                            const typename O::V* tanh_rows) {
   const int64_t kk = px.k;
   const int rows = px.channels == 3 ? 3 : 2;
   typename O::V mean = p(kk + c * rows * kk + k);
@@ -131,35 +163,70 @@ FUSEDVAE_HD typename O::V coupled_mean(const Pixel<O>& px, const Read& p, int c,
 }
 
 template <class O, typename Read>
-FUSEDVAE_HD void coupling_rows(const Pixel<O>& px, const Read& p, int64_t k,
-                               typename O::V* tanh_rows) {
+FUSEDVAE_DMOL_HD void coupling_rows(const Pixel<O>& px, const Read& p, int64_t k,
+                                    typename O::V* tanh_rows) {
   const int64_t kk = px.k;
   for (int row = 0; row < 3; ++row) {
-    tanh_rows[row] = px.channels == 3 ? O::tanh(p(kk + row * 3 * kk + 2 * kk + k)) : O::splat(0.0);
+    tanh_rows[row] =
+        px.channels == 3 ? O::tanh_approx(p(kk + row * 3 * kk + 2 * kk + k)) : O::splat(0.0);
   }
+}
+
+// channel_terms for component k, given tanh of its coupling rows. A GPU
+// thread hides latency with other warps, not by interleaving: it takes one
+// channel at a time, as it always has, which keeps its register use.
+template <int N, class O, typename Read>
+FUSEDVAE_DMOL_HD void component_channels(const Pixel<O>& px, const Read& p, int64_t k,
+                                         const typename O::V* tanh_rows, bool want_grad,
+                                         ChannelTerm<O>* out) {
+  const int64_t kk = px.k;
+  const int rows = px.channels == 3 ? 3 : 2;
+  typename O::V mean[N], raw_log_scale[N];
+  for (int c = 0; c < N; ++c) {
+    mean[c] = coupled_mean(px, p, c, k, tanh_rows);
+    raw_log_scale[c] = p(kk + c * rows * kk + kk + k);
+  }
+  channel_terms<N, O>(px.x, mean, raw_log_scale, px.half_width, px.log_scale_min, want_grad, out);
+}
+
+template <class O, typename Read>
+FUSEDVAE_DMOL_HD void component_channels(const Pixel<O>& px, const Read& p, int64_t k,
+                                         const typename O::V* tanh_rows, bool want_grad,
+                                         ChannelTerm<O>* out) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  const int64_t kk = px.k;
+  const int rows = px.channels == 3 ? 3 : 2;
+  for (int c = 0; c < px.channels; ++c) {
+    const typename O::V mean = coupled_mean(px, p, c, k, tanh_rows);
+    const typename O::V raw_log_scale = p(kk + c * rows * kk + kk + k);
+    channel_terms<1, O>(&px.x[c], &mean, &raw_log_scale, px.half_width, px.log_scale_min, want_grad,
+                        &out[c]);
+  }
+#else
+  if (px.channels == 3) {
+    component_channels<3>(px, p, k, tanh_rows, want_grad, out);
+  } else {
+    component_channels<1>(px, p, k, tanh_rows, want_grad, out);
+  }
+#endif
 }
 
 // Σ_c log P_kc for component k.
 template <class O, typename Read>
-FUSEDVAE_HD typename O::V component_log_prob(const Pixel<O>& px, const Read& p, int64_t k) {
+FUSEDVAE_DMOL_HD typename O::V component_log_prob(const Pixel<O>& px, const Read& p, int64_t k) {
   using V = typename O::V;
-  const int64_t kk = px.k;
-  const int rows = px.channels == 3 ? 3 : 2;
   V tanh_rows[3];
   coupling_rows(px, p, k, tanh_rows);
+  ChannelTerm<O> terms[3];
+  component_channels(px, p, k, tanh_rows, false, terms);
   V total = O::splat(0.0);
-  for (int c = 0; c < px.channels; ++c) {
-    total = total + channel_term<O>(px.x[c], coupled_mean(px, p, c, k, tanh_rows),
-                                    p(kk + c * rows * kk + kk + k), px.half_width,
-                                    px.log_scale_min, false)
-                        .log_prob;
-  }
+  for (int c = 0; c < px.channels; ++c) total = total + terms[c].log_prob;
   return total;
 }
 
 // logsumexp_k π_k, the log-softmax normaliser of the logits.
 template <class O, typename Read>
-FUSEDVAE_HD typename O::V logit_normalizer(const Pixel<O>& px, const Read& p) {
+FUSEDVAE_DMOL_HD typename O::V logit_normalizer(const Pixel<O>& px, const Read& p) {
   LogSumExp<O> lse;
   lse.start(p(0));
   for (int64_t k = 1; k < px.k; ++k) lse.add(p(k));
@@ -168,8 +235,8 @@ FUSEDVAE_HD typename O::V logit_normalizer(const Pixel<O>& px, const Read& p) {
 
 // log p(pixel), given the logits' normaliser.
 template <class O, typename Read>
-FUSEDVAE_HD typename O::V pixel_log_likelihood(const Pixel<O>& px, const Read& p,
-                                               typename O::V norm) {
+FUSEDVAE_DMOL_HD typename O::V pixel_log_likelihood(const Pixel<O>& px, const Read& p,
+                                                    typename O::V norm) {
   LogSumExp<O> lse;
   lse.start(p(0) - norm + component_log_prob(px, p, 0));
   for (int64_t k = 1; k < px.k; ++k) lse.add(p(k) - norm + component_log_prob(px, p, k));
@@ -195,29 +262,26 @@ struct ComponentGrad {
 };
 
 template <class O, typename Read>
-FUSEDVAE_HD void component_grad(const Pixel<O>& px, const Read& p, int64_t k, typename O::V norm,
-                                ComponentGrad<O>* out) {
-  const int64_t kk = px.k;
-  const int rows = px.channels == 3 ? 3 : 2;
+FUSEDVAE_DMOL_HD void component_grad(const Pixel<O>& px, const Read& p, int64_t k,
+                                     typename O::V norm, ComponentGrad<O>* out) {
   coupling_rows(px, p, k, out->tanh_rows);
+  ChannelTerm<O> terms[3];
+  component_channels(px, p, k, out->tanh_rows, true, terms);
   typename O::V log_prob = O::splat(0.0);
   for (int c = 0; c < px.channels; ++c) {
-    const ChannelTerm<O> term =
-        channel_term<O>(px.x[c], coupled_mean(px, p, c, k, out->tanh_rows),
-                        p(kk + c * rows * kk + kk + k), px.half_width, px.log_scale_min, true);
-    log_prob = log_prob + term.log_prob;
-    out->d_mean[c] = term.d_mean;
-    out->d_log_scale[c] = term.d_log_scale;
+    log_prob = log_prob + terms[c].log_prob;
+    out->d_mean[c] = terms[c].d_mean;
+    out->d_log_scale[c] = terms[c].d_log_scale;
   }
   out->log_joint = p(k) - norm + log_prob;
 }
 
 // Writes component k's gradients, given r_k = p(k | pixel).
 template <class O, typename Read, typename Write>
-FUSEDVAE_HD void write_component_grad(const Pixel<O>& px, const Read& p, int64_t k,
-                                      typename O::V norm, typename O::V g,
-                                      const ComponentGrad<O>& cg, typename O::V log_like,
-                                      const Write& write) {
+FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, const Read& p, int64_t k,
+                                           typename O::V norm, typename O::V g,
+                                           const ComponentGrad<O>& cg, typename O::V log_like,
+                                           const Write& write) {
   using V = typename O::V;
   const int64_t kk = px.k;
   const int rows = px.channels == 3 ? 3 : 2;
@@ -278,3 +342,5 @@ FUSEDVAE_HD void pixel_nll_backward(const Pixel<O>& px, const Read& p, typename 
 
 }  // namespace dmol
 }  // namespace fusedvae
+
+#undef FUSEDVAE_DMOL_HD

@@ -158,8 +158,13 @@ namespace cpu {
 // The float32 approximations the CPU kernels evaluate instead of library calls,
 // exposed elementwise for their accuracy tests (fusedvae._C._cpu_float_math).
 enum class FloatMath : int {
-  kExpNonpositive = 0,  // e^x, x <= 0 (cpu/vec_ops.h)
-  kLog1pUnit = 1,       // log(1 + e), e in [0, 1] (math::log1p_unit)
+  kExpNonpositive = 0,    // e^x, x <= 0 (cpu/vec_ops.h)
+  kLog1pUnit = 1,         // log(1 + e), e in [0, 1] (math::log1p_unit)
+  kExpApprox = 2,         // e^x (cpu/vec_ops.h, like the three below)
+  kExpm1Nonpositive = 3,  // e^x - 1, x <= 0
+  kLogApprox = 4,         // log(x)
+  kTanhApprox = 5,        // tanh(x)
+  kExpm1Approx = 6,       // e^x - 1
 };
 
 // The CPU kernels of one instruction set. Each set is compiled from

@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <iterator>
 #include <string>
 
 #include "kernels.h"
@@ -34,25 +35,33 @@ PyObject* likelihood_rows() {
   return rows;
 }
 
-// `fusedvae._C._cpu_float_math(name, data) -> bytes`: a float32 approximation
-// of the CPU kernels in use ("exp_nonpositive" or "log1p_unit", cpu::FloatMath)
-// applied to each float32 value of the buffer `data`; for the accuracy tests.
+// The names of cpu::FloatMath for `_cpu_float_math`, in the enum's order.
+constexpr const char* kFloatMathNames[] = {"exp_nonpositive",   "log1p_unit", "exp_approx",
+                                           "expm1_nonpositive", "log_approx", "tanh_approx",
+                                           "expm1_approx"};
+
+// `fusedvae._C._cpu_float_math(name, data) -> bytes`: the float32 approximation
+// `name` (kFloatMathNames, cpu::FloatMath) of the CPU kernels in use applied to
+// each float32 value of the buffer `data`; for the accuracy tests.
 PyObject* cpu_float_math(PyObject*, PyObject* args) {
   const char* name = nullptr;
   Py_buffer data;
   if (!PyArg_ParseTuple(args, "sy*", &name, &data)) return nullptr;
   const std::string which = name;
-  fusedvae::cpu::FloatMath f;
-  if (which == "exp_nonpositive") {
-    f = fusedvae::cpu::FloatMath::kExpNonpositive;
-  } else if (which == "log1p_unit") {
-    f = fusedvae::cpu::FloatMath::kLog1pUnit;
-  } else {
+  int index = 0;
+  std::string expected;
+  for (const char* known : kFloatMathNames) {
+    if (which == known) break;
+    expected += (expected.empty() ? "'" : ", '") + std::string(known) + "'";
+    ++index;
+  }
+  if (index == static_cast<int>(std::size(kFloatMathNames))) {
     PyBuffer_Release(&data);
-    PyErr_Format(PyExc_ValueError,
-                 "expected name to be 'exp_nonpositive' or 'log1p_unit', got '%s'", name);
+    PyErr_Format(PyExc_ValueError, "expected name to be one of %s, got '%s'", expected.c_str(),
+                 name);
     return nullptr;
   }
+  const auto f = static_cast<fusedvae::cpu::FloatMath>(index);
   if (data.len % static_cast<Py_ssize_t>(sizeof(float)) != 0) {
     PyBuffer_Release(&data);
     PyErr_SetString(PyExc_ValueError,

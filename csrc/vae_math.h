@@ -34,7 +34,13 @@ struct ScalarOps<float> {
   static FUSEDVAE_HD V splat(double c) { return static_cast<float>(c); }
   static FUSEDVAE_HD V exp(V x) { return expf(x); }
   static FUSEDVAE_HD V exp_nonpositive(V x) { return expf(x); }
-  static FUSEDVAE_HD V expm1(V x) { return expm1f(x); }
+  // The CPU's float32 kernels evaluate these four as polynomials (cpu/vec_ops.h);
+  // here they are the library functions, so CUDA's results do not change.
+  static FUSEDVAE_HD V exp_approx(V x) { return expf(x); }
+  static FUSEDVAE_HD V expm1_nonpositive(V x) { return expm1f(x); }
+  static FUSEDVAE_HD V expm1_approx(V x) { return expm1f(x); }
+  static FUSEDVAE_HD V log_approx(V x) { return logf(x); }
+  static FUSEDVAE_HD V tanh_approx(V x) { return tanhf(x); }
   static FUSEDVAE_HD V log(V x) { return logf(x); }
   static FUSEDVAE_HD V log1p(V x) { return log1pf(x); }
   static FUSEDVAE_HD V tanh(V x) { return tanhf(x); }
@@ -54,7 +60,11 @@ struct ScalarOps<double> {
   static FUSEDVAE_HD V splat(double c) { return c; }
   static FUSEDVAE_HD V exp(V x) { return ::exp(x); }
   static FUSEDVAE_HD V exp_nonpositive(V x) { return ::exp(x); }
-  static FUSEDVAE_HD V expm1(V x) { return ::expm1(x); }
+  static FUSEDVAE_HD V exp_approx(V x) { return ::exp(x); }
+  static FUSEDVAE_HD V expm1_nonpositive(V x) { return ::expm1(x); }
+  static FUSEDVAE_HD V expm1_approx(V x) { return ::expm1(x); }
+  static FUSEDVAE_HD V log_approx(V x) { return ::log(x); }
+  static FUSEDVAE_HD V tanh_approx(V x) { return ::tanh(x); }
   static FUSEDVAE_HD V log(V x) { return ::log(x); }
   static FUSEDVAE_HD V log1p(V x) { return ::log1p(x); }
   static FUSEDVAE_HD V tanh(V x) { return ::tanh(x); }
@@ -317,13 +327,13 @@ FUSEDVAE_HD void gaussian_grad(typename O::V x, typename O::V t, typename O::V s
 // App. B): ½(μ² + exp(lv) - 1 - lv). expm1 keeps it accurate near lv = 0.
 template <class O>
 FUSEDVAE_HD typename O::V kl_per_dim(typename O::V mu, typename O::V logvar) {
-  return O::splat(0.5) * (mu * mu + O::expm1(logvar) - logvar);
+  return O::splat(0.5) * (mu * mu + O::expm1_approx(logvar) - logvar);
 }
 
 // ∂/∂μ = μ, ∂/∂lv = ½(exp(lv) - 1).
 template <class O>
 FUSEDVAE_HD typename O::V kl_grad_logvar(typename O::V logvar) {
-  return O::splat(0.5) * O::expm1(logvar);
+  return O::splat(0.5) * O::expm1_approx(logvar);
 }
 
 // KL(N(μ, e^lv) || N(μp, e^lvp)) per dimension, the KL to a learned prior of
@@ -334,7 +344,7 @@ FUSEDVAE_HD typename O::V kl_grad_logvar(typename O::V logvar) {
 template <class O>
 FUSEDVAE_HD typename O::V kl_prior_z(typename O::V mu, typename O::V prior_mu,
                                      typename O::V prior_logvar) {
-  return (mu - prior_mu) * O::exp(O::splat(-0.5) * prior_logvar);
+  return (mu - prior_mu) * O::exp_approx(O::splat(-0.5) * prior_logvar);
 }
 template <class O>
 FUSEDVAE_HD typename O::V kl_per_dim_prior(typename O::V mu, typename O::V logvar,
@@ -352,10 +362,10 @@ template <class O>
 FUSEDVAE_HD KlPriorGrad<O> kl_prior_grad(typename O::V mu, typename O::V logvar,
                                          typename O::V prior_mu, typename O::V prior_logvar) {
   using V = typename O::V;
-  const V inv_sigma = O::exp(O::splat(-0.5) * prior_logvar);
+  const V inv_sigma = O::exp_approx(O::splat(-0.5) * prior_logvar);
   const V z = (mu - prior_mu) * inv_sigma;
   const V d_mu = z * inv_sigma;
-  const V half_expm1 = O::splat(0.5) * O::expm1(logvar - prior_logvar);
+  const V half_expm1 = O::splat(0.5) * O::expm1_approx(logvar - prior_logvar);
   return {d_mu, half_expm1, O::splat(0.0) - d_mu,
           O::splat(0.0) - half_expm1 - O::splat(0.5) * z * z};
 }

@@ -515,8 +515,31 @@ void float_math(FloatMath f, const float* in, float* out, int64_t n) {
   using O = VecOps<float>;
   for_each_vector<float>(1, n, [&](int64_t, int64_t i, int64_t count) {
     const at::vec::Vectorized<float> x = load<float>(in + i, count);
-    store(out + i, f == FloatMath::kExpNonpositive ? O::exp_nonpositive(x) : math::log1p_unit<O>(x),
-          count);
+    at::vec::Vectorized<float> y;
+    switch (f) {
+      case FloatMath::kExpNonpositive:
+        y = O::exp_nonpositive(x);
+        break;
+      case FloatMath::kLog1pUnit:
+        y = math::log1p_unit<O>(x);
+        break;
+      case FloatMath::kExpApprox:
+        y = O::exp_approx(x);
+        break;
+      case FloatMath::kExpm1Nonpositive:
+        y = O::expm1_nonpositive(x);
+        break;
+      case FloatMath::kLogApprox:
+        y = O::log_approx(x);
+        break;
+      case FloatMath::kTanhApprox:
+        y = O::tanh_approx(x);
+        break;
+      case FloatMath::kExpm1Approx:
+        y = O::expm1_approx(x);
+        break;
+    }
+    store(out + i, y, count);
   });
 }
 
