@@ -1,7 +1,7 @@
 """GPU benchmark: forward+backward of the VAE loss, eager vs torch.compile vs fused, against the floor.
 
     python benchmarks/gpu_bench.py [--batch 64] [--size 256] [--latent 512] [--iters 50] [--repeats 5]
-                                   [--warmup 3] [--beta 1] [--no-dmol]
+                                   [--warmup 3] [--beta 1] [--no-dmol] [--cuda-wide-loads]
 
 The three methods are those of the CPU benchmark (``fusedvae.bench.METHODS``:
 ``eager_loss``, the same under ``torch.compile``, ``fusedvae.vae_loss``). After
@@ -10,7 +10,10 @@ them, unless ``--no-dmol``, the discretized mixture of logistics
 float32 parameters ``[B, 10K, H, W]``), whose step is the per-sample NLL summed
 and its gradient w.r.t. the parameters, for ``fusedvae.reference``'s
 ``discretized_mix_logistic_nll`` (eager), the same under ``torch.compile`` and
-``fusedvae.discretized_mix_logistic_nll`` (:data:`DMOL_METHODS`).
+``fusedvae.discretized_mix_logistic_nll`` (:data:`DMOL_METHODS`). With
+``--cuda-wide-loads``, the VAE cases also time ``fused_wide``: fused with the
+opt-in kernels that load 16 bytes of the narrower operand per access
+(:func:`wide_loads`), in the same run, on the same inputs.
 
 Per case it prints:
 
@@ -64,6 +67,7 @@ device; ``benchmarks/test_gpu_bench.py`` runs it on the CPU, :func:`run_cases`
 and :func:`run_dmol_cases` included, with stand-ins for the CUDA timers.
 """
 import argparse
+import contextlib
 import functools
 import statistics
 import sys
@@ -82,6 +86,9 @@ GIB = 2**30
 MIN_COPY_BYTES = GIB
 LATENT_DTYPE = torch.float32  # mu and logvar, as make_inputs makes them
 METHOD_NAMES = ("eager", "compiled", "fused")  # the table's order
+# The opt-in CUDA kernels that load 16 bytes of the narrower operand per access
+# (fusedvae._C._set_cuda_wide_loads), timed beside fused under --cuda-wide-loads.
+WIDE = "fused_wide"
 
 
 def element_bytes(recon_itemsize: int, target_itemsize: int) -> int:
@@ -199,6 +206,7 @@ def case_row(name: str, nbytes: int, copy_gbs: float, ms: Dict[str, float],
         "ms": dict(ms),
         "host_ms": dict(host_ms or {}),
         "percent_of_floor": percent_of_floor(floor, ms["fused"]),
+        "percent_of_floor_wide": percent_of_floor(floor, ms[WIDE]) if WIDE in ms else None,
         "eager/fused": ms["eager"] / ms["fused"],
         "compiled/fused": ms["compiled"] / ms["fused"],
         "how": dict(how or {}),
@@ -210,6 +218,7 @@ def case_row(name: str, nbytes: int, copy_gbs: float, ms: Dict[str, float],
 
 def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes: int) -> str:
     """Markdown: the device-time table, the notes on methods not captured, the host-time and memory tables."""
+    wide = any(WIDE in r["ms"] for r in rows)
     lines = [
         f"Copy bandwidth: {copy_gbs:.0f} GB/s (device-to-device copy of {copy_nbytes / GIB:.2f} GiB, "
         "read + write counted). floor = fewest bytes a fused forward+backward moves / that bandwidth.",
@@ -218,21 +227,26 @@ def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes
         "steps instead (see below). % of floor = floor ms / fused ms.",
         "",
         "| case | min MB | floor ms | eager ms | compile ms | fused ms | fused % of floor "
-        "| eager/fused | compile/fused |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| eager/fused | compile/fused |" + (" fused wide-load ms | wide % of floor |" if wide else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if wide else ""),
     ]
     notes = []
     for r in rows:
         cells = []
-        for method in METHOD_NAMES:
+        for method in METHOD_NAMES + ((WIDE,) if WIDE in r["ms"] else ()):
             mark = ""
             if method in r["how"]:
                 mark = "*"
                 notes.append(f"* {r['case']}, {method}: {r['how'][method]}")
             cells.append(f"{r['ms'][method]:.3f}{mark}")
+        wide_cells = ""
+        if wide:
+            wide_cells = (f" {cells.pop()} | {r['percent_of_floor_wide']:.0f} % |" if WIDE in r["ms"]
+                          else " - | - |")
         lines.append(
             f"| {r['case']} | {r['min_bytes'] / 1e6:.1f} | {r['floor_ms']:.3f} | " + " | ".join(cells)
             + f" | {r['percent_of_floor']:.0f} % | {r['eager/fused']:.2f}x | {r['compiled/fused']:.2f}x |"
+            + wide_cells
         )
     if notes:
         lines += [""] + notes
@@ -245,12 +259,13 @@ def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes
             "without graphs runs at this pace (and where the device is slower, the host also waits "
             "for room in the launch queue).",
             "",
-            "| case | eager host ms | compile host ms | fused host ms |",
-            "|---|---:|---:|---:|",
+            "| case | eager host ms | compile host ms | fused host ms |" + (" fused wide-load host ms |" if wide else ""),
+            "|---|---:|---:|---:|" + ("---:|" if wide else ""),
         ]
         for r in with_host:
             h = r["host_ms"]
-            lines.append(f"| {r['case']} | {h['eager']:.3f} | {h['compiled']:.3f} | {h['fused']:.3f} |")
+            wide_cell = (f" {h[WIDE]:.3f} |" if WIDE in h else " - |") if wide else ""
+            lines.append(f"| {r['case']} | {h['eager']:.3f} | {h['compiled']:.3f} | {h['fused']:.3f} |" + wide_cell)
     with_memory = [r for r in rows if r["peak_bytes"]]
     if with_memory:
         lines += [
@@ -485,7 +500,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--no-dmol", action="store_true", help="skip the discretized-mixture cases (DMOL_CASES)")
     parser.add_argument("--cuda-wide-loads", action="store_true",
-                        help="fused runs the opt-in kernels that load 16 bytes of the narrower operand per access")
+                        help="also time fused with the opt-in kernels that load 16 bytes of the narrower operand "
+                             "per access (a fused_wide column, checked against the float64 truth like the others)")
     args = parser.parse_args(argv)
     for name in ("batch", "size", "latent", "iters", "repeats"):
         if getattr(args, name) < 1:
@@ -510,6 +526,24 @@ def time_case(name: str, steps: Dict[str, Callable[[], object]], nbytes: int, co
     return case_row(name, nbytes, copy_gbs, ms, host_ms, how, **memory)
 
 
+@contextlib.contextmanager
+def wide_loads():
+    """The opt-in CUDA wide-load kernels on inside the block, the previous setting restored after it."""
+    previous = fusedvae._C._set_cuda_wide_loads(True)
+    try:
+        yield
+    finally:
+        fusedvae._C._set_cuda_wide_loads(previous)
+
+
+def with_wide_loads(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` (forward and backward) run under :func:`wide_loads`; a graph captured from it replays those kernels."""
+    def run():
+        with wide_loads():
+            return step()
+    return run
+
+
 def run_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: Callable = device_timers,
               ) -> Tuple[List[Dict[str, object]], List[Tuple[str, Dict[str, Dict[str, object]]]]]:
     """Check and time every case on ``device``: the rows for :func:`format_table` and the accuracy reports.
@@ -524,8 +558,13 @@ def run_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: 
     for name, recon_dtype, target_dtype, _ in CASES:
         inputs = make_inputs(shape, args.latent, recon_dtype, target_dtype, device=device)
         # One step of each method (compiling the compiled one) against the float64 truth.
-        accuracy_rows.append((name, bench.accuracy(inputs, args.beta, methods)))
+        accuracy = bench.accuracy(inputs, args.beta, methods)
         steps = {label: make_step(f, inputs, args.beta) for label, f in methods.items()}
+        if args.cuda_wide_loads:
+            with wide_loads():
+                accuracy.update({WIDE: bench.accuracy(inputs, args.beta, {"fused": methods["fused"]})["fused"]})
+            steps[WIDE] = with_wide_loads(steps["fused"])
+        accuracy_rows.append((name, accuracy))
         rows.append(time_case(name, steps, nbytes[name], copy_gbs, args, device, timers))
         del inputs, steps
         _release(device)
@@ -569,9 +608,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not fusedvae.has_cuda_kernels():
         raise SystemExit("gpu_bench.py: fusedvae was built without CUDA kernels")
     shape = (args.batch, 3, args.size, args.size)
-    fusedvae._C._set_cuda_wide_loads(args.cuda_wide_loads)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {shape}  Z {args.latent}"
-          f"  wide loads: {'on' if args.cuda_wide_loads else 'off'}", flush=True)
+          f"  wide loads: {'timed beside fused' if args.cuda_wide_loads else 'not timed'}", flush=True)
     dmol_cases = [] if args.no_dmol else DMOL_CASES
     copy_nbytes = copy_bytes(*case_bytes(args).values(), *(c[3] for c in dmol_cases))
     copy_gbs = copy_bandwidth_gbs(copy_nbytes, max(1, args.iters // 5), args.repeats)

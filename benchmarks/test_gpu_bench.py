@@ -428,3 +428,34 @@ def test_dmol_cases_on_cuda(fresh_dynamo):
     assert all(v > 0 for v in row["ms"].values())
     # each step holds at least the gradient it returns, as large as the parameters
     assert all(b >= row["output_bytes"] == 2 * 100 * 16 * 16 * 4 for b in row["peak_bytes"].values()), row
+
+
+def test_wide_loads_are_timed_beside_fused(fresh_dynamo):
+    """--cuda-wide-loads adds a fused_wide method to every VAE case: timed, checked, in its own columns."""
+    args = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-wide-loads"])
+    rows, accuracy_rows = gpu_bench.run_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]))
+    for row, (_, acc) in zip(rows, accuracy_rows):
+        assert set(row["ms"]) == set(row["host_ms"]) == set(acc) == {*bench.METHODS, gpu_bench.WIDE}
+        assert acc[gpu_bench.WIDE]["ok"], acc
+        assert row["percent_of_floor_wide"] == pytest.approx(100 * row["floor_ms"] / row["ms"][gpu_bench.WIDE])
+    dmol = gpu_bench.case_row("DMOL", 1000, 3000.0, dict.fromkeys(gpu_bench.METHOD_NAMES, 1.0),
+                              dict.fromkeys(gpu_bench.METHOD_NAMES, 1.0))
+    text, failed = gpu_bench.report(rows + [dmol], accuracy_rows, 3000.0, 2**30)
+    assert failed == [], failed
+    lines = text.splitlines()
+    assert any(line.endswith("| fused wide-load ms | wide % of floor |") for line in lines)
+    assert any(line.endswith("| fused wide-load host ms |") for line in lines)
+    assert any(line.startswith("| DMOL |") and line.endswith("| - | - |") for line in lines)  # no wide method
+    assert any(line.startswith("| case |") and line.endswith("| fused_wide |") for line in lines)  # accuracy
+
+
+def test_wide_loads_context_restores_the_switch():
+    import fusedvae
+
+    assert fusedvae._C._set_cuda_wide_loads(False) is False
+    with gpu_bench.wide_loads():
+        assert fusedvae._C._set_cuda_wide_loads(True) is True
+    assert fusedvae._C._set_cuda_wide_loads(False) is False
+    seen = []
+    gpu_bench.with_wide_loads(lambda: seen.append(fusedvae._C._set_cuda_wide_loads(True)))()
+    assert seen == [True] and fusedvae._C._set_cuda_wide_loads(False) is False

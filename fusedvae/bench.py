@@ -394,7 +394,7 @@ def format_accuracy(rows: Sequence[Tuple[str, Dict[str, Dict[str, object]]]]) ->
     """Markdown: one row per case, per method the loss and gradient errors and their tolerances."""
     if not rows:
         return ""
-    names = list(rows[0][1])
+    names = list(dict.fromkeys(n for _, report in rows for n in report))  # every method, first-seen order
     lines = [
         "Relative error against the float64 reference (fusedvae.reference on float64 copies of the "
         "inputs): loss | worst gradient (max abs error / max abs value), each with its tolerance "
@@ -406,6 +406,9 @@ def format_accuracy(rows: Sequence[Tuple[str, Dict[str, Dict[str, object]]]]) ->
     for case, report in rows:
         cells = []
         for n in names:
+            if n not in report:
+                cells.append("-")
+                continue
             r = report[n]
             cell = f"{r['loss_err']:.1e} [{r['loss_tol']:.2g}] \\| {r['grad_err']:.1e} [{r['grad_tol']:.2g}]"
             cells.append(cell if r["ok"] else cell + " FAIL")

@@ -1,0 +1,16 @@
+"""benchmarks/sanitizer_case.py, which gpu_check.sh runs under compute-sanitizer, runs on every device."""
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SCRIPT = pathlib.Path(__file__).with_name("sanitizer_case.py")
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_sanitizer_case_runs(device):
+    out = subprocess.run([sys.executable, str(SCRIPT), device], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "ok"
