@@ -93,11 +93,17 @@ struct ReconVisitor {
   }
 };
 
+// dispatch_recon for a recon whose type T is known (p.dtype's).
+template <typename T, typename HalfT, typename BFloat16T, typename F>
+void dispatch_recon_as(const ReconProblem& p, F&& f) {
+  const ReconVisitor<T, HalfT, BFloat16T, F> visit{p, f};
+  math::visit_likelihood(p.likelihood, visit);
+}
+
 template <typename HalfT, typename BFloat16T, typename F>
 void dispatch_recon(const ReconProblem& p, F&& f) {
   dispatch_dtype<HalfT, BFloat16T>(p.dtype, [&](auto x_tag) {
-    const ReconVisitor<typename decltype(x_tag)::type, HalfT, BFloat16T, F> visit{p, f};
-    math::visit_likelihood(p.likelihood, visit);
+    dispatch_recon_as<typename decltype(x_tag)::type, HalfT, BFloat16T>(p, f);
   });
 }
 

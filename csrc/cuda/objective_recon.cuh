@@ -1,0 +1,86 @@
+// The objective's per-element stages for one recon type T: the forward's
+// partial sums and the backward map (kernels.cuh declares them). Each
+// objective_<type>.cu includes this and instantiates one T, so the heaviest
+// template expansion (likelihood x target x scale x vector width) is spread
+// over four files that compile in parallel.
+#pragma once
+
+#include "kernels.cuh"
+
+namespace fusedvae {
+namespace cuda {
+namespace detail {
+
+template <typename T>
+void objective_forward_recon(const ObjectiveProblem& p, Grid grid, void* workspace,
+                             cudaStream_t stream) {
+  const int64_t batch = p.objective.batch;
+  dispatch_recon_as<T, __half, __nv_bfloat16>(p.recon, [&](auto l, auto, auto t_tag, auto s_tag) {
+    using TargetT = typename decltype(t_tag)::type;
+    using ScaleT = typename decltype(s_tag)::type;
+    using Acc = acc_t<T>;
+    const ReconTerm<typename decltype(l)::type, T, TargetT, ScaleT> term{
+        static_cast<const T*>(p.recon.recon), static_cast<const TargetT*>(p.recon.target),
+        static_cast<const ScaleT*>(p.recon.log_scale), p.recon.weight, p.recon.numel_per_sample};
+    const auto aligned_for = [&](auto width) {
+      return aligned<decltype(width)::value>(batch, p.recon.numel_per_sample,
+                                             {{p.recon.recon, int(sizeof(T))},
+                                              {p.recon.target, int(sizeof(TargetT))},
+                                              {p.recon.log_scale, int(sizeof(ScaleT))}});
+    };
+    const unsigned blocks = static_cast<unsigned>(batch * grid.chunks);
+    Acc* partial = static_cast<Acc*>(workspace);
+    launch_widest<vec_width<T>(), wide_vec_width<T, TargetT>()>(aligned_for, [&](auto width) {
+      sum_chunks_kernel<decltype(width)::value>
+          <<<blocks, kThreads, 0, stream>>>(term, p.recon.numel_per_sample, grid, partial);
+    });
+  });
+}
+
+template <typename T>
+void objective_backward_recon(const ObjectiveProblem& p, const OutputGrads& grads, const void* aux,
+                              const ObjectiveGrads& out, cudaStream_t stream) {
+  const Objective& o = p.objective;
+  const int device = current_device();
+  const Grid recon_grid = make_grid(o.batch, o.n, device);
+  const Grid kl_grid = make_grid(o.batch, o.j, device);
+  const int64_t recon_blocks = out.recon != nullptr && o.n > 0 ? o.batch * recon_grid.chunks : 0;
+  const int64_t kl_blocks = out.mu != nullptr && o.j > 0 ? o.batch * kl_grid.chunks : 0;
+  const int64_t blocks = recon_blocks + kl_blocks > 0 ? recon_blocks + kl_blocks : 1;
+  dispatch_recon_as<T, __half, __nv_bfloat16>(p.recon, [&](auto l, auto, auto t_tag, auto s_tag) {
+    using TargetT = typename decltype(t_tag)::type;
+    using ScaleT = typename decltype(s_tag)::type;
+    using L = typename decltype(l)::type;
+    const auto aligned_for = [&](auto width) {
+      return aligned<decltype(width)::value>(
+          o.batch, o.n,
+          {{p.recon.recon, int(sizeof(T))},
+           {p.recon.target, int(sizeof(TargetT))},
+           {p.recon.log_scale, int(sizeof(ScaleT))},
+           {out.recon, int(sizeof(T))},
+           {objective::uses_shared_scale(o) ? nullptr : out.log_scale, int(sizeof(ScaleT))}});
+    };
+    const auto* aux_acc = static_cast<const acc_t<T>*>(aux);
+    launch_widest<vec_width<T>(), wide_vec_width<T, TargetT>()>(aligned_for, [&](auto width) {
+      objective_backward_kernel<decltype(width)::value, L, T, TargetT, ScaleT>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+              p, grads, aux_acc, out, recon_grid, recon_blocks, kl_grid);
+    });
+  });
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace fusedvae
+
+// FUSEDVAE_INSTANTIATE_OBJECTIVE(T): the one line of each objective_<type>.cu.
+#define FUSEDVAE_INSTANTIATE_OBJECTIVE(T)                                                       \
+  namespace fusedvae {                                                                          \
+  namespace cuda {                                                                              \
+  namespace detail {                                                                            \
+  template void objective_forward_recon<T>(const ObjectiveProblem&, Grid, void*, cudaStream_t); \
+  template void objective_backward_recon<T>(const ObjectiveProblem&, const OutputGrads&,        \
+                                            const void*, const ObjectiveGrads&, cudaStream_t);  \
+  }                                                                                             \
+  }                                                                                             \
+  }
