@@ -12,7 +12,11 @@ Environment (all optional):
   FUSEDVAE_CPU_ONLY=1     build without CUDA even where it could be built.
   TORCH_CUDA_ARCH_LIST    CUDA architectures; defaults to "8.0;9.0" when no GPU
                           is visible (torch otherwise picks the visible GPU's).
-  CXX, MAX_JOBS           the C++ compiler (g++ or clang++) and parallel jobs.
+  CXX, MAX_JOBS           the C++ compiler (g++ or clang++) and parallel jobs
+                          of each module's ninja run.
+
+The modules are built side by side (``build_ext --parallel``, by default one
+worker per module), each by its own ninja run in its own build folder.
 """
 import glob
 import os
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 
 import torch
 from setuptools import setup
@@ -221,6 +226,43 @@ def _write_build_info(with_cuda: bool) -> None:
         f.write(f"CPU_BUILDS = {sorted(CPU_BUILDS) if X86_64 else []!r}\n")
 
 
+def _side_by_side(build_extension_cls):
+    """``build_extension_cls`` (torch's BuildExtension) building the modules in parallel.
+
+    torch writes each module's build.ninja into ``build_temp``; two modules
+    built at once need two folders, so each worker thread sees a
+    ``build_temp`` of its own (``<build_temp>/<module name>``). Without
+    ``--parallel``, one worker per module.
+    """
+
+    class BuildSideBySide(build_extension_cls):
+        _module = threading.local()
+
+        @property
+        def build_temp(self):
+            base = self.__dict__.get("_build_temp")
+            name = getattr(self._module, "name", None)
+            return os.path.join(base, name) if base is not None and name else base
+
+        @build_temp.setter
+        def build_temp(self, value):
+            self.__dict__["_build_temp"] = value
+
+        def finalize_options(self):
+            super().finalize_options()
+            if self.parallel is None:
+                self.parallel = max(1, len(self.extensions or ()))
+
+        def build_extension(self, ext):
+            self._module.name = ext.name
+            try:
+                super().build_extension(ext)
+            finally:
+                self._module.name = None
+
+    return BuildSideBySide
+
+
 def main() -> None:
     cuda_home = _cuda_home_for_build()
     if cuda_home is not None:
@@ -233,7 +275,7 @@ def main() -> None:
         cpp_extension.CUDA_HOME = cuda_home
     extensions = _extensions(cpp_extension, cuda_home)
     _write_build_info(cuda_home is not None)
-    setup(ext_modules=extensions, cmdclass={"build_ext": cpp_extension.BuildExtension})
+    setup(ext_modules=extensions, cmdclass={"build_ext": _side_by_side(cpp_extension.BuildExtension)})
 
 
 # pip's build backend runs this file as __main__ too; tests load its functions

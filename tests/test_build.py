@@ -363,3 +363,34 @@ def test_setup_cpu_only_switch(setup_py, monkeypatch, capsys):
     monkeypatch.setenv("FUSEDVAE_CPU_ONLY", "1")
     assert setup_py["_cuda_home_for_build"]() is None
     assert "CPU kernels only" in _one_line(capsys)
+
+
+# ------------------------------------------------- modules built side by side --
+
+def test_setup_builds_the_modules_side_by_side_each_in_its_own_folder(setup_py, tmp_path):
+    """Each worker sees build_temp/<module>; unset --parallel means one worker per module."""
+    import threading
+
+    from setuptools import Distribution
+    from setuptools.command.build_ext import build_ext
+
+    seen = {}
+    barrier = threading.Barrier(2, timeout=30)  # both modules in flight at once, or this fails
+
+    class Recording(build_ext):
+        def build_extension(self, ext):
+            barrier.wait()
+            seen[ext.name] = (self.build_temp, threading.get_ident())
+
+    from setuptools import Extension
+
+    dist = Distribution({"ext_modules": [Extension("pkg.a", ["a.cpp"]), Extension("pkg.b", ["b.cpp"])]})
+    cmd = setup_py["_side_by_side"](Recording)(dist)
+    cmd.initialize_options()
+    cmd.build_temp = str(tmp_path)
+    cmd.finalize_options()
+    assert cmd.parallel == 2
+    cmd.build_extensions()
+    assert seen["pkg.a"][0] == str(tmp_path / "pkg.a") and seen["pkg.b"][0] == str(tmp_path / "pkg.b")
+    assert seen["pkg.a"][1] != seen["pkg.b"][1]
+    assert cmd.build_temp == str(tmp_path)  # outside a worker, the folder given
