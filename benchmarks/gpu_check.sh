@@ -3,15 +3,25 @@
 #
 #   bash benchmarks/gpu_check.sh [REPORT]       (default: gpu_report.md in the repository root)
 #
-# Builds the package with its CUDA kernels as the README says, checks that a GPU
-# is visible and the CUDA kernels are registered, runs the whole test suite
-# (tests/: the GPU cases run wherever a GPU is visible, nothing names test
-# files), the slow GPU tests, compute-sanitizer (memcheck, racecheck) on a small
-# case, the GPU benchmark (benchmarks/gpu_bench.py, which checks every method
-# against a float64 truth) and whole training steps and host time per call
-# (benchmarks/train_step.py). Each step's full output goes to REPORT's log folder
-# (gpu_report_logs/ for gpu_report.md); REPORT holds, per step, the command,
-# its exit status and the end of its log. Exits 1 if any step failed.
+# Builds the package with its CUDA kernels as the README says and checks that a
+# GPU is visible and the CUDA kernels are registered; then, side by side, the
+# tests that run on CUDA (tests/ and benchmarks/, selected by -k "cuda or gpu":
+# every device-parametrized test's cuda instance, the CUDA-only files) and
+# compute-sanitizer memcheck and racecheck on benchmarks/sanitizer_case.py;
+# then, one at a time, the GPU benchmark at 32x3x512x512 with the opt-in wide
+# loads timed beside the default kernels (benchmarks/gpu_bench.py, which checks
+# every method against a float64 truth), the discretized mixture's benchmark,
+# and whole training steps and host time per call (benchmarks/train_step.py).
+#
+# It is made for a machine lent for minutes: every step after the build gets
+# the time left before GPU_CHECK_SECONDS (default 600) has passed since the
+# start, and a step that runs out is reported as failed (exit 124), the steps
+# after it skipped. The tests log one line per test (-v), so a run cut short
+# still names every failure it reached. Each step's full output goes to
+# REPORT's log folder (gpu_report_logs/ for gpu_report.md: seven files at
+# most); REPORT holds, per step, the command, its exit status and the end of
+# its log. GPU_CHECK_SLOW=1 adds the slow tests about CUDA. Exits 1 if any
+# step failed or was skipped.
 set -uo pipefail
 
 report=${1:-gpu_report.md}
@@ -21,25 +31,6 @@ logs="${report%.md}_logs"
 mkdir -p "$logs" || exit 1
 status=0
 unset FUSEDVAE_CPU_ONLY  # the point is to build and run the CUDA kernels
-
-# step NAME COMMAND...: run COMMAND, its output into $logs/NAME.log, and its
-# exit status and the last lines of the log into the report.
-step() {
-  local name=$1
-  shift
-  local log="$logs/$name.log"
-  local start=$SECONDS
-  "$@" > "$log" 2>&1
-  local rc=$?
-  [ "$rc" -eq 0 ] || status=1
-  {
-    printf '\n## %s: %s (exit %d, %d s)\n\n' "$name" "$([ "$rc" -eq 0 ] && echo ok || echo FAILED)" "$rc" "$((SECONDS - start))"
-    printf '`%s`, full log: `%s`\n\n```\n' "$*" "$log"
-    tail -n 60 "$log"
-    printf '```\n'
-  } >> "$report"
-  return "$rc"
-}
 
 {
   echo "# fusedvae GPU check"
@@ -56,8 +47,55 @@ step() {
   echo '```'
 } > "$report"
 
+budget=${GPU_CHECK_SECONDS:-600}
+# seconds_left: what is left of the budget.
+seconds_left() { echo $((budget - SECONDS)); }
+rcs=$(mktemp -d)
+
+# step NAME COMMAND...: run COMMAND under the time left, its output appended to
+# $logs/NAME.log, its exit status kept for the report (section NAME).
+step() {
+  local name=$1
+  shift
+  local left
+  left=$(seconds_left)
+  if [ "$left" -le 5 ]; then
+    echo "skipped: the budget of $budget s was spent" >> "$logs/$name.log"
+    echo 125 > "$rcs/$name"
+    return 125
+  fi
+  local start=$SECONDS
+  echo "+ $*" >> "$logs/$name.log"
+  timeout "$left" bash -c '"$@"' step "$@" >> "$logs/$name.log" 2>&1
+  local rc=$?
+  echo "$rc $((SECONDS - start))" > "$rcs/$name"
+  return "$rc"
+}
+
+# section NAME: the report's part for step NAME.
+section() {
+  local name=$1 rc seconds
+  if ! read -r rc seconds < "$rcs/$name" 2> /dev/null; then
+    status=1
+    printf '\n## %s: not run (a step before it failed)\n' "$name" >> "$report"
+    return
+  fi
+  [ "$rc" -eq 0 ] || status=1
+  {
+    printf '\n## %s: %s (exit %d, %d s)\n\n' "$name" "$([ "$rc" -eq 0 ] && echo ok || echo FAILED)" "$rc" "$seconds"
+    printf 'full log: `%s`\n\n```\n' "$logs/$name.log"
+    tail -n 60 "$logs/$name.log"
+    printf '```\n'
+  } >> "$report"
+}
+
+# The package's own directory first on the path: scripts under benchmarks/
+# import it wherever it was built.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
 # Build as the README does; where pip cannot (no network for a missing
-# dependency, say), build in place instead.
+# dependency, say), build in place instead. setup.py builds the modules side
+# by side.
 build() {
   echo "+ pip install --no-build-isolation -e ."
   pip install --no-build-isolation -e . && return 0
@@ -65,7 +103,6 @@ build() {
   echo "+ python setup.py build_ext --inplace"
   python setup.py build_ext --inplace
 }
-step build build
 
 # Without a GPU or without CUDA kernels every GPU test is skipped, not failed:
 # make that a failure here.
@@ -79,20 +116,15 @@ assert fusedvae.has_cuda_kernels(), "fusedvae was built without CUDA kernels"
 print(torch.cuda.get_device_name())
 '
 }
-step cuda-visible check_cuda
 
-step tests python -m pytest tests/ -q -rs
+build_and_check() { build && check_cuda; }
 
-# Slow tests are deselected by default (pyproject addopts); run those about
-# CUDA (by name or marker). None selected (pytest's exit 5) is no failure.
-slow_cuda_tests() {
-  echo "+ python -m pytest tests/ -q -rs -m slow -k cuda"
-  python -m pytest tests/ -q -rs -m slow -k cuda
-  local rc=$?
-  [ "$rc" -eq 5 ] && { echo "no slow CUDA tests selected"; return 0; }
-  return "$rc"
+cuda_tests() {
+  local parallel=() marks=()
+  python -c 'import xdist' 2> /dev/null && parallel=(-n 8)
+  [ "${GPU_CHECK_SLOW:-0}" = 1 ] && marks=(-m "slow or not slow")
+  python -m pytest tests/ benchmarks/ -v -rfEs -p no:cacheprovider -k "cuda or gpu" "${parallel[@]}" "${marks[@]}"
 }
-step tests-slow-cuda slow_cuda_tests
 
 # sanitize TOOL: compute-sanitizer --tool TOOL on benchmarks/sanitizer_case.py.
 sanitize() {
@@ -104,14 +136,29 @@ sanitize() {
   fi
   "$sanitizer" --tool "$1" --error-exitcode 1 python benchmarks/sanitizer_case.py
 }
-step sanitizer-memcheck sanitize memcheck
-step sanitizer-racecheck sanitize racecheck
 
-# The opt-in wide-load kernels timed beside the default ones, in the same run.
-step benchmark python benchmarks/gpu_bench.py --cuda-wide-loads
-step dmol-benchmark python benchmarks/dmol_bench.py --device cuda
-step train-step python benchmarks/train_step.py --device cuda
-step host-time python benchmarks/train_step.py --device cuda --host-overhead
+train_steps() {
+  python benchmarks/train_step.py --device cuda && python benchmarks/train_step.py --device cuda --host-overhead
+}
+
+export -f build check_cuda build_and_check cuda_tests sanitize train_steps
+step build build_and_check
+section build
+if [ "$status" -eq 0 ]; then
+  step tests cuda_tests &
+  step sanitizer-memcheck sanitize memcheck &
+  step sanitizer-racecheck sanitize racecheck &
+  wait
+  # The opt-in wide-load kernels timed beside the default ones, in the same
+  # run, at the size the kernels' goals are set for.
+  step benchmark python benchmarks/gpu_bench.py --batch 32 --size 512 --cuda-wide-loads
+  step dmol-benchmark python benchmarks/dmol_bench.py --device cuda
+  step train-step train_steps
+fi
+for name in tests sanitizer-memcheck sanitizer-racecheck benchmark dmol-benchmark train-step; do
+  section "$name"
+done
+rm -rf "$rcs"
 
 echo >> "$report"
 echo "status: $status" >> "$report"
