@@ -230,10 +230,20 @@ Tensor cb_log_normalizer_autograd(const Tensor& logits) {
 }
 
 using DmolOp = Tensor(const Tensor&, const Tensor&, int64_t, double);
+using DmolWithGradOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, double);
 using DmolBackwardOp = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, double);
 
 // The target is data: the op has no gradient for it (the Python API refuses
 // a target that requires grad).
+//
+// On the CPU, with float32 or float64 params, the forward also computes the
+// gradient for an output gradient of 1, in the same pass over the pixels
+// (dmol_nll_and_grad: each pixel's mixture is evaluated once, not once per
+// direction), and the first backward scales it in place by the output's
+// gradient and returns it. A later backward through the same graph
+// (retain_graph=True) and a backward that builds a graph (create_graph=True,
+// refused by dmol_nll_backward) run dmol_nll_backward. 16-bit params keep
+// the two passes: scaling a 16-bit gradient would round it twice.
 class DmolFunction : public torch::autograd::Function<DmolFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& params, const Tensor& target,
@@ -242,10 +252,24 @@ class DmolFunction : public torch::autograd::Function<DmolFunction> {
     ctx->save_for_backward({params, target});
     ctx->saved_data["bits"] = bits;
     ctx->saved_data["log_scale_min"] = log_scale_min;
+    const at::ScalarType dtype = params.scalar_type();
+    if (params.device().is_cpu() && (dtype == at::kFloat || dtype == at::kDouble)) {
+      static const auto op = find_op<DmolWithGradOp>("fusedvae::dmol_nll_and_grad");
+      auto [nll, grad_params] = op.call(params, target, bits, log_scale_min);
+      ctx->saved_data["grad_params"] = grad_params;
+      return {nll};
+    }
     static const auto op = find_op<DmolOp>("fusedvae::dmol_nll");
     return {op.call(params, target, bits, log_scale_min)};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::IValue& computed = ctx->saved_data["grad_params"];
+    if (computed.isTensor() && !at::GradMode::is_enabled()) {
+      Tensor grad_params = computed.toTensor();
+      computed = at::IValue();  // used up: a later backward computes it again
+      grad_params.mul_(grads[0].to(grad_params.scalar_type()).reshape({-1, 1, 1, 1}));
+      return {grad_params, Tensor(), Tensor(), Tensor()};
+    }
     const variable_list saved = ctx->get_saved_variables();
     static const auto op = find_op<DmolBackwardOp>("fusedvae::dmol_nll_backward");
     return {op.call(grads[0], saved[0], saved[1], ctx->saved_data["bits"].toInt(),
@@ -473,6 +497,18 @@ Tensor cb_log_normalizer_backward_autograd(const Tensor& grad, const Tensor& log
   return refuse_second_order("cb_log_normalizer_backward", {grad, logits}, {a})[0];
 }
 
+std::tuple<Tensor, Tensor> dmol_nll_and_grad_autograd(const Tensor& params, const Tensor& target,
+                                                      int64_t bits, double log_scale_min) {
+  Tensor a, b;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static const auto op = find_op<DmolWithGradOp>("fusedvae::dmol_nll_and_grad");
+    std::tie(a, b) = op.call(params, target, bits, log_scale_min);
+  }
+  const variable_list out = refuse_second_order("dmol_nll_and_grad", {params}, {a, b});
+  return {out[0], out[1]};
+}
+
 Tensor dmol_nll_backward_autograd(const Tensor& grad, const Tensor& params, const Tensor& target,
                                   int64_t bits, double log_scale_min) {
   Tensor a;
@@ -498,5 +534,6 @@ TORCH_LIBRARY_IMPL(fusedvae, Autograd, m) {
   m.impl("cb_log_normalizer", &cb_log_normalizer_autograd);
   m.impl("cb_log_normalizer_backward", &cb_log_normalizer_backward_autograd);
   m.impl("dmol_nll", &dmol_nll_autograd);
+  m.impl("dmol_nll_and_grad", &dmol_nll_and_grad_autograd);
   m.impl("dmol_nll_backward", &dmol_nll_backward_autograd);
 }

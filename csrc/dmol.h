@@ -276,10 +276,23 @@ FUSEDVAE_DMOL_HD void component_grad(const Pixel<O>& px, const Read& p, int64_t 
   out->log_joint = p(k) - norm + log_prob;
 }
 
+// The gradient's scale g: the output's gradient, or UnitScale for g = 1 (the
+// CPU's forward computes that gradient, and its autograd node multiplies by the
+// output's gradient later: g * (value) either way, so both give the same bits).
+struct UnitScale {};
+template <class V>
+FUSEDVAE_DMOL_HD V scaled(const V& g, const V& value) {
+  return g * value;
+}
+template <class V>
+FUSEDVAE_DMOL_HD V scaled(UnitScale, const V& value) {
+  return value;
+}
+
 // Writes component k's gradients, given r_k = p(k | pixel).
-template <class O, typename Read, typename Write>
+template <class O, typename Read, typename G, typename Write>
 FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, const Read& p, int64_t k,
-                                           typename O::V norm, typename O::V g,
+                                           typename O::V norm, const G& g,
                                            const ComponentGrad<O>& cg, typename O::V log_like,
                                            const Write& write) {
   using V = typename O::V;
@@ -287,11 +300,12 @@ FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, const Read& p, in
   const int rows = px.channels == 3 ? 3 : 2;
   // d(-log p)/d log P_kc = -r_k; d(-log p)/dπ_k = softmax(π)_k - r_k.
   // Both exponents are <= 0 (up to rounding): log p(k, pixel) <= log p(pixel), π_k <= norm.
-  const V minus_gr = O::splat(0.0) - g * O::exp_nonpositive(cg.log_joint - log_like);
-  write(k, g * O::exp_nonpositive(p(k) - norm) + minus_gr);
+  const V r = O::exp_nonpositive(cg.log_joint - log_like);
+  const V minus_r = O::splat(0.0) - r;
+  write(k, scaled(g, V(O::exp_nonpositive(p(k) - norm) - r)));
   for (int c = 0; c < px.channels; ++c) {
-    write(kk + c * rows * kk + k, minus_gr * cg.d_mean[c]);
-    write(kk + c * rows * kk + kk + k, minus_gr * cg.d_log_scale[c]);
+    write(kk + c * rows * kk + k, scaled(g, V(minus_r * cg.d_mean[c])));
+    write(kk + c * rows * kk + kk + k, scaled(g, V(minus_r * cg.d_log_scale[c])));
   }
   if (px.channels == 3) {
     // Row 0 (green-on-red) moves channel 1's mean by x_r; rows 1 and 2 channel 2's by x_r, x_g.
@@ -299,19 +313,19 @@ FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, const Read& p, in
     const V one = O::splat(1.0);
     for (int row = 0; row < 3; ++row) {
       write(kk + row * 3 * kk + 2 * kk + k,
-            minus_gr * d_row[row] * (one - cg.tanh_rows[row] * cg.tanh_rows[row]));
+            scaled(g, V(minus_r * d_row[row] * (one - cg.tanh_rows[row] * cg.tanh_rows[row]))));
     }
   }
 }
 
-// Calls write(j, g · ∂(-log p(pixel))/∂p(j)) for every parameter j. With at
-// most kCached components each is evaluated once and kept until log p(pixel)
-// is known; with more (or kCached = 0, where keeping them costs more than
-// evaluating twice, as in a GPU thread's registers) a first pass forms
-// log p(pixel) and a second the gradients.
-template <int kCached, class O, typename Read, typename Write>
-FUSEDVAE_HD void pixel_nll_backward(const Pixel<O>& px, const Read& p, typename O::V g,
-                                    const Write& write) {
+// Calls write(j, g · ∂(-log p(pixel))/∂p(j)) for every parameter j and returns
+// log p(pixel). With at most kCached components each is evaluated once and
+// kept until log p(pixel) is known; with more (or kCached = 0, where keeping
+// them costs more than evaluating twice, as in a GPU thread's registers) a
+// first pass forms log p(pixel) and a second the gradients.
+template <int kCached, class O, typename Read, typename G, typename Write>
+FUSEDVAE_HD typename O::V pixel_nll_backward(const Pixel<O>& px, const Read& p, const G& g,
+                                             const Write& write) {
   const typename O::V norm = logit_normalizer(px, p);
   if constexpr (kCached > 0) {
     if (px.k <= kCached) {
@@ -329,7 +343,7 @@ FUSEDVAE_HD void pixel_nll_backward(const Pixel<O>& px, const Read& p, typename 
       for (int64_t k = 0; k < px.k; ++k) {
         write_component_grad(px, p, k, norm, g, cache[k], log_like, write);
       }
-      return;
+      return log_like;
     }
   }
   const typename O::V log_like = pixel_log_likelihood(px, p, norm);
@@ -338,6 +352,7 @@ FUSEDVAE_HD void pixel_nll_backward(const Pixel<O>& px, const Read& p, typename 
     component_grad(px, p, k, norm, &cg);
     write_component_grad(px, p, k, norm, g, cg, log_like, write);
   }
+  return log_like;
 }
 
 }  // namespace dmol

@@ -165,6 +165,7 @@ enum class FloatMath : int {
   kLogApprox = 4,         // log(x)
   kTanhApprox = 5,        // tanh(x)
   kExpm1Approx = 6,       // e^x - 1
+  kSigmoid = 7,           // 1 / (1 + e^-x) (math::sigmoid_from, the logits' gradient)
 };
 
 // The CPU kernels of one instruction set. Each set is compiled from
@@ -195,6 +196,11 @@ struct Kernels {
   void (*dmol_forward)(const DmolProblem& p, void* nll);
   void (*dmol_backward)(const DmolProblem& p, const void* grad, void* grad_params,
                         const int64_t* grad_strides);
+  // Both in one pass over the parameters: dmol_forward's nll and dmol_backward's
+  // grad_params for grad[b] = 1 (the autograd node scales them by the output's
+  // gradient), evaluating each pixel's mixture once instead of twice.
+  void (*dmol_forward_with_grad)(const DmolProblem& p, void* nll, void* grad_params,
+                                 const int64_t* grad_strides);
   // out[i] = f(in[i]) for the approximation f, as the kernels evaluate it.
   void (*float_math)(FloatMath f, const float* in, float* out, int64_t n);
 };

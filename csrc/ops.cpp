@@ -807,6 +807,25 @@ Tensor dmol_nll(const Backend& backend, const Tensor& params, const Tensor& targ
   return nll;
 }
 
+std::tuple<Tensor, Tensor> dmol_nll_and_grad(const Backend& backend, const Tensor& params,
+                                             const Tensor& target, int64_t bits,
+                                             double log_scale_min) {
+  const c10::OptionalDeviceGuard guard(params.device());
+  DmolInputs in(params, target, bits, log_scale_min);
+  const at::ScalarType acc = accumulate_type(params.scalar_type());
+  Tensor nll = at::empty({in.problem.batch}, params.options().dtype(acc));
+  Tensor grad_params = at::empty_like(in.params);  // dmol_nll_backward's layout
+  int64_t strides[3];
+  pixel_strides(grad_params, strides);
+  if (!backend.dmol_forward_with_grad(in.problem, nll.data_ptr(), grad_params.data_ptr(),
+                                      strides)) {
+    backend.dmol_forward(in.problem, nll.data_ptr());
+    const Tensor ones = at::ones({in.problem.batch}, params.options().dtype(acc));
+    backend.dmol_backward(in.problem, ones.const_data_ptr(), grad_params.data_ptr(), strides);
+  }
+  return {nll, grad_params};
+}
+
 Tensor dmol_nll_backward(const Backend& backend, const Tensor& grad, const Tensor& params,
                          const Tensor& target, int64_t bits, double log_scale_min) {
   const c10::OptionalDeviceGuard guard(params.device());

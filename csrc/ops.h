@@ -32,6 +32,11 @@ class Backend {
   virtual void dmol_forward(const DmolProblem& p, void* nll) const = 0;
   virtual void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
                              const int64_t* grad_strides) const = 0;
+  // Kernels::dmol_forward_with_grad where the backend has it (returns true);
+  // false: dmol_nll_and_grad runs dmol_forward, then dmol_backward for grad 1.
+  virtual bool dmol_forward_with_grad(const DmolProblem&, void*, void*, const int64_t*) const {
+    return false;
+  }
 };
 
 // The schemas are in registration.cpp (FUSEDVAE_OP_SCHEMAS).
@@ -83,6 +88,10 @@ at::Tensor cb_log_normalizer_backward(const Backend& backend, const at::Tensor& 
 at::Tensor dmol_nll(const Backend& backend, const at::Tensor& params, const at::Tensor& target,
                     int64_t bits, double log_scale_min);
 
+std::tuple<at::Tensor, at::Tensor> dmol_nll_and_grad(const Backend& backend,
+                                                     const at::Tensor& params,
+                                                     const at::Tensor& target, int64_t bits,
+                                                     double log_scale_min);
 at::Tensor dmol_nll_backward(const Backend& backend, const at::Tensor& grad,
                              const at::Tensor& params, const at::Tensor& target, int64_t bits,
                              double log_scale_min);

@@ -38,7 +38,7 @@ PyObject* likelihood_rows() {
 // The names of cpu::FloatMath for `_cpu_float_math`, in the enum's order.
 constexpr const char* kFloatMathNames[] = {"exp_nonpositive",   "log1p_unit", "exp_approx",
                                            "expm1_nonpositive", "log_approx", "tanh_approx",
-                                           "expm1_approx"};
+                                           "expm1_approx",      "sigmoid"};
 
 // `fusedvae._C._cpu_float_math(name, data) -> bytes`: the float32 approximation
 // `name` (kFloatMathNames, cpu::FloatMath) of the CPU kernels in use applied to
@@ -171,6 +171,12 @@ TORCH_LIBRARY(fusedvae, m) {
   // target [B, 3 or 1, H, W] (float in [-1, 1], or uint8 pixels); the per-sample
   // negative log-likelihood [B] in the accumulation type, and its backward.
   m.def("dmol_nll(Tensor params, Tensor target, int bits, float log_scale_min) -> Tensor");
+  // dmol_nll and dmol_nll_backward's gradient for grad 1 together, in one pass
+  // where the backend can (the CPU): what dmol_nll's autograd node runs on the
+  // CPU when params requires grad.
+  m.def(
+      "dmol_nll_and_grad(Tensor params, Tensor target, int bits, float log_scale_min) "
+      "-> (Tensor nll, Tensor grad_params)");
   m.def(
       "dmol_nll_backward(Tensor grad, Tensor params, Tensor target, int bits, "
       "float log_scale_min) -> Tensor");

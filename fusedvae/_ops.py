@@ -235,6 +235,13 @@ def _pixel_indexable(t):
     return t.shape[2] <= 1 or t.shape[3] <= 1 or t.stride(2) == t.stride(3) * t.shape[3]
 
 
+@torch.library.register_fake("fusedvae::dmol_nll_and_grad")
+def _dmol_nll_and_grad_fake(params, target, bits, log_scale_min):
+    _check_dmol_args(params, target)
+    nll = params.new_empty((params.shape[0],), dtype=accumulate_dtype(params.dtype))
+    return nll, torch.empty_like(params if _pixel_indexable(params) else params.contiguous())
+
+
 @torch.library.register_fake("fusedvae::dmol_nll_backward")
 def _dmol_nll_backward_fake(grad, params, target, bits, log_scale_min):
     _check_dmol_args(params, target)

@@ -177,7 +177,46 @@ def test_no_grad_saves_nothing():
             fusedvae.discretized_mix_logistic_nll(params, target)
         assert saved == []
         fusedvae.discretized_mix_logistic_nll(params, target)
-    assert len(saved) == 2  # params and target, nothing else
+    # params and target, nothing else (on the CPU the node also holds the
+    # gradient its forward computed: test_one_pass_forward_gives_the_two_pass_results)
+    assert len(saved) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_one_pass_forward_gives_the_two_pass_results(dtype):
+    """On the CPU, float32 and float64 params get their gradient computed in the
+    forward's pass (dmol_nll_and_grad) and scaled by the first backward: the same
+    NLL and gradient as the separate ops, in either layout."""
+    params, target = _case(3, 4, "cpu")
+    upstream = _upstream(params.shape[0], "cpu", dtype)
+    for p in (params.to(dtype), params.to(dtype).contiguous(memory_format=torch.channels_last)):
+        p = p.detach().requires_grad_()
+        nll = fusedvae.discretized_mix_logistic_nll(p, target)
+        (grad,) = torch.autograd.grad(nll, p, upstream)
+        with torch.no_grad():
+            nll_alone = fusedvae.discretized_mix_logistic_nll(p, target)
+        grad_alone = ops.dmol_nll_backward(upstream, p.detach(), target, 8, -7.0)
+        both = ops.dmol_nll_and_grad(p.detach(), target, 8, -7.0)
+        torch.testing.assert_close(nll, nll_alone, rtol=0, atol=0)
+        torch.testing.assert_close(both[0], nll_alone, rtol=0, atol=0)
+        torch.testing.assert_close(grad, grad_alone, rtol=0, atol=0)
+        ones = torch.ones_like(upstream)
+        torch.testing.assert_close(both[1], ops.dmol_nll_backward(ones, p.detach(), target, 8, -7.0),
+                                   rtol=0, atol=0)
+
+
+def test_retained_graph_gives_the_gradient_every_time():
+    """The gradient computed in the forward is used once; a second backward
+    through the retained graph recomputes it (and may see another upstream)."""
+    params, target = _case(3, 4, "cpu")
+    params = params.float().requires_grad_()
+    nll = fusedvae.discretized_mix_logistic_nll(params, target)
+    first_up = _upstream(params.shape[0], "cpu", torch.float32)
+    (first,) = torch.autograd.grad(nll, params, first_up, retain_graph=True)
+    (second,) = torch.autograd.grad(nll, params, 2 * first_up, retain_graph=True)
+    (third,) = torch.autograd.grad(nll, params, first_up)
+    torch.testing.assert_close(second, 2 * first, rtol=1e-6, atol=0)
+    torch.testing.assert_close(third, first, rtol=0, atol=0)
 
 
 def test_second_order_raises():
@@ -196,6 +235,7 @@ def test_opcheck(device):
     torch.library.opcheck(ops.dmol_nll.default, (params, target, 8, -7.0))
     grad = torch.randn(2, device=device)
     torch.library.opcheck(ops.dmol_nll_backward.default, (grad, params.detach(), target, 8, -7.0))
+    torch.library.opcheck(ops.dmol_nll_and_grad.default, (params.detach(), target, 8, -7.0))
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

@@ -473,6 +473,8 @@ OP_CASES = [
     ("dmol_nll", "bits 0", lambda: ops.dmol_nll(_dp(), _dt(), 0, -7.0), ValueError, "expected bits in [1, 16], got 0"),
     ("dmol_nll", "log_scale_min inf", lambda: ops.dmol_nll(_dp(), _dt(), 8, float("inf")), ValueError, "expected a finite log_scale_min, got inf"),
     ("dmol_nll", "target on 'meta'", lambda: ops.dmol_nll(_dp(), _dt().to(META), 8, -7.0), RuntimeError, "expected target on the device of params"),
+    ("dmol_nll_and_grad", "int64 params", lambda: ops.dmol_nll_and_grad(_dp().long(), _dt(), 8, -7.0), TypeError, "expected params " + _FLOATING + "Long"),
+    ("dmol_nll_and_grad", "bits 17", lambda: ops.dmol_nll_and_grad(_dp(), _dt(), 17, -7.0), ValueError, "expected bits in [1, 16], got 17"),
     ("dmol_nll_backward", "grad of shape [3]", lambda: ops.dmol_nll_backward(torch.ones(3), _dp(), _dt(), 8, -7.0), ValueError, "expected grad of shape [2], got [3]"),
     ("dmol_nll_backward", "int64 params", lambda: ops.dmol_nll_backward(torch.ones(2), _dp().long(), _dt(), 8, -7.0), TypeError, "expected params " + _FLOATING + "Long"),
     ("dmol_nll_backward", "grad on 'meta'", lambda: ops.dmol_nll_backward(torch.ones(2, device=META), _dp(), _dt(), 8, -7.0), RuntimeError, "expected grad on the device of params"),

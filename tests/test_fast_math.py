@@ -13,6 +13,13 @@ docs quote:
 - ``log1p_unit`` (log(1 + e) for e in [0, 1], csrc/vae_math.h): relative error
   below 2.5e-7 for normal e (>= 2^-126); within one subnormal step (2^-149) of
   log1p(e) = e below.
+- ``sigmoid`` (1/(1 + e^-x), the Bernoulli logits' gradient: math::sigmoid_from
+  of exp_nonpositive(-|x|)): relative error below 2.5e-7 [1.8e-7] wherever
+  sigmoid(x) is a normal float (x >= -87.3365), 0 below; exactly 1/2 at 0, 1
+  from x = 17.33 on. (A reciprocal estimate refined by a Newton step in place of
+  its division, and of log1p_unit's, made the forward 17 % slower on an AVX-512
+  and an AVX2 build here: the divider runs beside the FMA units, the Newton
+  step on them.)
 
 The discretized mixture's (csrc/dmol.h; measured maxima in brackets, 2^17 points):
 
@@ -106,6 +113,23 @@ def test_log1p_unit_subnormal():
 def test_log1p_unit_at_zero_and_nan():
     got = _run("log1p_unit", np.float32([0.0, np.nan]))
     assert got[0] == 0.0 and np.isnan(got[1])
+
+
+def test_sigmoid_relative_error():
+    x = np.concatenate([_floats_between(-1e-30, X_MIN, POINTS // 2), _floats_between(1e-30, 40.0, POINTS // 2),
+                        np.float32([0.0, X_MIN, 40.0])])
+    x = x[x >= np.float32(X_MIN)]
+    err = _mpmath_relative_error(_run("sigmoid", x), x, lambda v: 1 / (1 + mpmath.exp(-v)))
+    worst = int(np.argmax(err))
+    assert err.max() < 2.5e-7, f"max relative error {err.max():.3g} at x = {x[worst]!r}"
+    assert err.max() > 3e-8
+
+
+def test_sigmoid_special_values():
+    got = _run("sigmoid", np.float32([0.0, -0.0, 17.33, 100.0, np.inf, -88.0, -np.inf, np.nan]))
+    assert got[0] == 0.5 and got[1] == 0.5
+    assert got[2] == 1.0 and got[3] == 1.0 and got[4] == 1.0
+    assert got[5] == 0.0 and got[6] == 0.0 and np.isnan(got[7])
 
 
 EXP_MAX = 88.72283  # the largest float32 x with e^x below FLT_MAX (log FLT_MAX = 88.7228391)
@@ -205,6 +229,7 @@ def test_tanh_approx_special_values():
     ("expm1_approx", -20.0, 40.0, np.expm1),
     ("log_approx", 0.01, 20.0, np.log),
     ("tanh_approx", -20.0, 20.0, np.tanh),
+    ("sigmoid", -80.0, 40.0, lambda v: 1 / (1 + np.exp(-v))),
 ])
 def test_approx_every_lane_and_tail(name, lo, hi, exact):
     # Lengths around every vector width: each lane, and a partial last vector.

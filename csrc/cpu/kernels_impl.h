@@ -466,31 +466,57 @@ void dmol_forward_typed(const DmolProblem& p, acc_t<T>* nll) {
       kPixelChunk);
 }
 
+// pixel_nll_backward over `count` pixels of sample b from pixel i, the
+// gradient scaled by g (a vector, or dmol::UnitScale) and written through
+// out_strides; returns log p of each.
+template <typename T, typename G, typename Acc = acc_t<T>>
+at::vec::Vectorized<Acc> dmol_pixels_backward(const DmolProblem& p, int64_t b, int64_t i,
+                                              int64_t count, const G& g, T* out,
+                                              const int64_t* out_strides) {
+  using Vec = at::vec::Vectorized<Acc>;
+  const T* params = static_cast<const T*>(p.params);
+  const PixelLanes<Acc, T> read{params + b * p.param_strides[0] + i * p.param_strides[2],
+                                p.param_strides[1], p.param_strides[2], count};
+  T* base = out + b * out_strides[0] + i * out_strides[2];
+  return dmol::pixel_nll_backward<kCachedComponents>(
+      load_pixels<Acc>(p, b, i, count), read, g, [&](int64_t j, const Vec& v) {
+        T* ptr = base + j * out_strides[1];
+        if (out_strides[2] == 1) {
+          store(ptr, v, count);
+          return;
+        }
+        alignas(64) Acc lanes[Vec::size()];
+        v.store(lanes);
+        for (int64_t l = 0; l < count; ++l) ptr[l * out_strides[2]] = static_cast<T>(lanes[l]);
+      });
+}
+
 template <typename T>
 void dmol_backward_typed(const DmolProblem& p, const acc_t<T>* grad, T* out,
                          const int64_t* out_strides) {
   using Acc = acc_t<T>;
-  using Vec = at::vec::Vectorized<Acc>;
-  const T* params = static_cast<const T*>(p.params);
   for_each_vector<Acc>(
       p.batch, p.pixels,
       [&](int64_t b, int64_t offset, int64_t count) {
-        const int64_t i = offset - b * p.pixels;
-        const PixelLanes<Acc, T> read{params + b * p.param_strides[0] + i * p.param_strides[2],
-                                      p.param_strides[1], p.param_strides[2], count};
-        T* base = out + b * out_strides[0] + i * out_strides[2];
-        dmol::pixel_nll_backward<kCachedComponents>(
-            load_pixels<Acc>(p, b, i, count), read, Vec(grad[b]), [&](int64_t j, const Vec& v) {
-              T* ptr = base + j * out_strides[1];
-              if (out_strides[2] == 1) {
-                store(ptr, v, count);
-                return;
-              }
-              alignas(64) Acc lanes[Vec::size()];
-              v.store(lanes);
-              for (int64_t l = 0; l < count; ++l)
-                ptr[l * out_strides[2]] = static_cast<T>(lanes[l]);
-            });
+        dmol_pixels_backward<T>(p, b, offset - b * p.pixels, count,
+                                at::vec::Vectorized<Acc>(grad[b]), out, out_strides);
+      },
+      kPixelChunk);
+}
+
+// dmol_forward_typed's sums (same work items and order) of the log-likelihoods
+// dmol_pixels_backward returns while it writes the gradient for grad = 1.
+template <typename T>
+void dmol_forward_with_grad_typed(const DmolProblem& p, acc_t<T>* nll, T* out,
+                                  const int64_t* out_strides) {
+  using Acc = acc_t<T>;
+  using Vec = at::vec::Vectorized<Acc>;
+  sum_per_sample<Acc>(
+      p.batch, p.pixels, nll,
+      [&](int64_t offset, int64_t count) {
+        const int64_t b = offset / p.pixels;
+        return Vec(Acc(0)) - dmol_pixels_backward<T>(p, b, offset - b * p.pixels, count,
+                                                     dmol::UnitScale{}, out, out_strides);
       },
       kPixelChunk);
 }
@@ -508,6 +534,15 @@ void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
     using T = typename decltype(tag)::type;
     dmol_backward_typed<T>(p, static_cast<const acc_t<T>*>(grad), static_cast<T*>(grad_params),
                            grad_strides);
+  });
+}
+
+void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
+                            const int64_t* grad_strides) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dmol_forward_with_grad_typed<T>(p, static_cast<acc_t<T>*>(nll), static_cast<T*>(grad_params),
+                                    grad_strides);
   });
 }
 
@@ -538,6 +573,9 @@ void float_math(FloatMath f, const float* in, float* out, int64_t n) {
       case FloatMath::kExpm1Approx:
         y = O::expm1_approx(x);
         break;
+      case FloatMath::kSigmoid:
+        y = math::sigmoid_from<O>(x, math::exp_neg_abs<O>(x));
+        break;
     }
     store(out + i, y, count);
   });
@@ -558,6 +596,7 @@ const Kernels kKernels = {
     &cb_log_normalizer_backward,
     &dmol_forward,
     &dmol_backward,
+    &dmol_forward_with_grad,
     &float_math,
 };
 #undef FUSEDVAE_NAME_OF
