@@ -589,9 +589,12 @@ struct LikelihoodTag {
 };
 
 // Calls f(LikelihoodTag<L>{}) for the likelihood of id `id` (nothing for an
-// unknown id: ops.cpp only passes ids from the table).
+// unknown id: ops.cpp only passes ids from the table). constexpr rather than
+// __host__ __device__: nvcc (--expt-relaxed-constexpr) compiles it for the side
+// each caller is on, so the host-only launchers that dispatch.h passes it need
+// no device version (which nvcc would warn about for every instantiation).
 template <class F, class L, class... Rest>
-FUSEDVAE_HD void visit_likelihood(int id, F&& f, LikelihoodList<L, Rest...>, int index = 0) {
+constexpr void visit_likelihood(int id, F&& f, LikelihoodList<L, Rest...>, int index = 0) {
   if (id == index) {
     f(LikelihoodTag<L>{});
     return;
@@ -599,7 +602,7 @@ FUSEDVAE_HD void visit_likelihood(int id, F&& f, LikelihoodList<L, Rest...>, int
   if constexpr (sizeof...(Rest) > 0) visit_likelihood(id, f, LikelihoodList<Rest...>{}, index + 1);
 }
 template <class F>
-FUSEDVAE_HD void visit_likelihood(int id, F&& f) {
+constexpr void visit_likelihood(int id, F&& f) {
   visit_likelihood(id, f, Likelihoods{});
 }
 
