@@ -27,6 +27,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    bench.isolate_inductor_cache()
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print()

@@ -174,3 +174,15 @@ def test_run_case_times_exp_log1p_over_recon_numel(monkeypatch):
     assert len(cells) == len(cols)
     assert float(cells[4]) == pytest.approx(r["ms"][ref], abs=5e-4)
     assert cells[7] == f"{r['ratio']['fused/(exp+log1p)']:.2f}x"
+
+
+def test_each_cpu_capability_gets_its_own_inductor_cache(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    path = bench.isolate_inductor_cache()
+    assert path is not None and path.endswith(f"fusedvae-bench-inductor-{capability}")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == path
+    # a folder already chosen (by the caller, or by inductor itself) is kept
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    assert bench.isolate_inductor_cache() is None
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"

@@ -52,6 +52,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -782,6 +783,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def isolate_inductor_cache() -> Optional[str]:
+    """Give ``torch.compile`` a cache folder of its own per CPU capability, unless one is set.
+
+    Inductor's cache does not tell code compiled for one CPU capability from
+    another's: a run with ``ATEN_CPU_CAPABILITY=avx2`` after one at the AVX-512
+    default was served the AVX-512 run's code, and its loss and gradients were
+    wrong (the accuracy check caught it). Where ``TORCHINDUCTOR_CACHE_DIR`` is
+    unset, it becomes ``<tmp>/fusedvae-bench-inductor-<capability>``. Returns
+    that folder, or ``None`` where the variable was already set (by the caller,
+    or by an earlier compilation in this process).
+    """
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    path = os.path.join(tempfile.gettempdir(), f"fusedvae-bench-inductor-{capability}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Print the benchmark tables (markdown) for the default or ``--quick`` cases.
 
@@ -803,6 +823,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
     cases = QUICK_CASES if args.quick else DEFAULT_CASES
+    isolate_inductor_cache()
     info = machine_info()
     results = []
     for shape, latent_dim, target_dtype in cases:
