@@ -793,6 +793,19 @@ struct DmolInputs {
     problem.half_width = 1.0 / static_cast<double>((int64_t(1) << bits) - 1);
     problem.log_scale_min = log_scale_min;
   }
+
+  // The per-sample NLL [B], in the accumulation type.
+  Tensor new_nll() const {
+    return at::empty({problem.batch},
+                     params.options().dtype(accumulate_type(params.scalar_type())));
+  }
+  // The gradient in the layout the kernel reads params in (NCHW or
+  // channels-last), and its strides for the kernel.
+  Tensor new_grad(int64_t (&strides)[3]) const {
+    Tensor grad = at::empty_like(params);
+    pixel_strides(grad, strides);
+    return grad;
+  }
 };
 
 }  // namespace
@@ -801,8 +814,7 @@ Tensor dmol_nll(const Backend& backend, const Tensor& params, const Tensor& targ
                 double log_scale_min) {
   const c10::OptionalDeviceGuard guard(params.device());
   DmolInputs in(params, target, bits, log_scale_min);
-  Tensor nll =
-      at::empty({in.problem.batch}, params.options().dtype(accumulate_type(params.scalar_type())));
+  Tensor nll = in.new_nll();
   backend.dmol_forward(in.problem, nll.data_ptr());
   return nll;
 }
@@ -812,15 +824,13 @@ std::tuple<Tensor, Tensor> dmol_nll_and_grad(const Backend& backend, const Tenso
                                              double log_scale_min) {
   const c10::OptionalDeviceGuard guard(params.device());
   DmolInputs in(params, target, bits, log_scale_min);
-  const at::ScalarType acc = accumulate_type(params.scalar_type());
-  Tensor nll = at::empty({in.problem.batch}, params.options().dtype(acc));
-  Tensor grad_params = at::empty_like(in.params);  // dmol_nll_backward's layout
+  Tensor nll = in.new_nll();
   int64_t strides[3];
-  pixel_strides(grad_params, strides);
+  Tensor grad_params = in.new_grad(strides);
   if (!backend.dmol_forward_with_grad(in.problem, nll.data_ptr(), grad_params.data_ptr(),
                                       strides)) {
     backend.dmol_forward(in.problem, nll.data_ptr());
-    const Tensor ones = at::ones({in.problem.batch}, params.options().dtype(acc));
+    const Tensor ones = at::ones_like(nll);
     backend.dmol_backward(in.problem, ones.const_data_ptr(), grad_params.data_ptr(), strides);
   }
   return {nll, grad_params};
@@ -835,10 +845,8 @@ Tensor dmol_nll_backward(const Backend& backend, const Tensor& grad, const Tenso
                     "fusedvae: expected grad of shape [", in.problem.batch, "], got ",
                     grad.sizes());
   const Tensor g = grad.to(accumulate_type(params.scalar_type())).contiguous();
-  // The gradient in the layout the kernel reads params in (NCHW or channels-last).
-  Tensor grad_params = at::empty_like(in.params);
   int64_t strides[3];
-  pixel_strides(grad_params, strides);
+  Tensor grad_params = in.new_grad(strides);
   backend.dmol_backward(in.problem, g.const_data_ptr(), grad_params.data_ptr(), strides);
   return grad_params;
 }
