@@ -20,8 +20,10 @@
 # still names every failure it reached. Each step's full output goes to
 # REPORT's log folder (gpu_report_logs/ for gpu_report.md: seven files at
 # most); REPORT holds, per step, the command, its exit status and the end of
-# its log. GPU_CHECK_SLOW=1 adds the slow tests about CUDA. Exits 1 if any
-# step failed or was skipped.
+# its log. GPU_CHECK_SLOW=1 adds the slow tests about CUDA. GPU_CHECK_PREBUILT=1
+# skips the build and checks the modules already in fusedvae/ (built elsewhere
+# for this machine's Python, torch and GPU). Exits 1 if any step failed or was
+# skipped.
 set -uo pipefail
 
 report=${1:-gpu_report.md}
@@ -117,7 +119,15 @@ print(torch.cuda.get_device_name())
 '
 }
 
-build_and_check() { build && check_cuda; }
+build_and_check() {
+  if [ "${GPU_CHECK_PREBUILT:-0}" = 1 ]; then
+    echo "GPU_CHECK_PREBUILT=1: not building; the modules in fusedvae/:"
+    ls -l fusedvae/*.so
+  else
+    build || return
+  fi
+  check_cuda
+}
 
 cuda_tests() {
   local parallel=() marks=()

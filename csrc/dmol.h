@@ -100,7 +100,8 @@ FUSEDVAE_DMOL_HD void channel_terms(const typename O::V* x, const typename O::V*
   V inv_scale[N], u[N], l[N], e_u[N], e_l[N], expm1_neg_width[N], inv_u[N], inv_l[N];
   Mask below[N], above[N];
   for (int c = 0; c < N; ++c) {
-    // torch.clamp(min=): NaN stays NaN; the gradient is zero where clamped (and at the bound).
+    // clamp(min=): NaN stays NaN; the gradient is zero below the bound and at it
+    // (as fusedvae.reference writes it out; torch.clamp's own changed at the bound in 2.14).
     const V log_scale =
         O::select(O::lt(raw_log_scale[c], log_scale_min), log_scale_min, raw_log_scale[c]);
     inv_scale[c] = O::exp_approx(zero - log_scale);

@@ -473,7 +473,7 @@ def discretized_mix_logistic_nll(
             channel): ``params[:, :K]`` are the mixture logits;
             ``params[:, K:].view(B, C, 3K, H, W)`` (``2K`` for one channel) holds for
             channel c the means ``[:, c, :K]``, the log-scales ``[:, c, K:2K]`` (clamped
-            below at ``log_scale_min``, with :func:`torch.clamp`'s zero gradient there)
+            below at ``log_scale_min``, with a zero gradient at and below it)
             and, for RGB, the raw coupling coefficients ``[:, c, 2K:3K]`` (``tanh``
             applied) in PixelCNN++'s order: green-on-red, blue-on-red, blue-on-green.
             float32, float64, float16 or bfloat16. Read where it lies when dense

@@ -293,7 +293,8 @@ def discretized_mix_logistic_nll(
             decoder output included): ``params[:, :K]`` are the mixture logits π;
             ``params[:, K:].view(B, C, 3K, H, W)`` (``2K`` for one channel) holds for
             channel c the means ``[:, c, :K]``, the log-scales ``[:, c, K:2K]``
-            (clamped below at ``log_scale_min``) and, for RGB, the raw coupling
+            (clamped below at ``log_scale_min``, with a zero gradient at and below it)
+            and, for RGB, the raw coupling
             coefficients ``[:, c, 2K:3K]``, ``tanh`` applied, in PixelCNN++'s order:
             green-on-red, blue-on-red, blue-on-green.
         target (Tensor): ``[B, C, H, W]`` images with C = 3 or 1: floating point in
@@ -316,7 +317,11 @@ def discretized_mix_logistic_nll(
     logit_probs = p[:, :k]                                            # [B, K, H, W]
     rest = p[:, k:].reshape(batch, channels, (per_k - 1) // channels, k, height, width)
     means = rest[:, :, 0]                                             # [B, C, K, H, W]
-    log_scales = torch.clamp(rest[:, :, 1], min=log_scale_min)
+    # torch.clamp(min=)'s value, with a gradient of zero at the bound itself as well as
+    # below it; torch.clamp's own gradient at the bound is 1 up to torch 2.13 and 0
+    # from 2.14, and the answer must not depend on the release. NaN stays NaN.
+    raw_log_scales = rest[:, :, 1]
+    log_scales = torch.where(raw_log_scales <= log_scale_min, log_scale_min, raw_log_scales)
     xc = x.unsqueeze(2)                                               # [B, C, 1, H, W]
     if channels == 3:
         coeffs = torch.tanh(rest[:, :, 2])  # rows: green-on-red, blue-on-red, blue-on-green

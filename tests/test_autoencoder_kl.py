@@ -174,8 +174,9 @@ def test_posterior_logvar_gradient_is_zero_outside_the_clamp(device):
     (g_expected,) = torch.autograd.grad(expected, lv)
     torch.testing.assert_close(g, g_expected, rtol=1e-12, atol=0)
     g = g.reshape(-1).cpu()
-    # outside [-30, 20], and at its ends, torch.clamp(x, min, max)'s gradient is 0
-    assert (g[:6] == 0).all(), g[:6]
+    # outside [-30, 20] torch.clamp(x, min, max)'s gradient is 0 (at the ends themselves
+    # it is 1 up to torch 2.13 and 0 from 2.14: the assert_close above covers them)
+    assert (g[[0, 1, 4, 5]] == 0).all(), g[:6]
     assert (g[6:] != 0).all()  # inside: the KL's gradient
 
 
