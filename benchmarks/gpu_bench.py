@@ -244,7 +244,7 @@ def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes
             wide_cells = (f" {cells.pop()} | {r['percent_of_floor_wide']:.0f} % |" if WIDE in r["ms"]
                           else " - | - |")
         lines.append(
-            f"| {r['case']} | {r['min_bytes'] / 1e6:.1f} | {r['floor_ms']:.3f} | " + " | ".join(cells)
+            f"| {r['case']} | {r['min_bytes'] / 1e6:.4g} | {r['floor_ms']:.4g} | " + " | ".join(cells)
             + f" | {r['percent_of_floor']:.0f} % | {r['eager/fused']:.2f}x | {r['compiled/fused']:.2f}x |"
             + wide_cells
         )

@@ -137,7 +137,7 @@ def test_format_table():
                     "eager/fused", "compile/fused"]
     row = next(line for line in lines if line.startswith("| fp32 recon, uint8 target |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells == ["fp32 recon, uint8 target", "176.9", "0.059", "0.900", "0.300*", "0.120", "49 %",
+    assert cells == ["fp32 recon, uint8 target", "176.9", "0.05898", "0.900", "0.300*", "0.120", "49 %",
                      "7.50x", "2.50x"]
     # the second case was captured throughout: no mark
     row2 = next(line for line in lines if line.startswith("| fp32 recon, fp32 target |"))
@@ -149,6 +149,16 @@ def test_format_table():
     host_header = lines.index("| case | eager host ms | compile host ms | fused host ms |")
     assert "host" in lines[host_header - 2].lower() and "not device time" in lines[host_header - 2]
     assert lines[host_header + 2] == "| fp32 recon, uint8 target | 0.450 | 0.200 | 0.030 |"
+
+
+def test_format_table_keeps_a_tiny_floor():
+    # Four significant digits, not three decimals: a small case's floor (as the
+    # GPU tests' 2x3x16x16 run) must not print as 0.
+    host = {"eager": 0.1, "compiled": 0.1, "fused": 0.1}
+    row = gpu_bench.case_row("tiny", 30_720, 3000.0, host, host)
+    line = next(l for l in gpu_bench.format_table([row], 3000.0, 2**30).splitlines() if l.startswith("| tiny |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:3] == ["0.03072", "1.024e-05"]
 
 
 def test_memory_table():
@@ -374,7 +384,7 @@ def test_run_dmol_cases_and_report_on_the_cpu(fresh_dynamo):
     text, failed = gpu_bench.report(rows, accuracy_rows, 3000.0, 2**30)
     assert failed == [], failed
     lines = text.splitlines()
-    assert any(line.startswith("| DMOL 2x3x8x8, K=10 | 0.1 | 0.000 | ") for line in lines)
+    assert any(line.startswith("| DMOL 2x3x8x8, K=10 | 0.1028 | 3.426e-05 | ") for line in lines)
     assert "| DMOL 2x3x8x8, K=10 | 0.1 | 0.1 (1.00x) | 0.1 (1.00x) | 0.1 (1.00x) |" in lines
     assert any(line.startswith("| DMOL 2x3x8x8, K=10 | ") and "[2e-05]" in line for line in lines)  # accuracy
 
