@@ -236,10 +236,10 @@ using DmolBackwardOp = Tensor(const Tensor&, const Tensor&, const Tensor&, int64
 // The target is data: the op has no gradient for it (the Python API refuses
 // a target that requires grad).
 //
-// On the CPU, with float32 or float64 params, the forward also computes the
-// gradient for an output gradient of 1, in the same pass over the pixels
-// (dmol_nll_and_grad: each pixel's mixture is evaluated once, not once per
-// direction), and the first backward scales it in place by the output's
+// With float32 or float64 params, the forward also computes the gradient for
+// an output gradient of 1, in the same pass over the pixels (dmol_nll_and_grad:
+// each pixel's mixture evaluated once instead of twice on the CPU, twice
+// instead of three times on CUDA), and the first backward scales it in place by the output's
 // gradient and returns it. A later backward through the same graph
 // (retain_graph=True) and a backward that builds a graph (create_graph=True,
 // refused by dmol_nll_backward) run dmol_nll_backward. 16-bit params keep
@@ -253,7 +253,7 @@ class DmolFunction : public torch::autograd::Function<DmolFunction> {
     ctx->saved_data["bits"] = bits;
     ctx->saved_data["log_scale_min"] = log_scale_min;
     const at::ScalarType dtype = params.scalar_type();
-    if (params.device().is_cpu() && (dtype == at::kFloat || dtype == at::kDouble)) {
+    if (dtype == at::kFloat || dtype == at::kDouble) {
       static const auto op = find_op<DmolWithGradOp>("fusedvae::dmol_nll_and_grad");
       auto [nll, grad_params] = op.call(params, target, bits, log_scale_min);
       ctx->saved_data["grad_params"] = grad_params;

@@ -253,6 +253,9 @@ void cb_log_normalizer_forward(const CbProblem& p, void* out, void* stream);
 void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits,
                                 void* stream);
 void dmol_forward(const DmolProblem& p, void* nll, void* workspace, void* stream);
+// As cpu's Kernels::dmol_forward_with_grad; the workspace as dmol_forward's.
+void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
+                            const int64_t* grad_strides, void* workspace, void* stream);
 void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
                    const int64_t* grad_strides, void* stream);
 int64_t dmol_workspace_bytes(const DmolProblem& p);

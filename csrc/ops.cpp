@@ -827,12 +827,7 @@ std::tuple<Tensor, Tensor> dmol_nll_and_grad(const Backend& backend, const Tenso
   Tensor nll = in.new_nll();
   int64_t strides[3];
   Tensor grad_params = in.new_grad(strides);
-  if (!backend.dmol_forward_with_grad(in.problem, nll.data_ptr(), grad_params.data_ptr(),
-                                      strides)) {
-    backend.dmol_forward(in.problem, nll.data_ptr());
-    const Tensor ones = at::ones_like(nll);
-    backend.dmol_backward(in.problem, ones.const_data_ptr(), grad_params.data_ptr(), strides);
-  }
+  backend.dmol_forward_with_grad(in.problem, nll.data_ptr(), grad_params.data_ptr(), strides);
   return {nll, grad_params};
 }
 

@@ -32,11 +32,9 @@ class Backend {
   virtual void dmol_forward(const DmolProblem& p, void* nll) const = 0;
   virtual void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
                              const int64_t* grad_strides) const = 0;
-  // Kernels::dmol_forward_with_grad where the backend has it (returns true);
-  // false: dmol_nll_and_grad runs dmol_forward, then dmol_backward for grad 1.
-  virtual bool dmol_forward_with_grad(const DmolProblem&, void*, void*, const int64_t*) const {
-    return false;
-  }
+  // dmol_forward's nll and dmol_backward's gradient for grad = 1, in one pass.
+  virtual void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
+                                      const int64_t* grad_strides) const = 0;
 };
 
 // The schemas are in registration.cpp (FUSEDVAE_OP_SCHEMAS).

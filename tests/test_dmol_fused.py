@@ -168,8 +168,8 @@ def test_no_host_sync(device):
     assert torch.isfinite(params.grad).all()
 
 
-def test_no_grad_saves_nothing():
-    params, target = _case(3, 2, "cpu")
+def test_no_grad_saves_nothing(device):
+    params, target = _case(3, 2, device)
     params.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -177,18 +177,18 @@ def test_no_grad_saves_nothing():
             fusedvae.discretized_mix_logistic_nll(params, target)
         assert saved == []
         fusedvae.discretized_mix_logistic_nll(params, target)
-    # params and target, nothing else (on the CPU the node also holds the
-    # gradient its forward computed: test_one_pass_forward_gives_the_two_pass_results)
+    # params and target, nothing else (the node also holds the gradient its
+    # forward computed: test_one_pass_forward_gives_the_two_pass_results)
     assert len(saved) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_one_pass_forward_gives_the_two_pass_results(dtype):
-    """On the CPU, float32 and float64 params get their gradient computed in the
-    forward's pass (dmol_nll_and_grad) and scaled by the first backward: the same
-    NLL and gradient as the separate ops, in either layout."""
-    params, target = _case(3, 4, "cpu")
-    upstream = _upstream(params.shape[0], "cpu", dtype)
+def test_one_pass_forward_gives_the_two_pass_results(device, dtype):
+    """float32 and float64 params get their gradient computed in the forward's
+    pass (dmol_nll_and_grad) and scaled by the first backward: the same NLL and
+    gradient as the separate ops, in either layout."""
+    params, target = _case(3, 4, device)
+    upstream = _upstream(params.shape[0], device, dtype)
     for p in (params.to(dtype), params.to(dtype).contiguous(memory_format=torch.channels_last)):
         p = p.detach().requires_grad_()
         nll = fusedvae.discretized_mix_logistic_nll(p, target)
@@ -205,13 +205,13 @@ def test_one_pass_forward_gives_the_two_pass_results(dtype):
                                    rtol=0, atol=0)
 
 
-def test_retained_graph_gives_the_gradient_every_time():
+def test_retained_graph_gives_the_gradient_every_time(device):
     """The gradient computed in the forward is used once; a second backward
     through the retained graph recomputes it (and may see another upstream)."""
-    params, target = _case(3, 4, "cpu")
+    params, target = _case(3, 4, device)
     params = params.float().requires_grad_()
     nll = fusedvae.discretized_mix_logistic_nll(params, target)
-    first_up = _upstream(params.shape[0], "cpu", torch.float32)
+    first_up = _upstream(params.shape[0], device, torch.float32)
     (first,) = torch.autograd.grad(nll, params, first_up, retain_graph=True)
     (second,) = torch.autograd.grad(nll, params, 2 * first_up, retain_graph=True)
     (third,) = torch.autograd.grad(nll, params, first_up)

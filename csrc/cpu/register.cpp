@@ -35,10 +35,9 @@ class CpuBackend final : public Backend {
                      const int64_t* grad_strides) const override {
     cpu::kernels().dmol_backward(p, grad, grad_params, grad_strides);
   }
-  bool dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
+  void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
                               const int64_t* grad_strides) const override {
     cpu::kernels().dmol_forward_with_grad(p, nll, grad_params, grad_strides);
-    return true;
   }
 };
 

@@ -2,6 +2,10 @@
 // pixel per thread. The forward writes one partial sum per block (a fixed-order
 // block tree over its pixels) and a second kernel adds each sample's partials
 // in block order: reproducible run to run, no atomics, no host synchronisation.
+// The forward with the gradient (dmol_forward_with_grad) sums the same way the
+// log-likelihoods the backward's per-pixel function returns while it writes the
+// gradient for an output gradient of 1: two passes over a pixel's components
+// instead of the three of a forward followed by a backward.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -67,6 +71,29 @@ __device__ __forceinline__ double block_sum(double v) {
 
 int64_t blocks_per_sample(const DmolProblem& p) { return (p.pixels + kThreads - 1) / kThreads; }
 
+struct GradStrides {
+  int64_t s[3];
+};
+
+// The parameters of pixel i of sample b, and where their gradient goes.
+template <typename T>
+__device__ Read<acc_t<T>, T> pixel_params(const DmolProblem& p, int64_t b, int64_t i) {
+  return {static_cast<const T*>(p.params) + b * p.param_strides[0] + i * p.param_strides[2],
+          p.param_strides[1]};
+}
+
+template <typename T>
+struct PixelGrad {
+  T* base;
+  int64_t stride;
+  __device__ void operator()(int64_t j, acc_t<T> v) const { base[j * stride] = from_acc<T>(v); }
+};
+
+template <typename T>
+__device__ PixelGrad<T> pixel_grad(T* out, const GradStrides& strides, int64_t b, int64_t i) {
+  return {out + b * strides.s[0] + i * strides.s[2], strides.s[1]};
+}
+
 // partial[b · blocks + block] = Σ over the block's pixels of -log p(pixel).
 // Block `item` covers pixels [chunk·kThreads, (chunk + 1)·kThreads) of sample b,
 // item = b · blocks + chunk (a one-dimensional grid: any batch size).
@@ -78,10 +105,27 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i = (int64_t(blockIdx.x) % blocks) * kThreads + threadIdx.x;
   double v = 0.0;
   if (i < p.pixels) {
-    const Read<Acc, T> read{
-        static_cast<const T*>(p.params) + b * p.param_strides[0] + i * p.param_strides[2],
-        p.param_strides[1]};
-    v = static_cast<double>(dmol::pixel_nll(load_pixel<Acc>(p, b, i), read));
+    v = static_cast<double>(dmol::pixel_nll(load_pixel<Acc>(p, b, i), pixel_params<T>(p, b, i)));
+  }
+  v = block_sum(v);
+  if (threadIdx.x == 0) partial[blockIdx.x] = v;
+}
+
+// forward_partials' partial sums (same blocks, same order), and the gradient
+// for an output gradient of 1 written as backward_kernel writes it.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    forward_with_grad_partials(DmolProblem p, int64_t blocks, double* partial, T* out,
+                               GradStrides strides) {
+  using Acc = acc_t<T>;
+  const int64_t b = int64_t(blockIdx.x) / blocks;
+  const int64_t i = (int64_t(blockIdx.x) % blocks) * kThreads + threadIdx.x;
+  double v = 0.0;
+  if (i < p.pixels) {
+    const Acc log_like =
+        dmol::pixel_nll_backward<0>(load_pixel<Acc>(p, b, i), pixel_params<T>(p, b, i),
+                                    dmol::UnitScale{}, pixel_grad(out, strides, b, i));
+    v = static_cast<double>(Acc(0) - log_like);
   }
   v = block_sum(v);
   if (threadIdx.x == 0) partial[blockIdx.x] = v;
@@ -97,10 +141,6 @@ __global__ void add_partials(const double* partial, int64_t batch, int64_t block
   nll[b] = static_cast<Acc>(sum);
 }
 
-struct GradStrides {
-  int64_t s[3];
-};
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(DmolProblem p, int64_t blocks, const acc_t<T>* grad, T* out,
@@ -109,14 +149,18 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = int64_t(blockIdx.x) / blocks;
   const int64_t i = (int64_t(blockIdx.x) % blocks) * kThreads + threadIdx.x;
   if (i >= p.pixels) return;
-  const Read<Acc, T> read{
-      static_cast<const T*>(p.params) + b * p.param_strides[0] + i * p.param_strides[2],
-      p.param_strides[1]};
-  T* pixel_out = out + b * strides.s[0] + i * strides.s[2];
-  const int64_t stride = strides.s[1];
   // Two passes over the components rather than a per-thread cache of them.
-  dmol::pixel_nll_backward<0>(load_pixel<Acc>(p, b, i), read, grad[b],
-                           [&](int64_t j, Acc v) { pixel_out[j * stride] = from_acc<T>(v); });
+  dmol::pixel_nll_backward<0>(load_pixel<Acc>(p, b, i), pixel_params<T>(p, b, i), grad[b],
+                              pixel_grad(out, strides, b, i));
+}
+
+// nll[b] from the partial sums (add_partials).
+template <typename Acc>
+void add_partials_launch(const DmolProblem& p, int64_t blocks, const double* partial, void* nll,
+                         cudaStream_t s) {
+  constexpr int threads = 128;
+  add_partials<Acc><<<static_cast<unsigned>((p.batch + threads - 1) / threads), threads, 0, s>>>(
+      partial, p.batch, blocks, static_cast<Acc*>(nll));
 }
 
 }  // namespace
@@ -137,9 +181,24 @@ void dmol_forward(const DmolProblem& p, void* nll, void* workspace, void* stream
       forward_partials<T><<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(p, blocks,
                                                                                      partial);
     }
-    const int threads = 128;
-    add_partials<Acc><<<static_cast<unsigned>((p.batch + threads - 1) / threads), threads, 0, s>>>(
-        partial, p.batch, blocks, static_cast<Acc*>(nll));
+    add_partials_launch<Acc>(p, blocks, partial, nll, s);
+  });
+}
+
+void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
+                            const int64_t* grad_strides, void* workspace, void* stream) {
+  if (p.batch == 0) return;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t blocks = blocks_per_sample(p);
+  double* partial = static_cast<double*>(workspace);
+  const GradStrides strides{{grad_strides[0], grad_strides[1], grad_strides[2]}};
+  dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (blocks > 0) {
+      forward_with_grad_partials<T><<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(
+          p, blocks, partial, static_cast<T*>(grad_params), strides);
+    }
+    add_partials_launch<acc_t<T>>(p, blocks, partial, nll, s);
   });
 }
 

@@ -67,6 +67,12 @@ class CudaBackend final : public Backend {
     cuda::dmol_backward(p, grad, grad_params, grad_strides, stream());
     check_launch();
   }
+  void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
+                              const int64_t* grad_strides) const override {
+    at::Tensor scratch = workspace(cuda::dmol_workspace_bytes(p));
+    cuda::dmol_forward_with_grad(p, nll, grad_params, grad_strides, scratch.data_ptr(), stream());
+    check_launch();
+  }
 };
 
 }  // namespace fusedvae
