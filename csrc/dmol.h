@@ -1,8 +1,9 @@
 // The discretized mixture of logistics (PixelCNN++, Salimans et al. 2017) for
 // one pixel: its negative log-likelihood and the gradient of that with respect
 // to the pixel's K·(1 + 3C) parameters. One definition, a template over the
-// ops policy of vae_math.h: the CUDA kernels run it on one pixel per thread
-// (ScalarOps), the CPU kernels on a vector of consecutive pixels per lane
+// ops policy of vae_math.h: the CUDA kernels run it on one pixel per 1, 2 or 4
+// threads (ScalarOps; cuda/dmol.cu splits the components and merges their
+// log-sum-exps), the CPU kernels on a vector of consecutive pixels per lane
 // (cpu/vec_ops.h). Branches are selects, so both compute the same thing.
 //
 // Layout (fusedvae.discretized_mix_logistic_nll): parameter j of a pixel is
@@ -71,6 +72,15 @@ struct LogSumExp {
     const V e = O::exp_nonpositive(O::splat(0.0) - O::abs(v - max));
     sum = O::select(greater, sum * e + O::splat(1.0), sum + e);
     max = O::select(greater, v, max);
+  }
+  // Takes in another running log-sum-exp of other terms (both non-empty). The
+  // result does not depend on which side is which, so threads that exchange
+  // theirs end with the same bits.
+  FUSEDVAE_DMOL_HD void merge(V other_max, V other_sum) {
+    const auto greater = O::gt(other_max, max);
+    const V e = O::exp_nonpositive(O::splat(0.0) - O::abs(other_max - max));
+    sum = O::select(greater, sum * e + other_sum, sum + other_sum * e);
+    max = O::select(greater, other_max, max);
   }
   FUSEDVAE_DMOL_HD V value() const { return max + O::log_approx(sum); }
 };

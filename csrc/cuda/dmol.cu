@@ -1,9 +1,14 @@
-// The discretized mixture of logistics on CUDA: dmol.h's per-pixel math, one
-// pixel per thread. The forward writes one partial sum per block (a fixed-order
-// block tree over its pixels) and a second kernel adds each sample's partials
-// in block order: reproducible run to run, no atomics, no host synchronisation.
-// The forward with the gradient (dmol_forward_with_grad) sums the same way the
-// log-likelihoods the backward's per-pixel function returns while it writes the
+// The discretized mixture of logistics on CUDA: dmol.h's per-pixel math, each
+// pixel on `split` adjacent threads of a warp (1, 2 or 4), thread r of a pixel
+// taking the components r, r + split, ...; their log-sum-exps are merged with
+// warp shuffles. A split above 1 is used where one thread per pixel would leave
+// the GPU mostly idle (small images: 32x3x32x32 is 32768 pixels, an eighth of
+// what an H100's multiprocessors hold), since a pixel is a long chain of
+// dependent transcendental functions. The forward writes one partial sum per
+// block (a fixed-order block tree over its pixels) and a second kernel adds
+// each sample's partials in a fixed order: reproducible run to run, no atomics,
+// no host synchronisation. The forward with the gradient
+// (dmol_forward_with_grad) sums the same log-likelihoods while it writes the
 // gradient for an output gradient of 1: two passes over a pixel's components
 // instead of the three of a forward followed by a backward.
 #include <cuda_bf16.h>
@@ -17,14 +22,20 @@
 #include "../dmol.h"
 #include "../kernels.h"
 #include "convert.cuh"
+#include "kernels.cuh"
 
 namespace fusedvae {
 namespace cuda {
 namespace {
 
-// Threads per block, one pixel each: 8 warps; block_sum's second stage sums
-// kThreads / 32 <= 32 warp totals in one warp.
+// Threads per block: 8 warps; block_sum's second stage sums kThreads / 32 <= 32
+// warp totals in one warp.
 constexpr int kThreads = 256;
+// Threads a multiprocessor of sm_80/sm_90 keeps resident at the kernels' 64
+// registers per thread (65536 registers): the split is the largest that keeps
+// the threads of all pixels within what the GPU holds at once.
+constexpr int64_t kResidentThreadsPerSm = 65536 / 64;
+constexpr int kMaxSplit = 4;
 
 template <typename Acc, typename T>
 struct Read {
@@ -69,7 +80,17 @@ __device__ __forceinline__ double block_sum(double v) {
   return v;
 }
 
-int64_t blocks_per_sample(const DmolProblem& p) { return (p.pixels + kThreads - 1) / kThreads; }
+// Threads per pixel: 4, 2 or 1, at most the components (every thread has one).
+int pixel_split(const DmolProblem& p) {
+  const int64_t resident = int64_t(detail::sm_count(detail::current_device())) * kResidentThreadsPerSm;
+  int split = kMaxSplit;
+  while (split > 1 && (split > p.k || p.batch * p.pixels * split > resident)) split /= 2;
+  return split;
+}
+
+int64_t blocks_per_sample(const DmolProblem& p, int split) {
+  return (p.pixels * split + kThreads - 1) / kThreads;
+}
 
 struct GradStrides {
   int64_t s[3];
@@ -94,18 +115,67 @@ __device__ PixelGrad<T> pixel_grad(T* out, const GradStrides& strides, int64_t b
   return {out + b * strides.s[0] + i * strides.s[2], strides.s[1]};
 }
 
+// This thread's place: sample b, pixel i, component offset r < kSplit.
+template <int kSplit>
+struct Place {
+  int64_t b, i;
+  int r;
+  __device__ Place(int64_t blocks) {
+    b = int64_t(blockIdx.x) / blocks;
+    const int64_t item = (int64_t(blockIdx.x) % blocks) * kThreads + threadIdx.x;
+    i = item / kSplit;
+    r = static_cast<int>(item % kSplit);
+  }
+};
+
+// log p(pixel) from this thread's components r, r + kSplit, ..., merged with
+// the pixel's other threads (all of them call it: a pixel's threads are in or
+// out of range together). Every thread of the pixel returns the same bits.
+template <int kSplit, class O, typename Read>
+__device__ typename O::V split_log_likelihood(const dmol::Pixel<O>& px, const Read& p,
+                                              typename O::V norm, int r) {
+  dmol::LogSumExp<O> lse;
+  lse.start(p(r) - norm + dmol::component_log_prob(px, p, r));
+  for (int64_t k = r + kSplit; k < px.k; k += kSplit) {
+    lse.add(p(k) - norm + dmol::component_log_prob(px, p, k));
+  }
+  if constexpr (kSplit > 1) {
+    const unsigned lanes = ((1u << kSplit) - 1u) << (threadIdx.x % 32 / kSplit * kSplit);
+    for (int d = 1; d < kSplit; d *= 2) {
+      lse.merge(__shfl_xor_sync(lanes, lse.max, d), __shfl_xor_sync(lanes, lse.sum, d));
+    }
+  }
+  return lse.value();
+}
+
+// Writes g times the gradient of this thread's components; returns log p(pixel).
+template <int kSplit, class O, typename Read, typename G, typename Write>
+__device__ typename O::V split_backward(const dmol::Pixel<O>& px, const Read& p, int r, const G& g,
+                                        const Write& write) {
+  const typename O::V norm = dmol::logit_normalizer(px, p);
+  const typename O::V log_like = split_log_likelihood<kSplit>(px, p, norm, r);
+  for (int64_t k = r; k < px.k; k += kSplit) {
+    dmol::ComponentGrad<O> cg;
+    dmol::component_grad(px, p, k, norm, &cg);
+    dmol::write_component_grad(px, p, k, norm, g, cg, log_like, write);
+  }
+  return log_like;
+}
+
 // partial[b · blocks + block] = Σ over the block's pixels of -log p(pixel).
-// Block `item` covers pixels [chunk·kThreads, (chunk + 1)·kThreads) of sample b,
+// Block `item` covers items [chunk·kThreads, (chunk + 1)·kThreads) of sample b,
 // item = b · blocks + chunk (a one-dimensional grid: any batch size).
-template <typename T>
+template <int kSplit, typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_partials(DmolProblem p, int64_t blocks, double* partial) {
   using Acc = acc_t<T>;
-  const int64_t b = int64_t(blockIdx.x) / blocks;
-  const int64_t i = (int64_t(blockIdx.x) % blocks) * kThreads + threadIdx.x;
+  const Place<kSplit> at(blocks);
   double v = 0.0;
-  if (i < p.pixels) {
-    v = static_cast<double>(dmol::pixel_nll(load_pixel<Acc>(p, b, i), pixel_params<T>(p, b, i)));
+  if (at.i < p.pixels) {
+    const auto px = load_pixel<Acc>(p, at.b, at.i);
+    const auto read = pixel_params<T>(p, at.b, at.i);
+    const Acc log_like = split_log_likelihood<kSplit>(px, read, dmol::logit_normalizer(px, read), at.r);
+    if (at.r == 0) v = static_cast<double>(Acc(0) - log_like);
   }
   v = block_sum(v);
   if (threadIdx.x == 0) partial[blockIdx.x] = v;
@@ -113,75 +183,90 @@ __global__ void __launch_bounds__(kThreads)
 
 // forward_partials' partial sums (same blocks, same order), and the gradient
 // for an output gradient of 1 written as backward_kernel writes it.
-template <typename T>
+template <int kSplit, typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_with_grad_partials(DmolProblem p, int64_t blocks, double* partial, T* out,
                                GradStrides strides) {
   using Acc = acc_t<T>;
-  const int64_t b = int64_t(blockIdx.x) / blocks;
-  const int64_t i = (int64_t(blockIdx.x) % blocks) * kThreads + threadIdx.x;
+  const Place<kSplit> at(blocks);
   double v = 0.0;
-  if (i < p.pixels) {
+  if (at.i < p.pixels) {
     const Acc log_like =
-        dmol::pixel_nll_backward<0>(load_pixel<Acc>(p, b, i), pixel_params<T>(p, b, i),
-                                    dmol::UnitScale{}, pixel_grad(out, strides, b, i));
-    v = static_cast<double>(Acc(0) - log_like);
+        split_backward<kSplit>(load_pixel<Acc>(p, at.b, at.i), pixel_params<T>(p, at.b, at.i), at.r,
+                               dmol::UnitScale{}, pixel_grad(out, strides, at.b, at.i));
+    if (at.r == 0) v = static_cast<double>(Acc(0) - log_like);
   }
   v = block_sum(v);
   if (threadIdx.x == 0) partial[blockIdx.x] = v;
 }
 
-// nll[b] = Σ_block partial[b · blocks + block], in block order.
+// nll[b] = the sum of partial[b · blocks + block], one warp per sample: lane l
+// adds blocks l, l + 32, ... in order, then a fixed shuffle tree adds the lanes.
+constexpr int kSumWarps = 4;
 template <typename Acc>
-__global__ void add_partials(const double* partial, int64_t batch, int64_t blocks, Acc* nll) {
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= batch) return;
+__global__ void __launch_bounds__(kSumWarps * 32)
+    add_partials(const double* partial, int64_t batch, int64_t blocks, Acc* nll) {
+  const int64_t b = int64_t(blockIdx.x) * kSumWarps + threadIdx.x / 32;
+  if (b >= batch) return;  // whole warps: the shuffles below see all 32 lanes
+  const int lane = threadIdx.x % 32;
   double sum = 0.0;
-  for (int64_t k = 0; k < blocks; ++k) sum += partial[b * blocks + k];
-  nll[b] = static_cast<Acc>(sum);
+  for (int64_t k = lane; k < blocks; k += 32) sum += partial[b * blocks + k];
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+  if (lane == 0) nll[b] = static_cast<Acc>(sum);
 }
 
-template <typename T>
+template <int kSplit, typename T>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(DmolProblem p, int64_t blocks, const acc_t<T>* grad, T* out,
                     GradStrides strides) {
   using Acc = acc_t<T>;
-  const int64_t b = int64_t(blockIdx.x) / blocks;
-  const int64_t i = (int64_t(blockIdx.x) % blocks) * kThreads + threadIdx.x;
-  if (i >= p.pixels) return;
+  const Place<kSplit> at(blocks);
+  if (at.i >= p.pixels) return;
   // Two passes over the components rather than a per-thread cache of them.
-  dmol::pixel_nll_backward<0>(load_pixel<Acc>(p, b, i), pixel_params<T>(p, b, i), grad[b],
-                              pixel_grad(out, strides, b, i));
+  split_backward<kSplit>(load_pixel<Acc>(p, at.b, at.i), pixel_params<T>(p, at.b, at.i), at.r,
+                         grad[at.b], pixel_grad(out, strides, at.b, at.i));
 }
 
-// nll[b] from the partial sums (add_partials).
 template <typename Acc>
 void add_partials_launch(const DmolProblem& p, int64_t blocks, const double* partial, void* nll,
                          cudaStream_t s) {
-  constexpr int threads = 128;
-  add_partials<Acc><<<static_cast<unsigned>((p.batch + threads - 1) / threads), threads, 0, s>>>(
-      partial, p.batch, blocks, static_cast<Acc*>(nll));
+  add_partials<Acc><<<static_cast<unsigned>((p.batch + kSumWarps - 1) / kSumWarps),
+                      kSumWarps * 32, 0, s>>>(partial, p.batch, blocks, static_cast<Acc*>(nll));
+}
+
+// f(std::integral_constant<int, split>{}) for the problem's split.
+template <typename F>
+void with_split(int split, const F& f) {
+  if (split == 4) {
+    f(std::integral_constant<int, 4>{});
+  } else if (split == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
 }
 
 }  // namespace
 
 int64_t dmol_workspace_bytes(const DmolProblem& p) {
-  return p.batch * blocks_per_sample(p) * static_cast<int64_t>(sizeof(double));
+  return p.batch * blocks_per_sample(p, pixel_split(p)) * static_cast<int64_t>(sizeof(double));
 }
 
 void dmol_forward(const DmolProblem& p, void* nll, void* workspace, void* stream) {
   if (p.batch == 0) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int64_t blocks = blocks_per_sample(p);
+  const int split = pixel_split(p);
+  const int64_t blocks = blocks_per_sample(p, split);
   double* partial = static_cast<double*>(workspace);
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using Acc = acc_t<T>;
     if (blocks > 0) {
-      forward_partials<T><<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(p, blocks,
-                                                                                     partial);
+      with_split(split, [&](auto n) {
+        forward_partials<decltype(n)::value, T>
+            <<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(p, blocks, partial);
+      });
     }
-    add_partials_launch<Acc>(p, blocks, partial, nll, s);
+    add_partials_launch<acc_t<T>>(p, blocks, partial, nll, s);
   });
 }
 
@@ -189,14 +274,18 @@ void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
                             const int64_t* grad_strides, void* workspace, void* stream) {
   if (p.batch == 0) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int64_t blocks = blocks_per_sample(p);
+  const int split = pixel_split(p);
+  const int64_t blocks = blocks_per_sample(p, split);
   double* partial = static_cast<double*>(workspace);
   const GradStrides strides{{grad_strides[0], grad_strides[1], grad_strides[2]}};
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (blocks > 0) {
-      forward_with_grad_partials<T><<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(
-          p, blocks, partial, static_cast<T*>(grad_params), strides);
+      with_split(split, [&](auto n) {
+        forward_with_grad_partials<decltype(n)::value, T>
+            <<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(
+                p, blocks, partial, static_cast<T*>(grad_params), strides);
+      });
     }
     add_partials_launch<acc_t<T>>(p, blocks, partial, nll, s);
   });
@@ -204,14 +293,18 @@ void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
 
 void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
                    const int64_t* grad_strides, void* stream) {
-  const int64_t blocks = blocks_per_sample(p);
+  const int split = pixel_split(p);
+  const int64_t blocks = blocks_per_sample(p, split);
   if (p.batch == 0 || blocks == 0) return;
   const GradStrides strides{{grad_strides[0], grad_strides[1], grad_strides[2]}};
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    backward_kernel<T><<<static_cast<unsigned>(p.batch * blocks), kThreads, 0,
-                         static_cast<cudaStream_t>(stream)>>>(
-        p, blocks, static_cast<const acc_t<T>*>(grad), static_cast<T*>(grad_params), strides);
+    with_split(split, [&](auto n) {
+      backward_kernel<decltype(n)::value, T>
+          <<<static_cast<unsigned>(p.batch * blocks), kThreads, 0,
+             static_cast<cudaStream_t>(stream)>>>(
+              p, blocks, static_cast<const acc_t<T>*>(grad), static_cast<T*>(grad_params), strides);
+    });
   });
 }
 
