@@ -52,8 +52,10 @@ for lik in ("gaussian", "laplace"):
         for scale in ("optimal", s):
             fusedvae.vae_loss(x, t, mu, mu.detach(), likelihood=lik, log_scale=scale, weight=w).loss.backward()
 # the discretized mixture: RGB and grey, NCHW and channels-last, 16-bit params,
-# a partial last block, more components than the CPU caches
-for channels, k, dtype in ((3, 10, torch.float32), (1, 4, torch.bfloat16), (3, 20, torch.half)):
+# a partial last block, more components than the CPU caches, and on CUDA each
+# number of threads per pixel (4 for K >= 4 at this size, 2 for K = 3, 1 for K = 1)
+for channels, k, dtype in ((3, 10, torch.float32), (1, 4, torch.bfloat16), (3, 20, torch.half),
+                           (3, 3, torch.float32), (1, 1, torch.float32)):
     per_k = 10 if channels == 3 else 3
     p = torch.randn(2, per_k * k, 17, 19, device=DEVICE, dtype=dtype, requires_grad=True)
     img = torch.randint(0, 256, (2, channels, 17, 19), device=DEVICE, dtype=torch.uint8)

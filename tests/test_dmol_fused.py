@@ -51,6 +51,18 @@ def test_matches_reference_float64(device, channels, k, target_kind):
     torch.testing.assert_close(got_grad, exp_grad, rtol=1e-9, atol=1e-11 * float(exp_grad.abs().max()))
 
 
+def test_large_image_matches_reference_float64(device):
+    # On CUDA a pixel takes 4 threads in the small cases above and 1 here (90000
+    # pixels: 4 or 2 threads each would exceed what a GPU of up to 175
+    # multiprocessors holds at once), so both ways are checked.
+    params, target = _case(3, 10, device, batch=1, height=300, width=300, edges=False)
+    upstream = torch.full((1,), 0.7, dtype=F64, device=device)
+    got, got_grad = _nll_and_grad(fusedvae.discretized_mix_logistic_nll, params, target, upstream)
+    exp, exp_grad = _nll_and_grad(reference.discretized_mix_logistic_nll, params, target, upstream)
+    torch.testing.assert_close(got, exp, rtol=1e-11, atol=0)
+    torch.testing.assert_close(got_grad, exp_grad, rtol=1e-9, atol=1e-11 * float(exp_grad.abs().max()))
+
+
 @pytest.mark.parametrize("bits,log_scale_min", [(5, -7.0), (8, -3.0), (16, -9.0)])
 def test_bits_and_clamp_match_reference(device, bits, log_scale_min):
     params, target = _case(3, 3, device)
