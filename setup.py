@@ -167,7 +167,12 @@ def _extensions(cpp_extension, cuda_home):
     openmp = _openmp_flags()
     include_dirs = [os.path.join(HERE, "csrc")]
     # No fast-math anywhere: the formulas rely on IEEE exp/log1p/tanh/sinh accuracy.
-    base_flags = ["-O3"] + openmp
+    # No implicit contraction of a product into an add (g++ contracts across
+    # statements by default, clang within one): a result then depends neither on
+    # what the compiler inlines nor on which compiler built it, so two kernels
+    # that compute the same value give the same bits. The code fuses where it
+    # says so (at::vec::fmadd, the ops policies' fma).
+    base_flags = ["-O3", "-ffp-contract=off"] + openmp
 
     # A kernel module exports its PyInit function and nothing else, so that no
     # copy of an inline function compiled for its instruction set can stand in

@@ -18,6 +18,8 @@
 #include <string>
 #include <unordered_map>
 
+#include "ops.h"
+
 namespace fusedvae {
 namespace {
 
@@ -70,7 +72,10 @@ using VaeLossBackwardOp = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
     c10::string_view, bool, c10::string_view, double, bool, double, double, std::array<bool, 4>,
-    const OptTensor&);
+    const OptTensor&, bool);
+using VaeLossAndGradOp = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+    c10::string_view, bool, c10::string_view, double, bool, double, double, const OptTensor&);
 
 const c10::TypedOperatorHandle<VaeLossOp>& vae_loss_op() {
   static const auto op = find_op<VaeLossOp>("fusedvae::vae_loss");
@@ -79,6 +84,11 @@ const c10::TypedOperatorHandle<VaeLossOp>& vae_loss_op() {
 
 const c10::TypedOperatorHandle<VaeLossBackwardOp>& vae_loss_backward_op() {
   static const auto op = find_op<VaeLossBackwardOp>("fusedvae::vae_loss_backward");
+  return op;
+}
+
+const c10::TypedOperatorHandle<VaeLossAndGradOp>& vae_loss_and_grad_op() {
+  static const auto op = find_op<VaeLossAndGradOp>("fusedvae::vae_loss_and_grad");
   return op;
 }
 
@@ -95,6 +105,17 @@ struct VaeLossOptions {
   OptTensor weight;
 };
 
+// On the CPU, with float32 or float64 recon that requires grad and no
+// log-scale shared by the batch, the forward also computes the gradient of
+// rec.sum() with respect to recon in the same pass over the data
+// (vae_loss_and_grad: each element's likelihood is evaluated once per step,
+// not once per direction), and the first backward multiplies it in place by
+// the per-sample coefficients vae_loss_backward returns with
+// recon_coefficients=True: c_b·(w·∂ℓ/∂x), rounded as the two-pass kernel
+// rounds it. A later backward through a retained graph and a backward that
+// builds a graph take the two passes; so do 16-bit recon (scaling a 16-bit
+// gradient would round it twice), a shared log-scale (its gradient couples
+// the samples) and a per-element log-scale that requires grad.
 class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& target,
@@ -103,9 +124,22 @@ class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
     Tensor loss, rec, kl, aux;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(loss, rec, kl, aux) = vae_loss_op().call(
-          recon, target, mu, logvar, log_scale, beta, o.likelihood, o.logits, o.reduction,
-          o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits, o.weight);
+      const at::ScalarType dtype = recon.scalar_type();
+      const bool one_pass = recon.device().is_cpu() &&
+                            (dtype == at::kFloat || dtype == at::kDouble) &&
+                            requires_grad(recon) && !requires_grad(log_scale) &&
+                            recon_gradient_is_per_sample(o.likelihood, o.logits, log_scale);
+      if (one_pass) {
+        Tensor grad_recon;
+        std::tie(loss, rec, kl, aux, grad_recon) = vae_loss_and_grad_op().call(
+            recon, target, mu, logvar, log_scale, beta, o.likelihood, o.logits, o.reduction,
+            o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits, o.weight);
+        ctx->saved_data["grad_recon"] = grad_recon;
+      } else {
+        std::tie(loss, rec, kl, aux) = vae_loss_op().call(
+            recon, target, mu, logvar, log_scale, beta, o.likelihood, o.logits, o.reduction,
+            o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits, o.weight);
+      }
     }
     ctx->save_for_backward({recon, target, mu, logvar, log_scale.value_or(Tensor()),
                             beta.value_or(Tensor()), aux, o.weight.value_or(Tensor())});
@@ -141,10 +175,22 @@ class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
                            d["reduction"].toStringRef(),  d["log_scale_value"].toDouble(),
                            d["optimal_scale"].toBool(),   d["beta_value"].toDouble(),
                            d["free_bits"].toDouble(),     optional(saved[7])};
+    // The forward's gradient of rec.sum(), used once (a later backward computes it again).
+    at::IValue& computed = d["grad_recon"];
+    const bool scale_computed = mask[0] && computed.isTensor() && !at::GradMode::is_enabled();
     auto [grad_recon, grad_mu, grad_logvar, grad_scale, grad_beta] = vae_loss_backward_op().call(
         optional(grads[0]), optional(grads[1]), optional(grads[2]), saved[0], saved[1], saved[2],
         saved[3], optional(saved[4]), optional(saved[5]), saved[6], o.likelihood, o.logits,
-        o.reduction, o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits, mask, o.weight);
+        o.reduction, o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits, mask, o.weight,
+        /*recon_coefficients=*/scale_computed);
+    if (scale_computed) {
+      Tensor unit = computed.toTensor();
+      computed = at::IValue();
+      // Symbolic sizes: a batch marked dynamic under torch.compile stays so.
+      std::vector<c10::SymInt> per_sample(static_cast<size_t>(unit.dim()), c10::SymInt(1));
+      per_sample[0] = grad_recon.sym_size(0);
+      grad_recon = unit.mul_(grad_recon.view_symint(per_sample));
+    }
     if (mask[0]) result[0] = grad_recon;
     if (ctx->needs_input_grad(2)) result[2] = grad_mu;
     if (ctx->needs_input_grad(3)) result[3] = grad_logvar;
@@ -429,20 +475,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward_autograd(
     const OptTensor& log_scale, const OptTensor& beta, const Tensor& aux,
     c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
     bool optimal_scale, double beta_value, double free_bits, std::array<bool, 4> output_mask,
-    const OptTensor& weight) {
+    const OptTensor& weight, bool recon_coefficients) {
   Tensor a, b, c, d, e;
   {
     at::AutoDispatchBelowADInplaceOrView below;
     std::tie(a, b, c, d, e) = vae_loss_backward_op().call(
         grad_loss, grad_rec, grad_kl, recon, target, mu, logvar, log_scale, beta, aux, likelihood,
         logits, reduction, log_scale_value, optimal_scale, beta_value, free_bits, output_mask,
-        weight);
+        weight, recon_coefficients);
   }
   const variable_list out = refuse_second_order(
       "vae_loss_backward",
       {grad_loss.value_or(Tensor()), grad_rec.value_or(Tensor()), grad_kl.value_or(Tensor()), recon,
        mu, logvar, log_scale.value_or(Tensor()), beta.value_or(Tensor())},
       {a, b, c, d, e});
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+// vae_loss_and_grad called directly: its outputs have no gradient.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_and_grad_autograd(
+    const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar,
+    const OptTensor& log_scale, const OptTensor& beta, c10::string_view likelihood, bool logits,
+    c10::string_view reduction, double log_scale_value, bool optimal_scale, double beta_value,
+    double free_bits, const OptTensor& weight) {
+  refuse_tangents("vae_loss_and_grad", recon, target, mu, logvar, log_scale, beta, weight);
+  Tensor a, b, c, d, e;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(a, b, c, d, e) =
+        vae_loss_and_grad_op().call(recon, target, mu, logvar, log_scale, beta, likelihood, logits,
+                                    reduction, log_scale_value, optimal_scale, beta_value,
+                                    free_bits, weight);
+  }
+  const variable_list out = refuse_second_order(
+      "vae_loss_and_grad",
+      {recon, mu, logvar, log_scale.value_or(Tensor()), beta.value_or(Tensor())}, {a, b, c, d, e});
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
@@ -527,6 +594,7 @@ TORCH_LIBRARY_IMPL(fusedvae, Autograd, m) {
   using namespace fusedvae;
   m.impl("vae_loss", &vae_loss_autograd);
   m.impl("vae_loss_backward", &vae_loss_backward_autograd);
+  m.impl("vae_loss_and_grad", &vae_loss_and_grad_autograd);
   m.impl("gaussian_kl_per_dim", &gaussian_kl_per_dim_autograd);
   m.impl("gaussian_kl_per_dim_backward", &gaussian_kl_per_dim_backward_autograd);
   m.impl("gaussian_kl", &gaussian_kl_autograd);

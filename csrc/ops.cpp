@@ -382,6 +382,31 @@ struct KlInputs {
 
 }  // namespace
 
+bool recon_gradient_is_per_sample(c10::string_view likelihood, bool logits,
+                                  const std::optional<Tensor>& log_scale) {
+  // As ObjectiveInputs decides: a scaled likelihood shares its scale unless
+  // log_scale is a tensor of at least one dimension.
+  return !math::kLikelihoodTable[parse_likelihood(likelihood, logits)].has_scale ||
+         (log_scale.has_value() && log_scale->dim() > 0);
+}
+
+namespace {
+
+// vae_loss's outputs, allocated in the accumulation type.
+struct ObjectiveOutputs {
+  Tensor loss, rec, kl, aux;
+  ObjectiveOutputs(const ObjectiveInputs& in, const Tensor& recon) {
+    const Objective& o = in.problem.objective;
+    const auto options = recon.options().dtype(in.acc);
+    loss = o.reduction == Reduction::kNone ? at::empty({o.batch}, options) : at::empty({}, options);
+    rec = at::empty({o.batch}, options);
+    kl = at::empty({o.batch}, options);
+    aux = at::empty({AuxLayout{o.batch, o.j}.size()}, options);
+  }
+};
+
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss(
     const Backend& backend, const Tensor& recon, const Tensor& target, const Tensor& mu,
     const Tensor& logvar, const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta,
@@ -390,16 +415,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss(
   const c10::OptionalDeviceGuard guard(recon.device());
   ObjectiveInputs in(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
                      log_scale_value, optimal_scale, beta_value, free_bits, weight);
-  const Objective& o = in.problem.objective;
-  const auto options = recon.options().dtype(in.acc);
-  Tensor loss =
-      o.reduction == Reduction::kNone ? at::empty({o.batch}, options) : at::empty({}, options);
-  Tensor rec = at::empty({o.batch}, options);
-  Tensor kl = at::empty({o.batch}, options);
-  Tensor aux = at::empty({AuxLayout{o.batch, o.j}.size()}, options);
-  backend.objective_forward(in.problem, loss.data_ptr(), rec.data_ptr(), kl.data_ptr(),
-                            aux.data_ptr());
-  return {loss, rec, kl, aux};
+  ObjectiveOutputs out(in, recon);
+  backend.objective_forward(in.problem, out.loss.data_ptr(), out.rec.data_ptr(),
+                            out.kl.data_ptr(), out.aux.data_ptr());
+  return {out.loss, out.rec, out.kl, out.aux};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_and_grad(
+    const Backend& backend, const Tensor& recon, const Tensor& target, const Tensor& mu,
+    const Tensor& logvar, const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta,
+    c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
+    bool optimal_scale, double beta_value, double free_bits, const std::optional<Tensor>& weight) {
+  const c10::OptionalDeviceGuard guard(recon.device());
+  ObjectiveInputs in(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
+                     log_scale_value, optimal_scale, beta_value, free_bits, weight);
+  ObjectiveOutputs out(in, recon);
+  Output grad_recon(recon, in.recon);
+  if (!backend.objective_forward_with_grad(in.problem, out.loss.data_ptr(), out.rec.data_ptr(),
+                                           out.kl.data_ptr(), out.aux.data_ptr(),
+                                           grad_recon.work.data_ptr())) {
+    backend.objective_forward(in.problem, out.loss.data_ptr(), out.rec.data_ptr(),
+                              out.kl.data_ptr(), out.aux.data_ptr());
+    const Tensor ones = at::ones({in.problem.objective.batch}, out.rec.options());
+    OutputGrads grads{};
+    grads.rec = ones.const_data_ptr();
+    grads.rec_stride = 1;
+    ObjectiveGrads grads_out{};
+    grads_out.recon = grad_recon.work.data_ptr();
+    backend.objective_backward(in.problem, grads, out.aux.const_data_ptr(), grads_out);
+  }
+  return {out.loss, out.rec, out.kl, out.aux, grad_recon.finish()};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward(
@@ -409,7 +454,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward(
     const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta, const Tensor& aux,
     c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
     bool optimal_scale, double beta_value, double free_bits, std::array<bool, 4> output_mask,
-    const std::optional<Tensor>& weight) {
+    const std::optional<Tensor>& weight, bool recon_coefficients) {
   const c10::OptionalDeviceGuard guard(recon.device());
   ObjectiveInputs in(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
                      log_scale_value, optimal_scale, beta_value, free_bits, weight);
@@ -434,8 +479,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward(
 
   const auto none = [&] { return at::empty({0}, recon.options()); };
   const bool want_scale = output_mask[2] && log_scale.has_value();
+  TORCH_CHECK_VALUE(!(recon_coefficients && want_scale && in.per_element_scale),
+                    "fusedvae: expected output_mask[2] to be False with recon_coefficients=True and "
+                    "a per-element log_scale, whose gradient comes from recon's gradient");
+  const bool want_coef = recon_coefficients && output_mask[0];
   // A per-element log_scale's gradient comes from the same kernel as recon's.
-  const bool want_recon = output_mask[0] || (want_scale && in.per_element_scale);
+  const bool want_recon =
+      !recon_coefficients && (output_mask[0] || (want_scale && in.per_element_scale));
   const bool want_latent = output_mask[1];
   const bool want_beta = output_mask[3] && beta.has_value();
   const auto scalar_options = recon.options().dtype(in.acc);
@@ -446,6 +496,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward(
     grad_recon.emplace(recon, in.recon);
     out.recon = grad_recon->work.data_ptr();
   }
+  Tensor recon_coef = want_coef ? at::empty({o.batch}, scalar_options) : none();
+  if (want_coef) out.recon_coef = recon_coef.data_ptr();
   Tensor grad_mu = want_latent ? at::empty(mu.sizes(), mu.options()) : none();
   Tensor grad_logvar = want_latent ? at::empty(mu.sizes(), mu.options()) : none();
   if (want_latent) {
@@ -470,7 +522,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward(
 
   backend.objective_backward(in.problem, grads, aux.const_data_ptr(), out);
 
-  Tensor result_recon = output_mask[0] ? grad_recon->finish() : none();
+  Tensor result_recon = want_coef ? recon_coef : output_mask[0] ? grad_recon->finish() : none();
   Tensor result_scale = none();
   if (want_scale) {
     const Tensor& s = *log_scale;

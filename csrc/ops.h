@@ -22,6 +22,13 @@ class Backend {
                                  void* aux) const = 0;
   virtual void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads,
                                   const void* aux, const ObjectiveGrads& out) const = 0;
+  // cpu::objective_forward_with_grad's contract, where the backend has the
+  // one-pass kernels; false: vae_loss_and_grad runs objective_forward, then
+  // objective_backward for grad_rec = 1.
+  virtual bool objective_forward_with_grad(const ObjectiveProblem&, void*, void*, void*, void*,
+                                           void*) const {
+    return false;
+  }
   virtual void kl_per_dim(const KlProblem& p, void* kl) const = 0;
   // cpu::gaussian_kl_sums' contract.
   virtual void kl_sums(const KlProblem& p, void* kl, void* dim_mean) const = 0;
@@ -53,7 +60,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
     const std::optional<at::Tensor>& beta, const at::Tensor& aux, c10::string_view likelihood,
     bool logits, c10::string_view reduction, double log_scale_value, bool optimal_scale,
     double beta_value, double free_bits, std::array<bool, 4> output_mask,
-    const std::optional<at::Tensor>& weight);
+    const std::optional<at::Tensor>& weight, bool recon_coefficients);
+
+// Whether recon's gradient is a per-sample multiple of rec.sum()'s
+// (vae_loss_and_grad, vae_loss_backward's recon_coefficients): where no
+// log-scale is shared by the batch.
+bool recon_gradient_is_per_sample(c10::string_view likelihood, bool logits,
+                                  const std::optional<at::Tensor>& log_scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_and_grad(
+    const Backend& backend, const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mu,
+    const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
+    const std::optional<at::Tensor>& beta, c10::string_view likelihood, bool logits,
+    c10::string_view reduction, double log_scale_value, bool optimal_scale, double beta_value,
+    double free_bits, const std::optional<at::Tensor>& weight);
 
 at::Tensor gaussian_kl_per_dim(const Backend& backend, const at::Tensor& mu,
                                const at::Tensor& logvar);

@@ -27,11 +27,20 @@ void register_kernels(torch::Library& m) {
             const OptTensor& log_scale, const OptTensor& beta, const Tensor& aux,
             c10::string_view likelihood, bool logits, c10::string_view reduction,
             double log_scale_value, bool optimal_scale, double beta_value, double free_bits,
-            std::array<bool, 4> output_mask, const OptTensor& weight) {
+            std::array<bool, 4> output_mask, const OptTensor& weight, bool recon_coefficients) {
            return vae_loss_backward(BackendT{}, grad_loss, grad_rec, grad_kl, recon, target, mu,
                                     logvar, log_scale, beta, aux, likelihood, logits, reduction,
                                     log_scale_value, optimal_scale, beta_value, free_bits,
-                                    output_mask, weight);
+                                    output_mask, weight, recon_coefficients);
+         });
+  m.impl("vae_loss_and_grad",
+         [](const Tensor& recon, const Tensor& target, const Tensor& mu, const Tensor& logvar,
+            const OptTensor& log_scale, const OptTensor& beta, c10::string_view likelihood,
+            bool logits, c10::string_view reduction, double log_scale_value, bool optimal_scale,
+            double beta_value, double free_bits, const OptTensor& weight) {
+           return vae_loss_and_grad(BackendT{}, recon, target, mu, logvar, log_scale, beta,
+                                    likelihood, logits, reduction, log_scale_value, optimal_scale,
+                                    beta_value, free_bits, weight);
          });
   m.impl("gaussian_kl_per_dim", [](const Tensor& mu, const Tensor& logvar) {
     return gaussian_kl_per_dim(BackendT{}, mu, logvar);

@@ -141,9 +141,20 @@ TORCH_LIBRARY(fusedvae, m) {
       "vae_loss_backward(Tensor? grad_loss, Tensor? grad_rec, Tensor? grad_kl, Tensor recon, "
       "Tensor target, Tensor mu, Tensor logvar, Tensor? log_scale, Tensor? beta, Tensor aux, "
       "str likelihood, bool logits, str reduction, float log_scale_value, bool optimal_scale, "
-      "float beta_value, float free_bits, bool[4] output_mask, Tensor? weight=None) "
+      "float beta_value, float free_bits, bool[4] output_mask, Tensor? weight=None, "
+      "bool recon_coefficients=False) "
       "-> (Tensor grad_recon, Tensor grad_mu, Tensor grad_logvar, Tensor grad_log_scale, "
       "Tensor grad_beta)");
+  // vae_loss's outputs and, in the same pass where the backend can, the
+  // gradient of rec.sum() with respect to recon (recon's dtype and layout);
+  // vae_loss_backward with recon_coefficients=True returns, in place of recon's
+  // gradient, the [batch] factors c_b that turn it into recon's gradient
+  // (c_b times sample b's part), where the scale is not shared by the batch.
+  m.def(
+      "vae_loss_and_grad(Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor? log_scale, "
+      "Tensor? beta, str likelihood, bool logits, str reduction, float log_scale_value, "
+      "bool optimal_scale, float beta_value, float free_bits, Tensor? weight=None) "
+      "-> (Tensor loss, Tensor rec, Tensor kl, Tensor aux, Tensor grad_recon)");
   // KL(N(mu, exp(logvar)) || N(0, I)) per latent dimension, shaped like mu.
   m.def("gaussian_kl_per_dim(Tensor mu, Tensor logvar) -> Tensor");
   m.def(

@@ -32,6 +32,15 @@ struct ScalarOps<float> {
   using V = float;
   using Mask = bool;
   static FUSEDVAE_HD V splat(double c) { return static_cast<float>(c); }
+  // a·b + c: one rounding on the GPU; the host builds (baseline code without
+  // FMA instructions) round twice rather than call the library's fma.
+  static FUSEDVAE_HD V fma(V a, V b, V c) {
+#if defined(__CUDA_ARCH__)
+    return fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+  }
   static FUSEDVAE_HD V exp(V x) { return expf(x); }
   static FUSEDVAE_HD V exp_nonpositive(V x) { return expf(x); }
   // The CPU's float32 kernels evaluate these four as polynomials (cpu/vec_ops.h);
@@ -58,6 +67,15 @@ struct ScalarOps<double> {
   using V = double;
   using Mask = bool;
   static FUSEDVAE_HD V splat(double c) { return c; }
+  // a·b + c: one rounding on the GPU; the host builds (baseline code without
+  // FMA instructions) round twice rather than call the library's fma.
+  static FUSEDVAE_HD V fma(V a, V b, V c) {
+#if defined(__CUDA_ARCH__)
+    return ::fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+  }
   static FUSEDVAE_HD V exp(V x) { return ::exp(x); }
   static FUSEDVAE_HD V exp_nonpositive(V x) { return ::exp(x); }
   static FUSEDVAE_HD V exp_approx(V x) { return ::exp(x); }
@@ -108,13 +126,13 @@ FUSEDVAE_HD typename O::V log1p_unit(typename O::V e) {
     const V u = e / (O::splat(2.0) + e);
     const V w = u * u;
     V series = O::splat(1.0 / 15);
-    series = series * w + O::splat(1.0 / 13);
-    series = series * w + O::splat(1.0 / 11);
-    series = series * w + O::splat(1.0 / 9);
-    series = series * w + O::splat(1.0 / 7);
-    series = series * w + O::splat(1.0 / 5);
-    series = series * w + O::splat(1.0 / 3);
-    series = series * w + O::splat(1.0);
+    series = O::fma(series, w, O::splat(1.0 / 13));
+    series = O::fma(series, w, O::splat(1.0 / 11));
+    series = O::fma(series, w, O::splat(1.0 / 9));
+    series = O::fma(series, w, O::splat(1.0 / 7));
+    series = O::fma(series, w, O::splat(1.0 / 5));
+    series = O::fma(series, w, O::splat(1.0 / 3));
+    series = O::fma(series, w, O::splat(1.0));
     return O::splat(2.0) * u * series;
   }
 }

@@ -103,10 +103,19 @@ def _vae_loss_fake(recon, target, mu, logvar, log_scale, beta, likelihood, logit
     )
 
 
+@torch.library.register_fake("fusedvae::vae_loss_and_grad")
+def _vae_loss_and_grad_fake(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
+                            log_scale_value, optimal_scale, beta_value, free_bits, weight=None):
+    outputs = _vae_loss_fake(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
+                             log_scale_value, optimal_scale, beta_value, free_bits, weight)
+    return (*outputs, torch.empty_like(recon))
+
+
 @torch.library.register_fake("fusedvae::vae_loss_backward")
 def _vae_loss_backward_fake(grad_loss, grad_rec, grad_kl, recon, target, mu, logvar, log_scale,
                             beta, aux, likelihood, logits, reduction, log_scale_value,
-                            optimal_scale, beta_value, free_bits, output_mask, weight=None):
+                            optimal_scale, beta_value, free_bits, output_mask, weight=None,
+                            recon_coefficients=False):
     _check_objective_args(recon, target, mu, logvar)
     _check_objective_options(recon, log_scale, beta, likelihood, reduction, optimal_scale, free_bits, weight)
     batch = recon.shape[0]
@@ -126,9 +135,19 @@ def _vae_loss_backward_fake(grad_loss, grad_rec, grad_kl, recon, target, mu, log
         return recon.new_empty((0,))
 
     want_recon, want_latent, want_scale, want_beta = output_mask
+    if recon_coefficients:
+        per_element_scale = log_scale is not None and log_scale.dim() > 0
+        torch._check(
+            not (want_scale and per_element_scale),
+            lambda: "fusedvae: expected output_mask[2] to be False with recon_coefficients=True and "
+            "a per-element log_scale, whose gradient comes from recon's gradient",
+        )
+        recon_out = recon.new_empty((recon.shape[0],), dtype=accumulate_dtype(recon.dtype)) if want_recon else none()
+    else:
+        recon_out = torch.empty_like(recon) if want_recon else none()
     # grad_mu and grad_logvar are contiguous: the kernels write the latent in that order.
     return (
-        torch.empty_like(recon) if want_recon else none(),
+        recon_out,
         mu.new_empty(mu.shape) if want_latent else none(),
         mu.new_empty(mu.shape) if want_latent else none(),
         torch.empty_like(log_scale) if want_scale and log_scale is not None else none(),
@@ -278,6 +297,7 @@ def _per_slice(op):
 
 torch.library.register_vmap("fusedvae::vae_loss", _per_slice(ops.vae_loss.default))
 torch.library.register_vmap("fusedvae::vae_loss_backward", _per_slice(ops.vae_loss_backward.default))
+torch.library.register_vmap("fusedvae::vae_loss_and_grad", _per_slice(ops.vae_loss_and_grad.default))
 
 
 def _fold(value, bdim, size):

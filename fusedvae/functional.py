@@ -56,7 +56,11 @@ def vae_loss(
     and the loss is ``reduce_b(rec_b + beta * kl_b)``. The reconstruction term
     reads ``recon`` and ``target`` once in the forward pass and once in the
     backward pass, which writes the gradient once; β, the reduction and any
-    upstream gradient act on the ``[B]`` vectors.
+    upstream gradient act on the ``[B]`` vectors. On the CPU, when a float32 or
+    float64 ``recon`` requires grad and no log-scale is shared by the batch, the
+    forward computes ``recon``'s gradient in the same pass (allocating it then,
+    and holding it until the backward) and the backward scales it in place per
+    sample, with bitwise the same result.
 
     Hierarchical VAEs (VDVAE, NVAE) pass their latent groups as sequences
     (``mu=[mu_1, mu_2, ...]``, shapes free) and each group's learned prior as

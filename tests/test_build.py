@@ -18,10 +18,16 @@ from fusedvae import _build_info, _C
 OPS = (
     "vae_loss",
     "vae_loss_backward",
+    "vae_loss_and_grad",
     "gaussian_kl_per_dim",
     "gaussian_kl_per_dim_backward",
+    "gaussian_kl",
+    "gaussian_kl_backward",
     "cb_log_normalizer",
     "cb_log_normalizer_backward",
+    "dmol_nll",
+    "dmol_nll_and_grad",
+    "dmol_nll_backward",
 )
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fusedvae.__file__))

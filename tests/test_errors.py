@@ -267,8 +267,13 @@ def _loss_backward(_tensors=None, **change):
     args = _loss_args(_tensors)
     aux = ops.vae_loss(**args)[3]
     args = dict(grad_loss=torch.tensor(1.0), grad_rec=None, grad_kl=None, **args, aux=aux,
-                output_mask=[True, True, True, True])
+                output_mask=[True, True, True, True], recon_coefficients=False)
     return ops.vae_loss_backward(**_changed(args, change))
+
+
+def _loss_and_grad(_tensors=None, **change):
+    """``ops.vae_loss_and_grad`` with the good arguments, some of them replaced."""
+    return ops.vae_loss_and_grad(**_changed(_loss_args(_tensors), change))
 
 
 def _meta(*names, **change):
@@ -391,6 +396,10 @@ OP_CASES = [
     ("vae_loss_backward", "grad_rec of shape [2], everything on 'meta'", lambda: _loss_backward(**_meta(*_ALL_META, "aux", grad_loss=None, grad_rec=torch.ones(2, device=META))), RuntimeError, "expected grad_rec of shape [3], got [2]"),
     ("vae_loss_backward", "grad_kl of shape [4], everything on 'meta'", lambda: _loss_backward(**_meta(*_ALL_META, "aux", grad_loss=None, grad_kl=torch.ones(4, device=META))), RuntimeError, "expected grad_kl of shape [3], got [4]"),
     ("vae_loss_backward", "output_mask of 3 entries", lambda: _loss_backward(output_mask=[True, True, True]), RuntimeError, "Tried to convert a List with 3 elements to a fixed-size array of size 4"),
+    ("vae_loss_backward", "recon_coefficients=True, a per-element log_scale's gradient asked for", lambda: _loss_backward(likelihood="gaussian", log_scale=torch.zeros(3, 2, 4), recon_coefficients=True), ValueError, "expected output_mask[2] to be False with recon_coefficients=True and a per-element log_scale, whose gradient comes from recon's gradient"),
+    # vae_loss_and_grad: vae_loss's checks
+    ("vae_loss_and_grad", "int64 recon", lambda: _loss_and_grad(recon=lambda a: a["recon"].long()), TypeError, "expected recon " + _FLOATING + "Long"),
+    ("vae_loss_and_grad", "mu and logvar with another batch size", lambda: _loss_and_grad(mu=lambda a: a["mu"][:2], logvar=lambda a: a["logvar"][:2]), ValueError, "expected mu of shape [3, ...] (the batch size of recon), got [2, 5]"),
     # vae_loss_backward: the checks it shares with vae_loss
     ("vae_loss_backward", "int64 recon", lambda: _loss_backward(recon=lambda a: a["recon"].long()), TypeError, "expected recon " + _FLOATING + "Long"),
     ("vae_loss_backward", "0-d recon and target", lambda: _loss_backward(recon=torch.tensor(0.5), target=torch.tensor(0.5)), ValueError, "expected recon of shape [batch, ...], got a 0-d tensor"),

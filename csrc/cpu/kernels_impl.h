@@ -254,26 +254,61 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
   const TargetT* t = static_cast<const TargetT*>(p.target);
   const bool weighted = p.weight.data != nullptr;
   const int64_t numel = p.numel_per_sample;
-  // The sample's coefficient, times each element's weight.
-  auto coefficient = [&](int64_t b, int64_t i, int64_t n) {
-    const Vec g(grad_rec[b]);
-    return weighted ? g * load_weights<Acc>(p.weight, numel, i, n) : g;
+  // Each element's weight times its derivative, then the sample's coefficient:
+  // recon_forward_with_grad_typed writes the first product, so scaling that by
+  // the coefficient rounds as this does.
+  auto weigh = [&](const Vec& v, int64_t i, int64_t n) {
+    return weighted ? load_weights<Acc>(p.weight, numel, i, n) * v : v;
   };
   if constexpr (L::kHasScale) {
     const ScaleT* s = static_cast<const ScaleT*>(p.log_scale);
     for_each_vector<Acc>(p.batch, numel, [&](int64_t b, int64_t i, int64_t n) {
       Vec gx, gs;
       L::template grad<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n), &gx, &gs);
-      const Vec g = coefficient(b, i, n);
-      store(grad_x + i, g * gx, n);
-      if (grad_s != nullptr) store(grad_s + i, g * gs, n);
+      const Vec g(grad_rec[b]);
+      store(grad_x + i, g * weigh(gx, i, n), n);
+      if (grad_s != nullptr) store(grad_s + i, g * weigh(gs, i, n), n);
     });
   } else {
     for_each_vector<Acc>(p.batch, numel, [&](int64_t b, int64_t i, int64_t n) {
       const Vec local = L::template grad<O>(load<Acc>(x + i, n), load<Acc>(t + i, n));
-      store(grad_x + i, coefficient(b, i, n) * local, n);
+      store(grad_x + i, Vec(grad_rec[b]) * weigh(local, i, n), n);
     });
   }
+}
+
+// recon_forward_typed's sums (same work items, same order) and, in the same
+// pass over the data, recon_backward_typed's gradient of x for grad_rec = 1.
+template <class L, typename T, typename TargetT, typename ScaleT>
+void recon_forward_with_grad_typed(const ReconProblem& p, acc_t<T>* rec, T* grad_x) {
+  using Acc = acc_t<T>;
+  using O = VecOps<Acc>;
+  using Vec = at::vec::Vectorized<Acc>;
+  const T* x = static_cast<const T*>(p.recon);
+  const TargetT* t = static_cast<const TargetT*>(p.target);
+  const ScaleT* s = static_cast<const ScaleT*>(p.log_scale);
+  const bool weighted = p.weight.data != nullptr;
+  const int64_t numel = p.numel_per_sample;
+  sum_per_sample<Acc>(p.batch, numel, rec, [&](int64_t i, int64_t n) {
+    const Vec xv = load<Acc>(x + i, n), tv = load<Acc>(t + i, n);
+    Vec loss, gx;
+    if constexpr (L::kHasScale) {
+      const Vec sv = load<Acc>(s + i, n);
+      Vec gs;
+      loss = L::template loss<O>(xv, tv, sv);
+      L::template grad<O>(xv, tv, sv, &gx, &gs);
+    } else {
+      loss = L::template loss<O>(xv, tv);
+      gx = L::template grad<O>(xv, tv);
+    }
+    if (weighted) {
+      const Vec w = load_weights<Acc>(p.weight, numel, i, n);
+      loss = loss * w;
+      gx = w * gx;
+    }
+    store(grad_x + i, gx, n);
+    return loss;
+  });
 }
 
 // The entries of this instruction set's kernel table.
@@ -282,6 +317,15 @@ void recon_loss_forward(const ReconProblem& p, void* rec) {
     using T = typename decltype(x_tag)::type;
     recon_forward_typed<typename decltype(l)::type, T, typename decltype(t_tag)::type,
                         typename decltype(s_tag)::type>(p, static_cast<acc_t<T>*>(rec));
+  });
+}
+
+void recon_loss_forward_with_grad(const ReconProblem& p, void* rec, void* grad_recon) {
+  dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
+    using T = typename decltype(x_tag)::type;
+    recon_forward_with_grad_typed<typename decltype(l)::type, T, typename decltype(t_tag)::type,
+                                  typename decltype(s_tag)::type>(
+        p, static_cast<acc_t<T>*>(rec), static_cast<T*>(grad_recon));
   });
 }
 
@@ -590,6 +634,7 @@ const Kernels kKernels = {
     FUSEDVAE_NAME_OF(CPU_CAPABILITY),
     &recon_loss_forward,
     &recon_loss_backward,
+    &recon_loss_forward_with_grad,
     &gaussian_kl_forward,
     &gaussian_kl_backward,
     &cb_log_normalizer_forward,

@@ -41,14 +41,20 @@ void kl_sums(const KlProblem& p, Acc* kl, Acc* dim_mean) {
   for (int64_t j = 0; j < latent; ++j) dim_mean[j] /= Acc(batch);
 }
 
+// grad_recon: null, or where the gradient of Σ_b rec_b goes, computed in the
+// same pass as rec (the scale not shared: objective_forward_with_grad).
 template <typename Acc>
-void forward(const ObjectiveProblem& p, Acc* loss, Acc* rec, Acc* kl, Acc* aux) {
+void forward(const ObjectiveProblem& p, Acc* loss, Acc* rec, Acc* kl, Acc* aux, void* grad_recon) {
   const Objective& o = p.objective;
   const int64_t batch = o.batch;
   const AuxLayout layout{batch, o.j};
   for (int64_t k = 0; k < layout.size(); ++k) aux[k] = Acc(0);
 
-  kernels().recon_loss_forward(p.recon, rec);
+  if (grad_recon != nullptr) {
+    kernels().recon_loss_forward_with_grad(p.recon, rec, grad_recon);
+  } else {
+    kernels().recon_loss_forward(p.recon, rec);
+  }
   const bool free_bits = o.free_bits > 0;
   Acc* mean = aux + layout.kl_dim_mean();
   kl_sums<Acc>(p.kl, kl, free_bits ? mean : nullptr);
@@ -147,7 +153,10 @@ void backward(const ObjectiveProblem& p, const OutputGrads& g, const Acc* aux,
     const Acc d_residual = shared_scale_terms(likelihood, Acc(0), s, Acc(1)).d_residual;
     for (int64_t b = 0; b < batch; ++b) rec_coef[b] = rec_coef[b] * d_residual + through_scale;
   }
-  if (out.recon != nullptr) {
+  if (out.recon_coef != nullptr) {
+    Acc* coef = static_cast<Acc*>(out.recon_coef);
+    for (int64_t b = 0; b < batch; ++b) coef[b] = rec_coef[b];
+  } else if (out.recon != nullptr) {
     kernels().recon_loss_backward(p.recon, rec_coef.data(), out.recon,
                                   uses_shared_scale(o) ? nullptr : out.log_scale);
   }
@@ -168,13 +177,22 @@ void backward(const ObjectiveProblem& p, const OutputGrads& g, const Acc* aux,
 }  // namespace
 
 void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* kl, void* aux) {
+  objective_forward_with_grad(p, loss, rec, kl, aux, nullptr);
+}
+
+bool objective_forward_with_grad(const ObjectiveProblem& p, void* loss, void* rec, void* kl,
+                                 void* aux, void* grad_recon) {
+  // With a shared scale, recon's gradient is not a per-sample multiple of one
+  // tensor (the scale's own gradient sums over the batch).
+  if (grad_recon != nullptr && uses_shared_scale(p.objective)) return false;
   if (p.recon.dtype == DType::kFloat64) {
     forward<double>(p, static_cast<double*>(loss), static_cast<double*>(rec),
-                    static_cast<double*>(kl), static_cast<double*>(aux));
+                    static_cast<double*>(kl), static_cast<double*>(aux), grad_recon);
   } else {
     forward<float>(p, static_cast<float*>(loss), static_cast<float*>(rec), static_cast<float*>(kl),
-                   static_cast<float*>(aux));
+                   static_cast<float*>(aux), grad_recon);
   }
+  return true;
 }
 
 void gaussian_kl_sums(const KlProblem& p, void* kl, void* dim_mean) {

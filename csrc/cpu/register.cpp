@@ -8,6 +8,10 @@ class CpuBackend final : public Backend {
                          void* aux) const override {
     cpu::objective_forward(p, loss, rec, kl, aux);
   }
+  bool objective_forward_with_grad(const ObjectiveProblem& p, void* loss, void* rec, void* kl,
+                                   void* aux, void* grad_recon) const override {
+    return cpu::objective_forward_with_grad(p, loss, rec, kl, aux, grad_recon);
+  }
   void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, const void* aux,
                           const ObjectiveGrads& out) const override {
     cpu::objective_backward(p, grads, aux, out);

@@ -255,6 +255,10 @@ struct VecOps {
   using Scalar = T;
   using V = at::vec::Vectorized<T>;
   FUSEDVAE_VEC_INLINE static V splat(double c) { return V(static_cast<T>(c)); }
+  // a·b + c, fused where the instruction set has FMA.
+  FUSEDVAE_VEC_INLINE static V fma(const V& a, const V& b, const V& c) {
+    return at::vec::fmadd(a, b, c);
+  }
   FUSEDVAE_VEC_INLINE static V exp(const V& x) { return x.exp(); }
   FUSEDVAE_VEC_INLINE static V exp_nonpositive(const V& x) {
     if constexpr (std::is_same_v<T, float>) {

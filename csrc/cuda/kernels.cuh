@@ -581,6 +581,12 @@ __global__ void __launch_bounds__(kThreads)
       }
       c = c * shared_scale_terms(p.recon.likelihood, Acc(0), s, Acc(1)).d_residual + through_scale;
     }
+    if (out.recon_coef != nullptr) {
+      if (blockIdx.x % recon_grid.chunks == 0 && threadIdx.x == 0) {
+        static_cast<Acc*>(out.recon_coef)[b] = c;
+      }
+      return;
+    }
     const ReconGrad<L, T, TargetT, ScaleT> body{
         static_cast<const T*>(p.recon.recon),
         static_cast<const TargetT*>(p.recon.target),
