@@ -405,37 +405,28 @@ struct ObjectiveOutputs {
   }
 };
 
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss(
+// vae_loss's outputs and, where `with_grad`, vae_loss_and_grad's gradient of
+// rec.sum() with respect to recon (else an undefined tensor).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_objective(
     const Backend& backend, const Tensor& recon, const Tensor& target, const Tensor& mu,
     const Tensor& logvar, const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta,
     c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
-    bool optimal_scale, double beta_value, double free_bits, const std::optional<Tensor>& weight) {
+    bool optimal_scale, double beta_value, double free_bits, const std::optional<Tensor>& weight,
+    bool with_grad) {
   const c10::OptionalDeviceGuard guard(recon.device());
   ObjectiveInputs in(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
                      log_scale_value, optimal_scale, beta_value, free_bits, weight);
   ObjectiveOutputs out(in, recon);
-  backend.objective_forward(in.problem, out.loss.data_ptr(), out.rec.data_ptr(),
-                            out.kl.data_ptr(), out.aux.data_ptr());
-  return {out.loss, out.rec, out.kl, out.aux};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_and_grad(
-    const Backend& backend, const Tensor& recon, const Tensor& target, const Tensor& mu,
-    const Tensor& logvar, const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta,
-    c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
-    bool optimal_scale, double beta_value, double free_bits, const std::optional<Tensor>& weight) {
-  const c10::OptionalDeviceGuard guard(recon.device());
-  ObjectiveInputs in(recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction,
-                     log_scale_value, optimal_scale, beta_value, free_bits, weight);
-  ObjectiveOutputs out(in, recon);
+  void* const outputs[] = {out.loss.data_ptr(), out.rec.data_ptr(), out.kl.data_ptr(),
+                           out.aux.data_ptr()};
+  if (!with_grad) {
+    backend.objective_forward(in.problem, outputs[0], outputs[1], outputs[2], outputs[3]);
+    return {out.loss, out.rec, out.kl, out.aux, Tensor()};
+  }
   Output grad_recon(recon, in.recon);
-  if (!backend.objective_forward_with_grad(in.problem, out.loss.data_ptr(), out.rec.data_ptr(),
-                                           out.kl.data_ptr(), out.aux.data_ptr(),
-                                           grad_recon.work.data_ptr())) {
-    backend.objective_forward(in.problem, out.loss.data_ptr(), out.rec.data_ptr(),
-                              out.kl.data_ptr(), out.aux.data_ptr());
+  if (!backend.objective_forward_with_grad(in.problem, outputs[0], outputs[1], outputs[2],
+                                           outputs[3], grad_recon.work.data_ptr())) {
+    backend.objective_forward(in.problem, outputs[0], outputs[1], outputs[2], outputs[3]);
     const Tensor ones = at::ones({in.problem.objective.batch}, out.rec.options());
     OutputGrads grads{};
     grads.rec = ones.const_data_ptr();
@@ -445,6 +436,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_and_grad(
     backend.objective_backward(in.problem, grads, out.aux.const_data_ptr(), grads_out);
   }
   return {out.loss, out.rec, out.kl, out.aux, grad_recon.finish()};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> vae_loss(
+    const Backend& backend, const Tensor& recon, const Tensor& target, const Tensor& mu,
+    const Tensor& logvar, const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta,
+    c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
+    bool optimal_scale, double beta_value, double free_bits, const std::optional<Tensor>& weight) {
+  auto [loss, rec, kl, aux, none] =
+      forward_objective(backend, recon, target, mu, logvar, log_scale, beta, likelihood, logits,
+                        reduction, log_scale_value, optimal_scale, beta_value, free_bits, weight,
+                        /*with_grad=*/false);
+  return {loss, rec, kl, aux};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_and_grad(
+    const Backend& backend, const Tensor& recon, const Tensor& target, const Tensor& mu,
+    const Tensor& logvar, const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta,
+    c10::string_view likelihood, bool logits, c10::string_view reduction, double log_scale_value,
+    bool optimal_scale, double beta_value, double free_bits, const std::optional<Tensor>& weight) {
+  return forward_objective(backend, recon, target, mu, logvar, log_scale, beta, likelihood, logits,
+                           reduction, log_scale_value, optimal_scale, beta_value, free_bits, weight,
+                           /*with_grad=*/true);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward(

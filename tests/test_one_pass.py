@@ -16,28 +16,20 @@ import torch
 from torch.profiler import profile
 
 import fusedvae
-from helpers import F32, F64, make_inputs, make_log_scale
+from helpers import F32, F64, SCALED, VARIANT_IDS, VARIANTS, make_inputs, make_log_scale
 
 ops = torch.ops.fusedvae
 
-# (likelihood, logits, log_scale kind as helpers.make_log_scale makes it)
-VARIANTS = [
-    ("bernoulli", True, None),
-    ("bernoulli", False, None),
-    ("cbernoulli", True, None),
-    ("cbernoulli", False, None),
-    ("gaussian", True, "full_tensor"),
-    ("gaussian", True, "broadcast_tensor"),
-    ("laplace", True, "full_tensor"),
-    ("gaussian", True, "scalar_tensor"),
-    ("gaussian", True, "float"),
-    ("gaussian", True, "optimal"),
-    ("laplace", True, "optimal"),
-]
-IDS = [f"{lik}-{'logits' if lg else 'probs'}-{ls}" for lik, lg, ls in VARIANTS]
-SHARED = {"scalar_tensor", "float", "optimal"}  # one log-scale for the whole batch
-PER_SAMPLE = [v for v in VARIANTS if v[2] not in SHARED]
-PER_SAMPLE_IDS = [i for i, v in zip(IDS, VARIANTS) if v[2] not in SHARED]
+IDS = VARIANT_IDS
+
+
+def _shared(likelihood, ls_kind):
+    """Whether the batch shares one log-scale (a float, the default, a 0-d tensor, the optimum)."""
+    return likelihood in SCALED and (ls_kind is None or ls_kind in ("float", "scalar_tensor", "optimal"))
+
+
+PER_SAMPLE = [v for v in VARIANTS if not _shared(v[0], v[2])]
+PER_SAMPLE_IDS = [i for i, v in zip(IDS, VARIANTS) if not _shared(v[0], v[2])]
 MASK_ALL = [True, True, True, True]
 
 
@@ -158,9 +150,10 @@ def test_the_step_runs_one_pass_where_it_can_and_gives_the_two_pass_result(devic
                                                                           dtype):
     inp = _inputs(likelihood, logits, dtype, device)
     ls = make_log_scale(ls_kind, inp.recon.shape, dtype=dtype, device=device)
-    for scale_grad in ([False, True] if ls_kind in ("full_tensor", "broadcast_tensor") else [False]):
+    tensors = ("full_tensor", "broadcast_tensor", "per_sample_tensor")
+    for scale_grad in ([False, True] if ls_kind in tensors else [False]):
         ran, grads, (u_loss, u_rec), leaves, _ = _step(inp, ls, likelihood, logits, scale_grad)
-        one_pass = device == "cpu" and dtype in (F32, F64) and ls_kind not in SHARED and not scale_grad
+        one_pass = device == "cpu" and dtype in (F32, F64) and not _shared(likelihood, ls_kind) and not scale_grad
         assert ("fusedvae::vae_loss_and_grad" in ran) == one_pass, ran
         # the two passes, the ops called directly
         args = _args(inp, likelihood, logits, ls_kind, "none")
