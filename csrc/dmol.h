@@ -244,14 +244,26 @@ FUSEDVAE_DMOL_HD typename O::V logit_normalizer(const Pixel<O>& px, const Read& 
   return lse.value();
 }
 
+// The running log-sum-exp over components first, first + step, ... (first <
+// K) of log_softmax(π)_k + Σ_c log P_kc, given the logits' normaliser. A CUDA
+// pixel split over threads merges those of its threads.
+template <class O, typename Read>
+FUSEDVAE_DMOL_HD LogSumExp<O> components_log_sum_exp(const Pixel<O>& px, const Read& p,
+                                                     typename O::V norm, int64_t first,
+                                                     int64_t step) {
+  LogSumExp<O> lse;
+  lse.start(p(first) - norm + component_log_prob(px, p, first));
+  for (int64_t k = first + step; k < px.k; k += step) {
+    lse.add(p(k) - norm + component_log_prob(px, p, k));
+  }
+  return lse;
+}
+
 // log p(pixel), given the logits' normaliser.
 template <class O, typename Read>
 FUSEDVAE_DMOL_HD typename O::V pixel_log_likelihood(const Pixel<O>& px, const Read& p,
                                                     typename O::V norm) {
-  LogSumExp<O> lse;
-  lse.start(p(0) - norm + component_log_prob(px, p, 0));
-  for (int64_t k = 1; k < px.k; ++k) lse.add(p(k) - norm + component_log_prob(px, p, k));
-  return lse.value();
+  return components_log_sum_exp(px, p, norm, 0, 1).value();
 }
 
 // -log p(pixel).

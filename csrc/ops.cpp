@@ -161,6 +161,13 @@ const void* scalar_operand(const Tensor& t, const char* name, const Tensor& ref,
   return holder.const_data_ptr();
 }
 
+// A scaled likelihood's log-scale is per element where log_scale is a tensor
+// of at least one dimension (broadcast to recon); otherwise one scale is shared
+// by the batch (a number, a 0-d tensor, or optimal_scale's).
+bool log_scale_is_per_element(const std::optional<Tensor>& log_scale) {
+  return log_scale.has_value() && log_scale->dim() > 0;
+}
+
 // The arguments of vae_loss and vae_loss_backward, checked, in the working
 // layout, as the kernels' ObjectiveProblem.
 struct ObjectiveInputs {
@@ -216,7 +223,7 @@ struct ObjectiveInputs {
     target = in_layout_of(target_in, recon);
     const void* scale_scalar = nullptr;
     if (scaled) {
-      if (log_scale_in.has_value() && log_scale_in->dim() > 0) {
+      if (log_scale_is_per_element(log_scale_in)) {
         const Tensor& s = *log_scale_in;
         check_same_device(s, "log_scale", recon_in, "recon");
         TORCH_CHECK_VALUE(
@@ -384,10 +391,8 @@ struct KlInputs {
 
 bool recon_gradient_is_per_sample(c10::string_view likelihood, bool logits,
                                   const std::optional<Tensor>& log_scale) {
-  // As ObjectiveInputs decides: a scaled likelihood shares its scale unless
-  // log_scale is a tensor of at least one dimension.
   return !math::kLikelihoodTable[parse_likelihood(likelihood, logits)].has_scale ||
-         (log_scale.has_value() && log_scale->dim() > 0);
+         log_scale_is_per_element(log_scale);
 }
 
 namespace {

@@ -134,11 +134,7 @@ struct Place {
 template <int kSplit, class O, typename Read>
 __device__ typename O::V split_log_likelihood(const dmol::Pixel<O>& px, const Read& p,
                                               typename O::V norm, int r) {
-  dmol::LogSumExp<O> lse;
-  lse.start(p(r) - norm + dmol::component_log_prob(px, p, r));
-  for (int64_t k = r + kSplit; k < px.k; k += kSplit) {
-    lse.add(p(k) - norm + dmol::component_log_prob(px, p, k));
-  }
+  dmol::LogSumExp<O> lse = dmol::components_log_sum_exp(px, p, norm, r, kSplit);
   if constexpr (kSplit > 1) {
     const unsigned lanes = ((1u << kSplit) - 1u) << (threadIdx.x % 32 / kSplit * kSplit);
     for (int d = 1; d < kSplit; d *= 2) {
@@ -164,36 +160,25 @@ __device__ typename O::V split_backward(const dmol::Pixel<O>& px, const Read& p,
 
 // partial[b · blocks + block] = Σ over the block's pixels of -log p(pixel).
 // Block `item` covers items [chunk·kThreads, (chunk + 1)·kThreads) of sample b,
-// item = b · blocks + chunk (a one-dimensional grid: any batch size).
-template <int kSplit, typename T>
+// item = b · blocks + chunk (a one-dimensional grid: any batch size). With
+// kWithGrad the same sums, and the gradient for an output gradient of 1 written
+// as backward_kernel writes it.
+template <int kSplit, bool kWithGrad, typename T>
 __global__ void __launch_bounds__(kThreads)
-    forward_partials(DmolProblem p, int64_t blocks, double* partial) {
+    forward_partials(DmolProblem p, int64_t blocks, double* partial, T* out, GradStrides strides) {
   using Acc = acc_t<T>;
   const Place<kSplit> at(blocks);
   double v = 0.0;
   if (at.i < p.pixels) {
     const auto px = load_pixel<Acc>(p, at.b, at.i);
     const auto read = pixel_params<T>(p, at.b, at.i);
-    const Acc log_like = split_log_likelihood<kSplit>(px, read, dmol::logit_normalizer(px, read), at.r);
-    if (at.r == 0) v = static_cast<double>(Acc(0) - log_like);
-  }
-  v = block_sum(v);
-  if (threadIdx.x == 0) partial[blockIdx.x] = v;
-}
-
-// forward_partials' partial sums (same blocks, same order), and the gradient
-// for an output gradient of 1 written as backward_kernel writes it.
-template <int kSplit, typename T>
-__global__ void __launch_bounds__(kThreads)
-    forward_with_grad_partials(DmolProblem p, int64_t blocks, double* partial, T* out,
-                               GradStrides strides) {
-  using Acc = acc_t<T>;
-  const Place<kSplit> at(blocks);
-  double v = 0.0;
-  if (at.i < p.pixels) {
-    const Acc log_like =
-        split_backward<kSplit>(load_pixel<Acc>(p, at.b, at.i), pixel_params<T>(p, at.b, at.i), at.r,
-                               dmol::UnitScale{}, pixel_grad(out, strides, at.b, at.i));
+    Acc log_like;
+    if constexpr (kWithGrad) {
+      log_like = split_backward<kSplit>(px, read, at.r, dmol::UnitScale{},
+                                        pixel_grad(out, strides, at.b, at.i));
+    } else {
+      log_like = split_log_likelihood<kSplit>(px, read, dmol::logit_normalizer(px, read), at.r);
+    }
     if (at.r == 0) v = static_cast<double>(Acc(0) - log_like);
   }
   v = block_sum(v);
@@ -227,13 +212,6 @@ __global__ void __launch_bounds__(kThreads)
                          grad[at.b], pixel_grad(out, strides, at.b, at.i));
 }
 
-template <typename Acc>
-void add_partials_launch(const DmolProblem& p, int64_t blocks, const double* partial, void* nll,
-                         cudaStream_t s) {
-  add_partials<Acc><<<static_cast<unsigned>((p.batch + kSumWarps - 1) / kSumWarps),
-                      kSumWarps * 32, 0, s>>>(partial, p.batch, blocks, static_cast<Acc*>(nll));
-}
-
 // f(std::integral_constant<int, split>{}) for the problem's split.
 template <typename F>
 void with_split(int split, const F& f) {
@@ -246,6 +224,35 @@ void with_split(int split, const F& f) {
   }
 }
 
+// dmol_forward's launches, and with grad_params dmol_forward_with_grad's.
+void forward_launches(const DmolProblem& p, void* nll, void* grad_params,
+                      const int64_t* grad_strides, void* workspace, void* stream) {
+  if (p.batch == 0) return;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int split = pixel_split(p);
+  const int64_t blocks = blocks_per_sample(p, split);
+  double* partial = static_cast<double*>(workspace);
+  const GradStrides strides =
+      grad_params != nullptr ? GradStrides{{grad_strides[0], grad_strides[1], grad_strides[2]}}
+                             : GradStrides{{0, 0, 0}};
+  dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* out = static_cast<T*>(grad_params);
+    if (blocks > 0) {
+      with_split(split, [&](auto n) {
+        constexpr int kSplit = decltype(n)::value;
+        const auto kernel = grad_params != nullptr ? forward_partials<kSplit, true, T>
+                                                   : forward_partials<kSplit, false, T>;
+        kernel<<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(p, blocks, partial, out,
+                                                                           strides);
+      });
+    }
+    using Acc = acc_t<T>;
+    add_partials<Acc><<<static_cast<unsigned>((p.batch + kSumWarps - 1) / kSumWarps),
+                        kSumWarps * 32, 0, s>>>(partial, p.batch, blocks, static_cast<Acc*>(nll));
+  });
+}
+
 }  // namespace
 
 int64_t dmol_workspace_bytes(const DmolProblem& p) {
@@ -253,42 +260,12 @@ int64_t dmol_workspace_bytes(const DmolProblem& p) {
 }
 
 void dmol_forward(const DmolProblem& p, void* nll, void* workspace, void* stream) {
-  if (p.batch == 0) return;
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int split = pixel_split(p);
-  const int64_t blocks = blocks_per_sample(p, split);
-  double* partial = static_cast<double*>(workspace);
-  dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if (blocks > 0) {
-      with_split(split, [&](auto n) {
-        forward_partials<decltype(n)::value, T>
-            <<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(p, blocks, partial);
-      });
-    }
-    add_partials_launch<acc_t<T>>(p, blocks, partial, nll, s);
-  });
+  forward_launches(p, nll, nullptr, nullptr, workspace, stream);
 }
 
 void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
                             const int64_t* grad_strides, void* workspace, void* stream) {
-  if (p.batch == 0) return;
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int split = pixel_split(p);
-  const int64_t blocks = blocks_per_sample(p, split);
-  double* partial = static_cast<double*>(workspace);
-  const GradStrides strides{{grad_strides[0], grad_strides[1], grad_strides[2]}};
-  dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    if (blocks > 0) {
-      with_split(split, [&](auto n) {
-        forward_with_grad_partials<decltype(n)::value, T>
-            <<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(
-                p, blocks, partial, static_cast<T*>(grad_params), strides);
-      });
-    }
-    add_partials_launch<acc_t<T>>(p, blocks, partial, nll, s);
-  });
+  forward_launches(p, nll, grad_params, grad_strides, workspace, stream);
 }
 
 void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
