@@ -85,14 +85,29 @@ struct LogSumExp {
   FUSEDVAE_DMOL_HD V value() const { return max + O::log_approx(sum); }
 };
 
-// One channel of one component: log P and, with `want_grad`, its derivatives
-// with respect to the coupled mean and the raw log-scale.
+// One channel of one component: log P = outside + log(argument) and, with
+// `want_grad`, its derivatives with respect to the coupled mean and the raw
+// log-scale. The logs of a component's channels are taken together
+// (channels_log_prob).
 template <class O>
 struct ChannelTerm {
-  typename O::V log_prob;
+  typename O::V outside;
+  typename O::V argument;
   typename O::V d_mean;
   typename O::V d_log_scale;
 };
+
+// Σ_c log P_c over a component's channels: one log of the product of their
+// arguments, each in (0, 1] (a vector policy evaluates log_product3 with one
+// polynomial where three logs took three).
+template <class O>
+FUSEDVAE_DMOL_HD typename O::V channels_log_prob(const ChannelTerm<O>* terms, int channels) {
+  if (channels == 3) {
+    return (terms[0].outside + terms[1].outside + terms[2].outside) +
+           O::log_product3(terms[0].argument, terms[1].argument, terms[2].argument);
+  }
+  return terms[0].outside + O::log_approx(terms[0].argument);
+}
 
 // The channels of one component, N = 1 or 3, each step taken for every channel
 // before the next: the channels are independent, and a CPU overlaps the steps of
@@ -107,7 +122,7 @@ FUSEDVAE_DMOL_HD void channel_terms(const typename O::V* x, const typename O::V*
   using Mask = decltype(O::lt(half_width, half_width));
   const V zero = O::splat(0.0);
   const V one = O::splat(1.0);
-  V inv_scale[N], u[N], l[N], e_u[N], e_l[N], expm1_neg_width[N], inv_u[N], inv_l[N];
+  V inv_scale[N], u[N], l[N], e_u[N], e_l[N], expm1_neg_width[N], inv_both[N], inv_u[N], inv_l[N];
   Mask below[N], above[N];
   for (int c = 0; c < N; ++c) {
     // clamp(min=): NaN stays NaN; the gradient is zero below the bound and at it
@@ -119,29 +134,33 @@ FUSEDVAE_DMOL_HD void channel_terms(const typename O::V* x, const typename O::V*
     u[c] = inv_scale[c] * (centered + half_width);
     l[c] = inv_scale[c] * (centered - half_width);
   }
-  // σ(±u) and σ(±l) from e = e^{-|v|} and 1/(1 + e); the three logs of the
-  // interior, log σ(u) + log σ(-l) + log(1 - e^{-w}), as one: min(u, 0) +
-  // min(-l, 0) + log(σ(|u|)·σ(|l|)·(1 - e^{-w})), whose argument stays a normal
-  // float for any scale below e^80. w = u - l = 2·h·s > 0.
+  // σ(±u) and σ(±l) from e = e^{-|v|} and 1/(1 + e), both reciprocals from one
+  // division; the three logs of the interior, log σ(u) + log σ(-l) +
+  // log(1 - e^{-w}), as one: min(u, 0) + min(-l, 0) + log(σ(|u|)·σ(|l|)·(1 -
+  // e^{-w})), whose argument stays a normal float for any scale below e^80.
+  // w = u - l = 2·h·s > 0.
   for (int c = 0; c < N; ++c) {
     e_u[c] = O::exp_nonpositive(zero - O::abs(u[c]));
     e_l[c] = O::exp_nonpositive(zero - O::abs(l[c]));
     expm1_neg_width[c] = O::expm1_nonpositive(zero - (u[c] - l[c]));  // e^{-w} - 1, in (-1, 0)
   }
   for (int c = 0; c < N; ++c) {
-    inv_u[c] = one / (one + e_u[c]);  // σ(|u|)
-    inv_l[c] = one / (one + e_l[c]);  // σ(|l|)
+    const V one_plus_e_u = one + e_u[c];
+    const V one_plus_e_l = one + e_l[c];
+    inv_both[c] = one / (one_plus_e_u * one_plus_e_l);  // σ(|u|)·σ(|l|)
+    inv_u[c] = inv_both[c] * one_plus_e_l;              // σ(|u|)
+    inv_l[c] = inv_both[c] * one_plus_e_u;              // σ(|l|)
     below[c] = O::lt(x[c], O::splat(-kEdge));
     above[c] = O::gt(x[c], O::splat(kEdge));
   }
   for (int c = 0; c < N; ++c) {
     const V min_u = O::select(O::lt(u[c], zero), u[c], zero);
     const V min_neg_l = O::select(O::gt(l[c], zero), zero - l[c], zero);
-    const V log_argument =
-        O::select(below[c], inv_u[c],
-                  O::select(above[c], inv_l[c], inv_u[c] * inv_l[c] * (zero - expm1_neg_width[c])));
-    const V outside = O::select(below[c], min_u, O::select(above[c], min_neg_l, min_u + min_neg_l));
-    out[c].log_prob = outside + O::log_approx(log_argument);
+    out[c].argument = O::select(
+        below[c], inv_u[c],
+        O::select(above[c], inv_l[c], inv_both[c] * (zero - expm1_neg_width[c])));
+    out[c].outside =
+        O::select(below[c], min_u, O::select(above[c], min_neg_l, min_u + min_neg_l));
   }
   if (want_grad) {
     for (int c = 0; c < N; ++c) {
@@ -230,9 +249,7 @@ FUSEDVAE_DMOL_HD typename O::V component_log_prob(const Pixel<O>& px, const Read
   coupling_rows(px, p, k, tanh_rows);
   ChannelTerm<O> terms[3];
   component_channels(px, p, k, tanh_rows, false, terms);
-  V total = O::splat(0.0);
-  for (int c = 0; c < px.channels; ++c) total = total + terms[c].log_prob;
-  return total;
+  return channels_log_prob(terms, px.channels);
 }
 
 // logsumexp_k π_k, the log-softmax normaliser of the logits.
@@ -290,13 +307,11 @@ FUSEDVAE_DMOL_HD void component_grad(const Pixel<O>& px, const Read& p, int64_t 
   coupling_rows(px, p, k, out->tanh_rows);
   ChannelTerm<O> terms[3];
   component_channels(px, p, k, out->tanh_rows, true, terms);
-  typename O::V log_prob = O::splat(0.0);
   for (int c = 0; c < px.channels; ++c) {
-    log_prob = log_prob + terms[c].log_prob;
     out->d_mean[c] = terms[c].d_mean;
     out->d_log_scale[c] = terms[c].d_log_scale;
   }
-  out->log_joint = p(k) - norm + log_prob;
+  out->log_joint = p(k) - norm + channels_log_prob(terms, px.channels);
 }
 
 // The gradient's scale g: the output's gradient, or UnitScale for g = 1 (the

@@ -170,6 +170,7 @@ enum class FloatMath : int {
   kTanhApprox = 5,        // tanh(x)
   kExpm1Approx = 6,       // e^x - 1
   kSigmoid = 7,           // 1 / (1 + e^-x) (math::sigmoid_from, the logits' gradient)
+  kLogProduct3 = 8,       // log(x·x·x) as log_product3(x, x, x) (cpu/vec_ops.h)
 };
 
 // The CPU kernels of one instruction set. Each set is compiled from

@@ -38,7 +38,7 @@ PyObject* likelihood_rows() {
 // The names of cpu::FloatMath for `_cpu_float_math`, in the enum's order.
 constexpr const char* kFloatMathNames[] = {"exp_nonpositive",   "log1p_unit", "exp_approx",
                                            "expm1_nonpositive", "log_approx", "tanh_approx",
-                                           "expm1_approx",      "sigmoid"};
+                                           "expm1_approx",      "sigmoid",    "log_product3"};
 
 // `fusedvae._C._cpu_float_math(name, data) -> bytes`: the float32 approximation
 // `name` (kFloatMathNames, cpu::FloatMath) of the CPU kernels in use applied to

@@ -49,6 +49,7 @@ struct ScalarOps<float> {
   static FUSEDVAE_HD V expm1_nonpositive(V x) { return expm1f(x); }
   static FUSEDVAE_HD V expm1_approx(V x) { return expm1f(x); }
   static FUSEDVAE_HD V log_approx(V x) { return logf(x); }
+  static FUSEDVAE_HD V log_product3(V a, V b, V c) { return logf(a) + logf(b) + logf(c); }
   static FUSEDVAE_HD V tanh_approx(V x) { return tanhf(x); }
   static FUSEDVAE_HD V log(V x) { return logf(x); }
   static FUSEDVAE_HD V log1p(V x) { return log1pf(x); }
@@ -82,6 +83,7 @@ struct ScalarOps<double> {
   static FUSEDVAE_HD V expm1_nonpositive(V x) { return ::expm1(x); }
   static FUSEDVAE_HD V expm1_approx(V x) { return ::expm1(x); }
   static FUSEDVAE_HD V log_approx(V x) { return ::log(x); }
+  static FUSEDVAE_HD V log_product3(V a, V b, V c) { return ::log(a) + ::log(b) + ::log(c); }
   static FUSEDVAE_HD V tanh_approx(V x) { return ::tanh(x); }
   static FUSEDVAE_HD V log(V x) { return ::log(x); }
   static FUSEDVAE_HD V log1p(V x) { return ::log1p(x); }

@@ -35,6 +35,12 @@ The discretized mixture's (csrc/dmol.h; measured maxima in brackets, 2^17 points
   every positive float, subnormals included; -inf at 0, NaN below, inf at inf.
 - ``tanh_approx`` (tanh x for every x): relative error below 2.5e-7 [1.5e-7];
   odd, exactly ±1 beyond ±9.1.
+- ``log_product3`` (log(a·b·c) for a, b, c >= 0, a component's three channel
+  probabilities; run as log_product3(x, x, x) against 3·log x, which puts the
+  product of the reduced mantissas over its whole range): error below
+  1.5e-7·|log| + 1.2e-7 [1.0e-7 beyond the relative part], for every positive
+  float, subnormals included; -inf where a factor is 0, NaN where one is NaN.
+  Three log_approx calls err by up to 1.5e-7·|log| each.
 """
 from __future__ import annotations
 
@@ -209,6 +215,27 @@ def test_log_approx_special_values():
     assert np.isposinf(got[6]) and np.isnan(got[7])
 
 
+def test_log_product3_error():
+    # 3·log x is 0 at x = 1, where the product's rounding (an ulp of 1) is the
+    # error: the bound is relative plus that absolute part.
+    x = np.concatenate([_floats_between(2.0**-149, 0.99999994, POINTS // 2),
+                        _floats_between(1.0000001, float(np.finfo(np.float32).max) ** (1 / 3), POINTS // 2)])
+    mpmath.mp.prec = 80
+    exact = np.array([float(3 * mpmath.log(mpmath.mpf(float(v)))) for v in x])
+    err = np.abs(_run("log_product3", x).astype(np.float64) - exact)
+    excess = err - 1.5e-7 * np.abs(exact)
+    worst = int(np.argmax(excess))
+    assert excess.max() <= 1.2e-7, f"error {err[worst]:.3g} at x = {x[worst]!r}"
+    assert excess.max() > 2e-8  # not a loose bound
+
+
+def test_log_product3_special_values():
+    got = _run("log_product3", np.float32([1.0, 0.0, -0.0, np.nan]))
+    assert got[0] == 0.0
+    assert np.isneginf(got[1:3]).all(), got
+    assert np.isnan(got[3])
+
+
 def test_tanh_approx_relative_error():
     x = np.concatenate([_floats_between(1e-38, 12.0, POINTS // 2), _floats_between(-1e-38, -12.0, POINTS // 2)])
     _assert_relative_error("tanh_approx", x, mpmath.tanh, 2.5e-7)
@@ -230,6 +257,7 @@ def test_tanh_approx_special_values():
     ("log_approx", 0.01, 20.0, np.log),
     ("tanh_approx", -20.0, 20.0, np.tanh),
     ("sigmoid", -80.0, 40.0, lambda v: 1 / (1 + np.exp(-v))),
+    ("log_product3", 1.5, 20.0, lambda v: 3 * np.log(v)),  # away from 1, where its error is absolute
 ])
 def test_approx_every_lane_and_tail(name, lo, hi, exact):
     # Lengths around every vector width: each lane, and a partial last vector.

@@ -69,11 +69,20 @@ at::vec::Vectorized<Acc> pixel_value(const at::vec::Vectorized<Acc>& k) {
   return k / Vec(Acc(255));
 }
 
+// Loads and stores are forced inline: GCC left them as calls in dmol.h's long
+// per-pixel loops, and around a call every live vector register is spilled
+// to the stack (all are caller-saved).
+#if defined(__GNUC__)  // GCC and clang
+#define FUSEDVAE_LOAD_INLINE inline __attribute__((always_inline))
+#else
+#define FUSEDVAE_LOAD_INLINE inline
+#endif
+
 // Loads `count` (<= lanes) elements as a vector of the accumulation type.
 // Lanes past `count` are zero. uint8 targets are pixels: value / 255; bool
 // targets are 0 or 1.
 template <typename Acc, typename T>
-at::vec::Vectorized<Acc> load(const T* ptr, int64_t count) {
+FUSEDVAE_LOAD_INLINE at::vec::Vectorized<Acc> load(const T* ptr, int64_t count) {
   using Vec = at::vec::Vectorized<Acc>;
   if constexpr (std::is_same_v<T, Acc>) {
     return count == Vec::size() ? Vec::loadu(ptr) : Vec::loadu(ptr, count);
@@ -112,7 +121,7 @@ at::vec::Vectorized<Acc> load(const T* ptr, int64_t count) {
 }
 
 template <typename T, typename Acc>
-void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
+FUSEDVAE_LOAD_INLINE void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
   using Vec = at::vec::Vectorized<Acc>;
   if constexpr (std::is_same_v<T, Acc>) {
     v.store(ptr, static_cast<int>(count));
@@ -444,6 +453,7 @@ constexpr int64_t kPixelChunk = 256;
 // once in the backward, their per-channel derivatives kept on the stack.
 constexpr int kCachedComponents = 16;
 
+// Plane j of `count` consecutive pixels, as a vector.
 template <typename Acc, typename T>
 struct PixelLanes {
   using Vec = at::vec::Vectorized<Acc>;
@@ -451,12 +461,32 @@ struct PixelLanes {
   int64_t channel_stride;
   int64_t pixel_stride;
   int64_t count;
-  Vec operator()(int64_t j) const {
+  FUSEDVAE_LOAD_INLINE Vec operator()(int64_t j) const {
     const T* ptr = base + j * channel_stride;
     if (pixel_stride == 1) return load<Acc>(ptr, count);
     alignas(64) Acc buf[Vec::size()] = {};
     for (int64_t i = 0; i < count; ++i) buf[i] = static_cast<Acc>(ptr[i * pixel_stride]);
     return Vec::loadu(buf);
+  }
+};
+
+// Writes a vector as plane j of `count` consecutive pixels.
+template <typename Acc, typename T>
+struct PixelLanesWriter {
+  using Vec = at::vec::Vectorized<Acc>;
+  T* base;  // element (b, 0, first) of the gradient
+  int64_t channel_stride;
+  int64_t pixel_stride;
+  int64_t count;
+  FUSEDVAE_LOAD_INLINE void operator()(int64_t j, const Vec& v) const {
+    T* ptr = base + j * channel_stride;
+    if (pixel_stride == 1) {
+      store(ptr, v, count);
+      return;
+    }
+    alignas(64) Acc lanes[Vec::size()];
+    v.store(lanes);
+    for (int64_t l = 0; l < count; ++l) ptr[l * pixel_stride] = static_cast<T>(lanes[l]);
   }
 };
 
@@ -517,22 +547,13 @@ template <typename T, typename G, typename Acc = acc_t<T>>
 at::vec::Vectorized<Acc> dmol_pixels_backward(const DmolProblem& p, int64_t b, int64_t i,
                                               int64_t count, const G& g, T* out,
                                               const int64_t* out_strides) {
-  using Vec = at::vec::Vectorized<Acc>;
   const T* params = static_cast<const T*>(p.params);
   const PixelLanes<Acc, T> read{params + b * p.param_strides[0] + i * p.param_strides[2],
                                 p.param_strides[1], p.param_strides[2], count};
-  T* base = out + b * out_strides[0] + i * out_strides[2];
-  return dmol::pixel_nll_backward<kCachedComponents>(
-      load_pixels<Acc>(p, b, i, count), read, g, [&](int64_t j, const Vec& v) {
-        T* ptr = base + j * out_strides[1];
-        if (out_strides[2] == 1) {
-          store(ptr, v, count);
-          return;
-        }
-        alignas(64) Acc lanes[Vec::size()];
-        v.store(lanes);
-        for (int64_t l = 0; l < count; ++l) ptr[l * out_strides[2]] = static_cast<T>(lanes[l]);
-      });
+  const PixelLanesWriter<Acc, T> write{out + b * out_strides[0] + i * out_strides[2],
+                                       out_strides[1], out_strides[2], count};
+  return dmol::pixel_nll_backward<kCachedComponents>(load_pixels<Acc>(p, b, i, count), read, g,
+                                                     write);
 }
 
 template <typename T>
@@ -620,6 +641,9 @@ void float_math(FloatMath f, const float* in, float* out, int64_t n) {
       case FloatMath::kSigmoid:
         y = math::sigmoid_from<O>(x, math::exp_neg_abs<O>(x));
         break;
+      case FloatMath::kLogProduct3:
+        y = O::log_product3(x, x, x);
+        break;
     }
     store(out + i, y, count);
   });
@@ -646,6 +670,7 @@ const Kernels kKernels = {
 };
 #undef FUSEDVAE_NAME_OF
 #undef FUSEDVAE_STRINGIFY
+#undef FUSEDVAE_LOAD_INLINE
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

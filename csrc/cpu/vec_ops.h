@@ -205,13 +205,16 @@ FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> expm1_approx(const at::vec::Vecto
   return select(less(x, FloatVec(16.0f)), small, large);
 }
 
-// log(x) for float x, Moshier's Cephes logf: x = 2^k·m with m in [√½, √2),
-// log(x) = k·ln 2 + log(1 + f), f = m - 1, from f - f²/2 + f³·P(f), k·ln 2 in
-// two parts. Subnormal x is scaled by 2^23 first. log(0) = -inf, log(x < 0) =
-// NaN, log(inf) = inf, NaN gives NaN. Maximum relative error in
-// tests/test_fast_math.py.
-FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> log_approx(const at::vec::Vectorized<float>& x) {
-  using namespace detail;
+namespace detail {
+
+// x = 2^k·m with m in [√½, √2), for positive x (subnormal x is scaled by 2^23
+// first); k as a float. Other x give some finite k and m.
+struct LogReduced {
+  FloatVec k;
+  FloatVec m;
+};
+
+FUSEDVAE_VEC_INLINE LogReduced log_reduce(const FloatVec& x) {
   constexpr float kTiny = 1.17549435e-38f;       // 2^-126, the smallest normal float
   constexpr int32_t kSqrtHalfBits = 0x3f3504f3;  // √½ as float32 bits
   const FloatMask subnormal = less(x, FloatVec(kTiny));
@@ -224,6 +227,11 @@ FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> log_approx(const at::vec::Vectori
   // k as a float: k + 1.5·2^23 in the low mantissa bits, minus 1.5·2^23 (and 23 for subnormal x).
   const FloatVec kf = at::vec::cast<float>(k + IntVec(0x4B400000)) -
                       select(subnormal, FloatVec(12582912.0f + 23.0f), FloatVec(12582912.0f));
+  return {kf, m};
+}
+
+// k·ln 2 + log(m) for m in [√½, √2): with f = m - 1, f - f²/2 + f³·P(f), k·ln 2 in two parts.
+FUSEDVAE_VEC_INLINE FloatVec log_of_reduced(const FloatVec& kf, const FloatVec& m) {
   const FloatVec f = m - FloatVec(1.0f);
   const FloatVec z = f * f;
   FloatVec p(7.0376836292e-2f);
@@ -238,12 +246,46 @@ FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> log_approx(const at::vec::Vectori
   FloatVec y = p * f * z;
   y = at::vec::fmadd(kf, FloatVec(-2.12194440e-4f), y);
   y = at::vec::fmadd(z, FloatVec(-0.5f), y);
-  FloatVec out = at::vec::fmadd(kf, FloatVec(0.693359375f), f + y);
+  return at::vec::fmadd(kf, FloatVec(0.693359375f), f + y);
+}
+
+}  // namespace detail
+
+// log(x) for float x, Moshier's Cephes logf: x = 2^k·m with m in [√½, √2),
+// log(x) = k·ln 2 + log(1 + f), f = m - 1, from f - f²/2 + f³·P(f), k·ln 2 in
+// two parts. Subnormal x is scaled by 2^23 first. log(0) = -inf, log(x < 0) =
+// NaN, log(inf) = inf, NaN gives NaN. Maximum relative error in
+// tests/test_fast_math.py.
+FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> log_approx(const at::vec::Vectorized<float>& x) {
+  using namespace detail;
+  const LogReduced r = log_reduce(x);
+  FloatVec out = log_of_reduced(r.k, r.m);
   constexpr float kInf = std::numeric_limits<float>::infinity();
   out = select(equal(x, FloatVec(0.0f)), FloatVec(-kInf), out);
   out = select(less(x, FloatVec(0.0f)), FloatVec(std::numeric_limits<float>::quiet_NaN()), out);
   // inf and NaN come back as they are: x where it is not below inf.
   return select(less(x, FloatVec(kInf)), out, x);
+}
+
+// log(a·b·c) for finite a, b, c >= 0 with one polynomial: the three reduced
+// as log_approx reduces them, the product of their m (in [0.35, 2.83)) reduced
+// again, the k summed. The discretized mixture's log of a component's three
+// channel probabilities. Subnormals are exact as in log_approx; -inf where a
+// factor is 0; NaN gives NaN. Maximum error in tests/test_fast_math.py.
+FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> log_product3(const at::vec::Vectorized<float>& a,
+                                                            const at::vec::Vectorized<float>& b,
+                                                            const at::vec::Vectorized<float>& c) {
+  using namespace detail;
+  const LogReduced ra = log_reduce(a);
+  const LogReduced rb = log_reduce(b);
+  const LogReduced rc = log_reduce(c);
+  const LogReduced r = log_reduce(ra.m * rb.m * rc.m);
+  FloatVec out = log_of_reduced((ra.k + rb.k) + (rc.k + r.k), r.m);
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const FloatVec smallest = min_keep_nan(min_keep_nan(a, b), c);
+  out = select(equal(smallest, FloatVec(0.0f)), FloatVec(-kInf), out);
+  // (a + b + c)·0 is 0, or NaN where a factor is NaN.
+  return out + (a + b + c) * FloatVec(0.0f);
 }
 
 // tanh(x) = -m/(2 + m) with m = expm1(-2|x|), the sign of x put back: no
@@ -300,6 +342,13 @@ struct VecOps {
       return cpu::log_approx(x);
     } else {
       return x.log();
+    }
+  }
+  FUSEDVAE_VEC_INLINE static V log_product3(const V& a, const V& b, const V& c) {
+    if constexpr (std::is_same_v<T, float>) {
+      return cpu::log_product3(a, b, c);
+    } else {
+      return a.log() + b.log() + c.log();
     }
   }
   FUSEDVAE_VEC_INLINE static V tanh_approx(const V& x) {
