@@ -21,7 +21,9 @@
 // exact where PixelCNN++ falls back to the mid-bin density (the identity
 // σ(u) - σ(l) = σ(u)·σ(-l)·(1 - e^{l-u})). The pixel's log-likelihood is
 // logsumexp_k(log_softmax(π)_k + Σ_c log P_kc), taken in one pass with a
-// running maximum, so no per-pixel array is needed for any K.
+// running maximum, so no per-pixel array is needed for any K; the CPU holds the
+// K terms of a mixture up to 16 components and takes the log-sum-exps over
+// them (log_sum_exp_held), which gives softmax(π) and p(k | pixel) as shares.
 #pragma once
 
 #include <cstdint>
@@ -283,9 +285,39 @@ FUSEDVAE_DMOL_HD typename O::V pixel_log_likelihood(const Pixel<O>& px, const Re
   return components_log_sum_exp(px, p, norm, 0, 1).value();
 }
 
-// -log p(pixel).
-template <class O, typename Read>
+// log Σ_k e^{v_k} over n >= 1 values held in an array, leaving e^{v_k - m} (m
+// the largest v_k) in e[k] and their sum in *sum: v_k's share of the total is
+// e[k] / *sum, where a running LogSumExp, whose terms are scaled by maxima
+// found later, would take a second exponential for it. NaN gives NaN.
+template <class O>
+FUSEDVAE_DMOL_HD typename O::V log_sum_exp_held(const typename O::V* v, int64_t n,
+                                                typename O::V* e, typename O::V* sum) {
+  using V = typename O::V;
+  V max = v[0];
+  for (int64_t k = 1; k < n; ++k) max = O::select(O::gt(v[k], max), v[k], max);
+  V total = O::splat(0.0);
+  for (int64_t k = 0; k < n; ++k) {
+    e[k] = O::exp_nonpositive(v[k] - max);
+    total = total + e[k];
+  }
+  *sum = total;
+  return max + O::log_approx(total);
+}
+
+// -log p(pixel). With at most kCached components, the two log-sum-exps are
+// taken over values held in arrays, as pixel_nll_backward takes them (the
+// same bits); otherwise running.
+template <int kCached, class O, typename Read>
 FUSEDVAE_HD typename O::V pixel_nll(const Pixel<O>& px, const Read& p) {
+  if constexpr (kCached > 0) {
+    if (px.k <= kCached) {
+      typename O::V held[kCached], e[kCached], sum;
+      for (int64_t k = 0; k < px.k; ++k) held[k] = p(k);
+      const typename O::V norm = log_sum_exp_held<O>(held, px.k, e, &sum);
+      for (int64_t k = 0; k < px.k; ++k) held[k] = p(k) - norm + component_log_prob(px, p, k);
+      return O::splat(0.0) - log_sum_exp_held<O>(held, px.k, e, &sum);
+    }
+  }
   return O::splat(0.0) - pixel_log_likelihood(px, p, logit_normalizer(px, p));
 }
 
@@ -327,20 +359,17 @@ FUSEDVAE_DMOL_HD V scaled(UnitScale, const V& value) {
   return value;
 }
 
-// Writes component k's gradients, given r_k = p(k | pixel).
-template <class O, typename Read, typename G, typename Write>
-FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, const Read& p, int64_t k,
-                                           typename O::V norm, const G& g,
-                                           const ComponentGrad<O>& cg, typename O::V log_like,
-                                           const Write& write) {
+// Writes component k's gradients, given softmax(π)_k and r_k = p(k | pixel).
+template <class O, typename G, typename Write>
+FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, int64_t k, const G& g,
+                                           const ComponentGrad<O>& cg, typename O::V softmax,
+                                           typename O::V r, const Write& write) {
   using V = typename O::V;
   const int64_t kk = px.k;
   const int rows = px.channels == 3 ? 3 : 2;
   // d(-log p)/d log P_kc = -r_k; d(-log p)/dπ_k = softmax(π)_k - r_k.
-  // Both exponents are <= 0 (up to rounding): log p(k, pixel) <= log p(pixel), π_k <= norm.
-  const V r = O::exp_nonpositive(cg.log_joint - log_like);
   const V minus_r = O::splat(0.0) - r;
-  write(k, scaled(g, V(O::exp_nonpositive(p(k) - norm) - r)));
+  write(k, scaled(g, V(softmax - r)));
   for (int c = 0; c < px.channels; ++c) {
     write(kk + c * rows * kk + k, scaled(g, V(minus_r * cg.d_mean[c])));
     write(kk + c * rows * kk + kk + k, scaled(g, V(minus_r * cg.d_log_scale[c])));
@@ -356,6 +385,18 @@ FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, const Read& p, in
   }
 }
 
+// The same, given the logits' normaliser and log p(pixel): softmax(π)_k and
+// r_k by an exponential each. Both exponents are <= 0 (up to rounding):
+// π_k <= norm, log p(k, pixel) <= log p(pixel).
+template <class O, typename Read, typename G, typename Write>
+FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, const Read& p, int64_t k,
+                                           typename O::V norm, const G& g,
+                                           const ComponentGrad<O>& cg, typename O::V log_like,
+                                           const Write& write) {
+  write_component_grad(px, k, g, cg, O::exp_nonpositive(p(k) - norm),
+                       O::exp_nonpositive(cg.log_joint - log_like), write);
+}
+
 // Calls write(j, g · ∂(-log p(pixel))/∂p(j)) for every parameter j and returns
 // log p(pixel). With at most kCached components each is evaluated once and
 // kept until log p(pixel) is known; with more (or kCached = 0, where keeping
@@ -364,27 +405,33 @@ FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, const Read& p, in
 template <int kCached, class O, typename Read, typename G, typename Write>
 FUSEDVAE_HD typename O::V pixel_nll_backward(const Pixel<O>& px, const Read& p, const G& g,
                                              const Write& write) {
-  const typename O::V norm = logit_normalizer(px, p);
+  using V = typename O::V;
   if constexpr (kCached > 0) {
     if (px.k <= kCached) {
+      // The log-sum-exps of pixel_nll<kCached>, whose exponentials give
+      // softmax(π)_k and r_k as shares.
+      V logits[kCached], softmax[kCached], logit_sum;
+      for (int64_t k = 0; k < px.k; ++k) logits[k] = p(k);
+      const V norm = log_sum_exp_held<O>(logits, px.k, softmax, &logit_sum);
       ComponentGrad<O> cache[kCached];
-      LogSumExp<O> lse;
+      V log_joint[kCached], share[kCached], joint_sum;
       for (int64_t k = 0; k < px.k; ++k) {
         component_grad(px, p, k, norm, &cache[k]);
-        if (k == 0) {
-          lse.start(cache[0].log_joint);
-        } else {
-          lse.add(cache[k].log_joint);
-        }
+        log_joint[k] = cache[k].log_joint;
       }
-      const typename O::V log_like = lse.value();
+      const V log_like = log_sum_exp_held<O>(log_joint, px.k, share, &joint_sum);
+      const V one = O::splat(1.0);
+      const V inv_logit_sum = one / logit_sum;
+      const V inv_joint_sum = one / joint_sum;
       for (int64_t k = 0; k < px.k; ++k) {
-        write_component_grad(px, p, k, norm, g, cache[k], log_like, write);
+        write_component_grad(px, k, g, cache[k], softmax[k] * inv_logit_sum,
+                             share[k] * inv_joint_sum, write);
       }
       return log_like;
     }
   }
-  const typename O::V log_like = pixel_log_likelihood(px, p, norm);
+  const V norm = logit_normalizer(px, p);
+  const V log_like = pixel_log_likelihood(px, p, norm);
   for (int64_t k = 0; k < px.k; ++k) {
     ComponentGrad<O> cg;
     component_grad(px, p, k, norm, &cg);

@@ -450,7 +450,8 @@ void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad
 constexpr int64_t kPixelChunk = 256;
 
 // Mixtures up to this size (PixelCNN++, VDVAE and NVAE use 10) are evaluated
-// once in the backward, their per-channel derivatives kept on the stack.
+// once in the backward, their per-channel derivatives kept on the stack, and
+// both passes take their log-sum-exps over held values (dmol::pixel_nll).
 constexpr int kCachedComponents = 16;
 
 // Plane j of `count` consecutive pixels, as a vector.
@@ -535,7 +536,7 @@ void dmol_forward_typed(const DmolProblem& p, acc_t<T>* nll) {
         const int64_t i = offset - b * p.pixels;
         const PixelLanes<Acc, T> read{params + b * p.param_strides[0] + i * p.param_strides[2],
                                       p.param_strides[1], p.param_strides[2], count};
-        return dmol::pixel_nll(load_pixels<Acc>(p, b, i, count), read);
+        return dmol::pixel_nll<kCachedComponents>(load_pixels<Acc>(p, b, i, count), read);
       },
       kPixelChunk);
 }
