@@ -30,17 +30,6 @@
 
 #include "vae_math.h"
 
-// CUDA inlines FUSEDVAE_HD functions already; on the CPU GCC would leave the
-// channel terms and LogSumExp::add as calls, their vector arguments and results
-// passed through memory, so the per-pixel helpers are inlined by force.
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define FUSEDVAE_DMOL_HD FUSEDVAE_HD
-#elif defined(__GNUC__)  // GCC and clang
-#define FUSEDVAE_DMOL_HD inline __attribute__((always_inline))
-#else
-#define FUSEDVAE_DMOL_HD inline
-#endif
-
 namespace fusedvae {
 namespace dmol {
 
@@ -63,11 +52,11 @@ struct LogSumExp {
   using V = typename O::V;
   V max;
   V sum;
-  FUSEDVAE_DMOL_HD void start(V v) {
+  FUSEDVAE_ALWAYS_INLINE void start(V v) {
     max = v;
     sum = O::splat(1.0);
   }
-  FUSEDVAE_DMOL_HD void add(V v) {
+  FUSEDVAE_ALWAYS_INLINE void add(V v) {
     // One exponential: e^{-|v - max|} scales the old sum when v is the new
     // maximum and is the new term otherwise (e^0 = 1 exactly on both sides).
     const auto greater = O::gt(v, max);
@@ -78,13 +67,13 @@ struct LogSumExp {
   // Takes in another running log-sum-exp of other terms (both non-empty). The
   // result does not depend on which side is which, so threads that exchange
   // theirs end with the same bits.
-  FUSEDVAE_DMOL_HD void merge(V other_max, V other_sum) {
+  FUSEDVAE_ALWAYS_INLINE void merge(V other_max, V other_sum) {
     const auto greater = O::gt(other_max, max);
     const V e = O::exp_nonpositive(O::splat(0.0) - O::abs(other_max - max));
     sum = O::select(greater, sum * e + other_sum, sum + other_sum * e);
     max = O::select(greater, other_max, max);
   }
-  FUSEDVAE_DMOL_HD V value() const { return max + O::log_approx(sum); }
+  FUSEDVAE_ALWAYS_INLINE V value() const { return max + O::log_approx(sum); }
 };
 
 // One channel of one component: log P = outside + log(argument) and, with
@@ -103,7 +92,7 @@ struct ChannelTerm {
 // arguments, each in (0, 1] (a vector policy evaluates log_product3 with one
 // polynomial where three logs took three).
 template <class O>
-FUSEDVAE_DMOL_HD typename O::V channels_log_prob(const ChannelTerm<O>* terms, int channels) {
+FUSEDVAE_ALWAYS_INLINE typename O::V channels_log_prob(const ChannelTerm<O>* terms, int channels) {
   if (channels == 3) {
     return (terms[0].outside + terms[1].outside + terms[2].outside) +
            O::log_product3(terms[0].argument, terms[1].argument, terms[2].argument);
@@ -116,10 +105,10 @@ FUSEDVAE_DMOL_HD typename O::V channels_log_prob(const ChannelTerm<O>* terms, in
 // one with those of the others only where they lie close in the code. (Two
 // components at once, six chains, ran slower: registers spill.)
 template <int N, class O>
-FUSEDVAE_DMOL_HD void channel_terms(const typename O::V* x, const typename O::V* mean,
-                                    const typename O::V* raw_log_scale, typename O::V half_width,
-                                    typename O::V log_scale_min, bool want_grad,
-                                    ChannelTerm<O>* out) {
+FUSEDVAE_ALWAYS_INLINE void channel_terms(const typename O::V* x, const typename O::V* mean,
+                                          const typename O::V* raw_log_scale,
+                                          typename O::V half_width, typename O::V log_scale_min,
+                                          bool want_grad, ChannelTerm<O>* out) {
   using V = typename O::V;
   using Mask = decltype(O::lt(half_width, half_width));
   const V zero = O::splat(0.0);
@@ -158,11 +147,10 @@ FUSEDVAE_DMOL_HD void channel_terms(const typename O::V* x, const typename O::V*
   for (int c = 0; c < N; ++c) {
     const V min_u = O::select(O::lt(u[c], zero), u[c], zero);
     const V min_neg_l = O::select(O::gt(l[c], zero), zero - l[c], zero);
-    out[c].argument = O::select(
-        below[c], inv_u[c],
-        O::select(above[c], inv_l[c], inv_both[c] * (zero - expm1_neg_width[c])));
-    out[c].outside =
-        O::select(below[c], min_u, O::select(above[c], min_neg_l, min_u + min_neg_l));
+    out[c].argument =
+        O::select(below[c], inv_u[c],
+                  O::select(above[c], inv_l[c], inv_both[c] * (zero - expm1_neg_width[c])));
+    out[c].outside = O::select(below[c], min_u, O::select(above[c], min_neg_l, min_u + min_neg_l));
   }
   if (want_grad) {
     for (int c = 0; c < N; ++c) {
@@ -184,8 +172,8 @@ FUSEDVAE_DMOL_HD void channel_terms(const typename O::V* x, const typename O::V*
 // The coupled mean of channel c in component k: green and blue move with the
 // pixel's red (and green) values by tanh of the coupling coefficients.
 template <class O, typename Read>
-FUSEDVAE_DMOL_HD typename O::V coupled_mean(const Pixel<O>& px, const Read& p, int c, int64_t k,
-                                            const typename O::V* tanh_rows) {
+FUSEDVAE_ALWAYS_INLINE typename O::V coupled_mean(const Pixel<O>& px, const Read& p, int c,
+                                                  int64_t k, const typename O::V* tanh_rows) {
   const int64_t kk = px.k;
   const int rows = px.channels == 3 ? 3 : 2;
   typename O::V mean = p(kk + c * rows * kk + k);
@@ -195,8 +183,8 @@ FUSEDVAE_DMOL_HD typename O::V coupled_mean(const Pixel<O>& px, const Read& p, i
 }
 
 template <class O, typename Read>
-FUSEDVAE_DMOL_HD void coupling_rows(const Pixel<O>& px, const Read& p, int64_t k,
-                                    typename O::V* tanh_rows) {
+FUSEDVAE_ALWAYS_INLINE void coupling_rows(const Pixel<O>& px, const Read& p, int64_t k,
+                                          typename O::V* tanh_rows) {
   const int64_t kk = px.k;
   for (int row = 0; row < 3; ++row) {
     tanh_rows[row] =
@@ -208,9 +196,9 @@ FUSEDVAE_DMOL_HD void coupling_rows(const Pixel<O>& px, const Read& p, int64_t k
 // thread hides latency with other warps, not by interleaving: it takes one
 // channel at a time, as it always has, which keeps its register use.
 template <int N, class O, typename Read>
-FUSEDVAE_DMOL_HD void component_channels(const Pixel<O>& px, const Read& p, int64_t k,
-                                         const typename O::V* tanh_rows, bool want_grad,
-                                         ChannelTerm<O>* out) {
+FUSEDVAE_ALWAYS_INLINE void component_channels(const Pixel<O>& px, const Read& p, int64_t k,
+                                               const typename O::V* tanh_rows, bool want_grad,
+                                               ChannelTerm<O>* out) {
   const int64_t kk = px.k;
   const int rows = px.channels == 3 ? 3 : 2;
   typename O::V mean[N], raw_log_scale[N];
@@ -222,9 +210,9 @@ FUSEDVAE_DMOL_HD void component_channels(const Pixel<O>& px, const Read& p, int6
 }
 
 template <class O, typename Read>
-FUSEDVAE_DMOL_HD void component_channels(const Pixel<O>& px, const Read& p, int64_t k,
-                                         const typename O::V* tanh_rows, bool want_grad,
-                                         ChannelTerm<O>* out) {
+FUSEDVAE_ALWAYS_INLINE void component_channels(const Pixel<O>& px, const Read& p, int64_t k,
+                                               const typename O::V* tanh_rows, bool want_grad,
+                                               ChannelTerm<O>* out) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   const int64_t kk = px.k;
   const int rows = px.channels == 3 ? 3 : 2;
@@ -245,7 +233,8 @@ FUSEDVAE_DMOL_HD void component_channels(const Pixel<O>& px, const Read& p, int6
 
 // Σ_c log P_kc for component k.
 template <class O, typename Read>
-FUSEDVAE_DMOL_HD typename O::V component_log_prob(const Pixel<O>& px, const Read& p, int64_t k) {
+FUSEDVAE_ALWAYS_INLINE typename O::V component_log_prob(const Pixel<O>& px, const Read& p,
+                                                        int64_t k) {
   using V = typename O::V;
   V tanh_rows[3];
   coupling_rows(px, p, k, tanh_rows);
@@ -256,7 +245,7 @@ FUSEDVAE_DMOL_HD typename O::V component_log_prob(const Pixel<O>& px, const Read
 
 // logsumexp_k π_k, the log-softmax normaliser of the logits.
 template <class O, typename Read>
-FUSEDVAE_DMOL_HD typename O::V logit_normalizer(const Pixel<O>& px, const Read& p) {
+FUSEDVAE_ALWAYS_INLINE typename O::V logit_normalizer(const Pixel<O>& px, const Read& p) {
   LogSumExp<O> lse;
   lse.start(p(0));
   for (int64_t k = 1; k < px.k; ++k) lse.add(p(k));
@@ -267,9 +256,9 @@ FUSEDVAE_DMOL_HD typename O::V logit_normalizer(const Pixel<O>& px, const Read& 
 // K) of log_softmax(π)_k + Σ_c log P_kc, given the logits' normaliser. A CUDA
 // pixel split over threads merges those of its threads.
 template <class O, typename Read>
-FUSEDVAE_DMOL_HD LogSumExp<O> components_log_sum_exp(const Pixel<O>& px, const Read& p,
-                                                     typename O::V norm, int64_t first,
-                                                     int64_t step) {
+FUSEDVAE_ALWAYS_INLINE LogSumExp<O> components_log_sum_exp(const Pixel<O>& px, const Read& p,
+                                                           typename O::V norm, int64_t first,
+                                                           int64_t step) {
   LogSumExp<O> lse;
   lse.start(p(first) - norm + component_log_prob(px, p, first));
   for (int64_t k = first + step; k < px.k; k += step) {
@@ -280,8 +269,8 @@ FUSEDVAE_DMOL_HD LogSumExp<O> components_log_sum_exp(const Pixel<O>& px, const R
 
 // log p(pixel), given the logits' normaliser.
 template <class O, typename Read>
-FUSEDVAE_DMOL_HD typename O::V pixel_log_likelihood(const Pixel<O>& px, const Read& p,
-                                                    typename O::V norm) {
+FUSEDVAE_ALWAYS_INLINE typename O::V pixel_log_likelihood(const Pixel<O>& px, const Read& p,
+                                                          typename O::V norm) {
   return components_log_sum_exp(px, p, norm, 0, 1).value();
 }
 
@@ -290,8 +279,8 @@ FUSEDVAE_DMOL_HD typename O::V pixel_log_likelihood(const Pixel<O>& px, const Re
 // e[k] / *sum, where a running LogSumExp, whose terms are scaled by maxima
 // found later, would take a second exponential for it. NaN gives NaN.
 template <class O>
-FUSEDVAE_DMOL_HD typename O::V log_sum_exp_held(const typename O::V* v, int64_t n,
-                                                typename O::V* e, typename O::V* sum) {
+FUSEDVAE_ALWAYS_INLINE typename O::V log_sum_exp_held(const typename O::V* v, int64_t n,
+                                                      typename O::V* e, typename O::V* sum) {
   using V = typename O::V;
   V max = v[0];
   for (int64_t k = 1; k < n; ++k) max = O::select(O::gt(v[k], max), v[k], max);
@@ -334,8 +323,8 @@ struct ComponentGrad {
 };
 
 template <class O, typename Read>
-FUSEDVAE_DMOL_HD void component_grad(const Pixel<O>& px, const Read& p, int64_t k,
-                                     typename O::V norm, ComponentGrad<O>* out) {
+FUSEDVAE_ALWAYS_INLINE void component_grad(const Pixel<O>& px, const Read& p, int64_t k,
+                                           typename O::V norm, ComponentGrad<O>* out) {
   coupling_rows(px, p, k, out->tanh_rows);
   ChannelTerm<O> terms[3];
   component_channels(px, p, k, out->tanh_rows, true, terms);
@@ -351,19 +340,19 @@ FUSEDVAE_DMOL_HD void component_grad(const Pixel<O>& px, const Read& p, int64_t 
 // output's gradient later: g * (value) either way, so both give the same bits).
 struct UnitScale {};
 template <class V>
-FUSEDVAE_DMOL_HD V scaled(const V& g, const V& value) {
+FUSEDVAE_ALWAYS_INLINE V scaled(const V& g, const V& value) {
   return g * value;
 }
 template <class V>
-FUSEDVAE_DMOL_HD V scaled(UnitScale, const V& value) {
+FUSEDVAE_ALWAYS_INLINE V scaled(UnitScale, const V& value) {
   return value;
 }
 
 // Writes component k's gradients, given softmax(π)_k and r_k = p(k | pixel).
 template <class O, typename G, typename Write>
-FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, int64_t k, const G& g,
-                                           const ComponentGrad<O>& cg, typename O::V softmax,
-                                           typename O::V r, const Write& write) {
+FUSEDVAE_ALWAYS_INLINE void write_component_grad(const Pixel<O>& px, int64_t k, const G& g,
+                                                 const ComponentGrad<O>& cg, typename O::V softmax,
+                                                 typename O::V r, const Write& write) {
   using V = typename O::V;
   const int64_t kk = px.k;
   const int rows = px.channels == 3 ? 3 : 2;
@@ -389,10 +378,10 @@ FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, int64_t k, const 
 // r_k by an exponential each. Both exponents are <= 0 (up to rounding):
 // π_k <= norm, log p(k, pixel) <= log p(pixel).
 template <class O, typename Read, typename G, typename Write>
-FUSEDVAE_DMOL_HD void write_component_grad(const Pixel<O>& px, const Read& p, int64_t k,
-                                           typename O::V norm, const G& g,
-                                           const ComponentGrad<O>& cg, typename O::V log_like,
-                                           const Write& write) {
+FUSEDVAE_ALWAYS_INLINE void write_component_grad(const Pixel<O>& px, const Read& p, int64_t k,
+                                                 typename O::V norm, const G& g,
+                                                 const ComponentGrad<O>& cg, typename O::V log_like,
+                                                 const Write& write) {
   write_component_grad(px, k, g, cg, O::exp_nonpositive(p(k) - norm),
                        O::exp_nonpositive(cg.log_joint - log_like), write);
 }
@@ -442,5 +431,3 @@ FUSEDVAE_HD typename O::V pixel_nll_backward(const Pixel<O>& px, const Read& p, 
 
 }  // namespace dmol
 }  // namespace fusedvae
-
-#undef FUSEDVAE_DMOL_HD

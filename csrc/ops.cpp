@@ -499,9 +499,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward(
 
   const auto none = [&] { return at::empty({0}, recon.options()); };
   const bool want_scale = output_mask[2] && log_scale.has_value();
-  TORCH_CHECK_VALUE(!(recon_coefficients && want_scale && in.per_element_scale),
-                    "fusedvae: expected output_mask[2] to be False with recon_coefficients=True and "
-                    "a per-element log_scale, whose gradient comes from recon's gradient");
+  TORCH_CHECK_VALUE(
+      !(recon_coefficients && want_scale && in.per_element_scale),
+      "fusedvae: expected output_mask[2] to be False with recon_coefficients=True and "
+      "a per-element log_scale, whose gradient comes from recon's gradient");
   const bool want_coef = recon_coefficients && output_mask[0];
   // A per-element log_scale's gradient comes from the same kernel as recon's.
   const bool want_recon =

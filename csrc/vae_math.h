@@ -18,6 +18,19 @@
 #define FUSEDVAE_HD inline
 #endif
 
+// FUSEDVAE_HD, inlined by force on the host too: for the few-instruction
+// helpers inside the kernels' long per-pixel loops (dmol.h, cpu/vec_ops.h, the
+// CPU loads and stores). GCC's inliner gives up on those loops and leaves
+// calls, and around a call every live vector register is spilled to the stack
+// (all are caller-saved). CUDA inlines FUSEDVAE_HD functions already.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FUSEDVAE_ALWAYS_INLINE FUSEDVAE_HD
+#elif defined(__GNUC__)  // GCC and clang
+#define FUSEDVAE_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FUSEDVAE_ALWAYS_INLINE inline
+#endif
+
 namespace fusedvae {
 namespace math {
 

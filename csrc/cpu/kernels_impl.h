@@ -69,20 +69,11 @@ at::vec::Vectorized<Acc> pixel_value(const at::vec::Vectorized<Acc>& k) {
   return k / Vec(Acc(255));
 }
 
-// Loads and stores are forced inline: GCC left them as calls in dmol.h's long
-// per-pixel loops, and around a call every live vector register is spilled
-// to the stack (all are caller-saved).
-#if defined(__GNUC__)  // GCC and clang
-#define FUSEDVAE_LOAD_INLINE inline __attribute__((always_inline))
-#else
-#define FUSEDVAE_LOAD_INLINE inline
-#endif
-
 // Loads `count` (<= lanes) elements as a vector of the accumulation type.
 // Lanes past `count` are zero. uint8 targets are pixels: value / 255; bool
 // targets are 0 or 1.
 template <typename Acc, typename T>
-FUSEDVAE_LOAD_INLINE at::vec::Vectorized<Acc> load(const T* ptr, int64_t count) {
+FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<Acc> load(const T* ptr, int64_t count) {
   using Vec = at::vec::Vectorized<Acc>;
   if constexpr (std::is_same_v<T, Acc>) {
     return count == Vec::size() ? Vec::loadu(ptr) : Vec::loadu(ptr, count);
@@ -121,7 +112,7 @@ FUSEDVAE_LOAD_INLINE at::vec::Vectorized<Acc> load(const T* ptr, int64_t count) 
 }
 
 template <typename T, typename Acc>
-FUSEDVAE_LOAD_INLINE void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
+FUSEDVAE_ALWAYS_INLINE void store(T* ptr, const at::vec::Vectorized<Acc>& v, int64_t count) {
   using Vec = at::vec::Vectorized<Acc>;
   if constexpr (std::is_same_v<T, Acc>) {
     v.store(ptr, static_cast<int>(count));
@@ -333,8 +324,8 @@ void recon_loss_forward_with_grad(const ReconProblem& p, void* rec, void* grad_r
   dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
     using T = typename decltype(x_tag)::type;
     recon_forward_with_grad_typed<typename decltype(l)::type, T, typename decltype(t_tag)::type,
-                                  typename decltype(s_tag)::type>(
-        p, static_cast<acc_t<T>*>(rec), static_cast<T*>(grad_recon));
+                                  typename decltype(s_tag)::type>(p, static_cast<acc_t<T>*>(rec),
+                                                                  static_cast<T*>(grad_recon));
   });
 }
 
@@ -462,7 +453,7 @@ struct PixelLanes {
   int64_t channel_stride;
   int64_t pixel_stride;
   int64_t count;
-  FUSEDVAE_LOAD_INLINE Vec operator()(int64_t j) const {
+  FUSEDVAE_ALWAYS_INLINE Vec operator()(int64_t j) const {
     const T* ptr = base + j * channel_stride;
     if (pixel_stride == 1) return load<Acc>(ptr, count);
     alignas(64) Acc buf[Vec::size()] = {};
@@ -479,7 +470,7 @@ struct PixelLanesWriter {
   int64_t channel_stride;
   int64_t pixel_stride;
   int64_t count;
-  FUSEDVAE_LOAD_INLINE void operator()(int64_t j, const Vec& v) const {
+  FUSEDVAE_ALWAYS_INLINE void operator()(int64_t j, const Vec& v) const {
     T* ptr = base + j * channel_stride;
     if (pixel_stride == 1) {
       store(ptr, v, count);
@@ -671,7 +662,6 @@ const Kernels kKernels = {
 };
 #undef FUSEDVAE_NAME_OF
 #undef FUSEDVAE_STRINGIFY
-#undef FUSEDVAE_LOAD_INLINE
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

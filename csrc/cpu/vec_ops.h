@@ -11,15 +11,6 @@
 
 #include "../vae_math.h"
 
-// The kernels' inner loops are long (dmol.h's pixel): GCC's inliner gives up on
-// them and would call these few-instruction functions, so they are forced inline.
-// (GCC and clang both define __GNUC__; another compiler gets a plain inline.)
-#if defined(__GNUC__)
-#define FUSEDVAE_VEC_INLINE inline __attribute__((always_inline))
-#else
-#define FUSEDVAE_VEC_INLINE inline
-#endif
-
 namespace fusedvae {
 namespace cpu {
 
@@ -34,40 +25,40 @@ using IntVec = at::vec::Vectorized<int32_t>;
 // extra NaN test; other sets use at::vec.
 #if defined(CPU_CAPABILITY_AVX512)
 using FloatMask = __mmask16;
-FUSEDVAE_VEC_INLINE FloatMask less(const FloatVec& a, const FloatVec& b) {
+FUSEDVAE_ALWAYS_INLINE FloatMask less(const FloatVec& a, const FloatVec& b) {
   return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ);
 }
-FUSEDVAE_VEC_INLINE FloatMask equal(const FloatVec& a, const FloatVec& b) {
+FUSEDVAE_ALWAYS_INLINE FloatMask equal(const FloatVec& a, const FloatVec& b) {
   return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ);
 }
-FUSEDVAE_VEC_INLINE FloatVec select(FloatMask m, const FloatVec& a, const FloatVec& b) {
+FUSEDVAE_ALWAYS_INLINE FloatVec select(FloatMask m, const FloatVec& a, const FloatVec& b) {
   return _mm512_mask_blend_ps(m, b, a);
 }
-FUSEDVAE_VEC_INLINE FloatVec max_keep_nan(const FloatVec& x, const FloatVec& lo) {
+FUSEDVAE_ALWAYS_INLINE FloatVec max_keep_nan(const FloatVec& x, const FloatVec& lo) {
   return _mm512_max_ps(lo, x);
 }
-FUSEDVAE_VEC_INLINE FloatVec min_keep_nan(const FloatVec& x, const FloatVec& hi) {
+FUSEDVAE_ALWAYS_INLINE FloatVec min_keep_nan(const FloatVec& x, const FloatVec& hi) {
   return _mm512_min_ps(hi, x);
 }
 #else
 using FloatMask = FloatVec;
-FUSEDVAE_VEC_INLINE FloatMask less(const FloatVec& a, const FloatVec& b) { return a < b; }
-FUSEDVAE_VEC_INLINE FloatMask equal(const FloatVec& a, const FloatVec& b) { return a == b; }
-FUSEDVAE_VEC_INLINE FloatVec select(const FloatMask& m, const FloatVec& a, const FloatVec& b) {
+FUSEDVAE_ALWAYS_INLINE FloatMask less(const FloatVec& a, const FloatVec& b) { return a < b; }
+FUSEDVAE_ALWAYS_INLINE FloatMask equal(const FloatVec& a, const FloatVec& b) { return a == b; }
+FUSEDVAE_ALWAYS_INLINE FloatVec select(const FloatMask& m, const FloatVec& a, const FloatVec& b) {
   return FloatVec::blendv(b, a, m);
 }
 #if defined(CPU_CAPABILITY_AVX2)
-FUSEDVAE_VEC_INLINE FloatVec max_keep_nan(const FloatVec& x, const FloatVec& lo) {
+FUSEDVAE_ALWAYS_INLINE FloatVec max_keep_nan(const FloatVec& x, const FloatVec& lo) {
   return _mm256_max_ps(lo, x);
 }
-FUSEDVAE_VEC_INLINE FloatVec min_keep_nan(const FloatVec& x, const FloatVec& hi) {
+FUSEDVAE_ALWAYS_INLINE FloatVec min_keep_nan(const FloatVec& x, const FloatVec& hi) {
   return _mm256_min_ps(hi, x);
 }
 #else
-FUSEDVAE_VEC_INLINE FloatVec max_keep_nan(const FloatVec& x, const FloatVec& lo) {
+FUSEDVAE_ALWAYS_INLINE FloatVec max_keep_nan(const FloatVec& x, const FloatVec& lo) {
   return at::vec::maximum(x, lo);
 }
-FUSEDVAE_VEC_INLINE FloatVec min_keep_nan(const FloatVec& x, const FloatVec& hi) {
+FUSEDVAE_ALWAYS_INLINE FloatVec min_keep_nan(const FloatVec& x, const FloatVec& hi) {
   return at::vec::minimum(x, hi);
 }
 #endif
@@ -83,7 +74,7 @@ FUSEDVAE_VEC_INLINE FloatVec min_keep_nan(const FloatVec& x, const FloatVec& hi)
 // the result is 0: the loss and its gradient add e^x to terms of order 1.
 // NaN gives NaN. Its maximum error over [x_min, 0], measured against mpmath, is
 // in tests/test_fast_math.py.
-FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> exp_nonpositive(
+FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> exp_nonpositive(
     const at::vec::Vectorized<float>& x) {
   using Vec = at::vec::Vectorized<float>;
   using IVec = at::vec::Vectorized<int32_t>;
@@ -128,7 +119,7 @@ struct ExpReduced {
   IntVec n() const { return at::vec::cast<int32_t>(shifted) - IntVec(0x4B400000); }
 };
 
-FUSEDVAE_VEC_INLINE ExpReduced exp_reduce(const FloatVec& x) {
+FUSEDVAE_ALWAYS_INLINE ExpReduced exp_reduce(const FloatVec& x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
@@ -142,7 +133,7 @@ FUSEDVAE_VEC_INLINE ExpReduced exp_reduce(const FloatVec& x) {
 
 // e^r - 1 = r + r²·P(r) for |r| <= ln 2 / 2, P exp_nonpositive's polynomial:
 // the sum keeps the relative accuracy of r for small r.
-FUSEDVAE_VEC_INLINE FloatVec expm1_reduced(const FloatVec& r) {
+FUSEDVAE_ALWAYS_INLINE FloatVec expm1_reduced(const FloatVec& r) {
   FloatVec p(1.9875691500e-4f);
   p = at::vec::fmadd(p, r, FloatVec(1.3981999507e-3f));
   p = at::vec::fmadd(p, r, FloatVec(8.3334519073e-3f));
@@ -153,7 +144,7 @@ FUSEDVAE_VEC_INLINE FloatVec expm1_reduced(const FloatVec& r) {
 }
 
 // 2^n for integer n in [-126, 127], built in the exponent bits.
-FUSEDVAE_VEC_INLINE FloatVec pow2(const IntVec& n) {
+FUSEDVAE_ALWAYS_INLINE FloatVec pow2(const IntVec& n) {
   return at::vec::cast<float>((n + IntVec(127)) << IntVec(23));
 }
 
@@ -163,7 +154,7 @@ FUSEDVAE_VEC_INLINE FloatVec pow2(const IntVec& n) {
 // applied as 2^⌊n/2⌋·2^(n-⌊n/2⌋), so that results down to the subnormals and
 // up to overflow (inf above log(FLT_MAX) = 88.7228) come out right. NaN gives
 // NaN. Maximum relative error in tests/test_fast_math.py.
-FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> exp_approx(const at::vec::Vectorized<float>& x) {
+FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> exp_approx(const at::vec::Vectorized<float>& x) {
   using namespace detail;
   // e^x < 2^-150 below -104 (rounds to 0) and > FLT_MAX above 89 (inf): clamping
   // there keeps n in [-150, 129] and leaves the result as it was.
@@ -179,7 +170,7 @@ FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> exp_approx(const at::vec::Vectori
 // reduction: relative accuracy for small |x| as for large, -1 below -17.33
 // (x is clamped at -30, where e^x is far below half an ulp of 1). NaN gives NaN.
 // Maximum relative error in tests/test_fast_math.py.
-FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> expm1_nonpositive(
+FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> expm1_nonpositive(
     const at::vec::Vectorized<float>& x) {
   using namespace detail;
   const ExpReduced red = exp_reduce(max_keep_nan(x, FloatVec(-30.0f)));
@@ -192,7 +183,8 @@ FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> expm1_nonpositive(
 // (e^r·2^⌊n/2⌋)·2^(n-⌊n/2⌋) - 1 as exp_approx, finite up to 88.72 and inf
 // beyond. x is clamped to [-30, 89]. NaN gives NaN. Maximum relative error in
 // tests/test_fast_math.py.
-FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> expm1_approx(const at::vec::Vectorized<float>& x) {
+FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> expm1_approx(
+    const at::vec::Vectorized<float>& x) {
   using namespace detail;
   const ExpReduced red =
       exp_reduce(min_keep_nan(max_keep_nan(x, FloatVec(-30.0f)), FloatVec(89.0f)));
@@ -214,7 +206,7 @@ struct LogReduced {
   FloatVec m;
 };
 
-FUSEDVAE_VEC_INLINE LogReduced log_reduce(const FloatVec& x) {
+FUSEDVAE_ALWAYS_INLINE LogReduced log_reduce(const FloatVec& x) {
   constexpr float kTiny = 1.17549435e-38f;       // 2^-126, the smallest normal float
   constexpr int32_t kSqrtHalfBits = 0x3f3504f3;  // √½ as float32 bits
   const FloatMask subnormal = less(x, FloatVec(kTiny));
@@ -231,7 +223,7 @@ FUSEDVAE_VEC_INLINE LogReduced log_reduce(const FloatVec& x) {
 }
 
 // k·ln 2 + log(m) for m in [√½, √2): with f = m - 1, f - f²/2 + f³·P(f), k·ln 2 in two parts.
-FUSEDVAE_VEC_INLINE FloatVec log_of_reduced(const FloatVec& kf, const FloatVec& m) {
+FUSEDVAE_ALWAYS_INLINE FloatVec log_of_reduced(const FloatVec& kf, const FloatVec& m) {
   const FloatVec f = m - FloatVec(1.0f);
   const FloatVec z = f * f;
   FloatVec p(7.0376836292e-2f);
@@ -256,7 +248,7 @@ FUSEDVAE_VEC_INLINE FloatVec log_of_reduced(const FloatVec& kf, const FloatVec& 
 // two parts. Subnormal x is scaled by 2^23 first. log(0) = -inf, log(x < 0) =
 // NaN, log(inf) = inf, NaN gives NaN. Maximum relative error in
 // tests/test_fast_math.py.
-FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> log_approx(const at::vec::Vectorized<float>& x) {
+FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> log_approx(const at::vec::Vectorized<float>& x) {
   using namespace detail;
   const LogReduced r = log_reduce(x);
   FloatVec out = log_of_reduced(r.k, r.m);
@@ -272,9 +264,9 @@ FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> log_approx(const at::vec::Vectori
 // again, the k summed. The discretized mixture's log of a component's three
 // channel probabilities. Subnormals are exact as in log_approx; -inf where a
 // factor is 0; NaN gives NaN. Maximum error in tests/test_fast_math.py.
-FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> log_product3(const at::vec::Vectorized<float>& a,
-                                                            const at::vec::Vectorized<float>& b,
-                                                            const at::vec::Vectorized<float>& c) {
+FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> log_product3(
+    const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b,
+    const at::vec::Vectorized<float>& c) {
   using namespace detail;
   const LogReduced ra = log_reduce(a);
   const LogReduced rb = log_reduce(b);
@@ -291,7 +283,7 @@ FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> log_product3(const at::vec::Vecto
 // tanh(x) = -m/(2 + m) with m = expm1(-2|x|), the sign of x put back: no
 // cancellation for small |x|, exactly ±1 for large. NaN gives NaN. Maximum
 // relative error in tests/test_fast_math.py.
-FUSEDVAE_VEC_INLINE at::vec::Vectorized<float> tanh_approx(const at::vec::Vectorized<float>& x) {
+FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> tanh_approx(const at::vec::Vectorized<float>& x) {
   using namespace detail;
   const FloatVec sign = x & FloatVec(-0.0f);
   const FloatVec m = expm1_nonpositive(FloatVec(-2.0f) * x.abs());
@@ -302,13 +294,13 @@ template <typename T>
 struct VecOps {
   using Scalar = T;
   using V = at::vec::Vectorized<T>;
-  FUSEDVAE_VEC_INLINE static V splat(double c) { return V(static_cast<T>(c)); }
+  FUSEDVAE_ALWAYS_INLINE static V splat(double c) { return V(static_cast<T>(c)); }
   // a·b + c, fused where the instruction set has FMA.
-  FUSEDVAE_VEC_INLINE static V fma(const V& a, const V& b, const V& c) {
+  FUSEDVAE_ALWAYS_INLINE static V fma(const V& a, const V& b, const V& c) {
     return at::vec::fmadd(a, b, c);
   }
-  FUSEDVAE_VEC_INLINE static V exp(const V& x) { return x.exp(); }
-  FUSEDVAE_VEC_INLINE static V exp_nonpositive(const V& x) {
+  FUSEDVAE_ALWAYS_INLINE static V exp(const V& x) { return x.exp(); }
+  FUSEDVAE_ALWAYS_INLINE static V exp_nonpositive(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
       return cpu::exp_nonpositive(x);
     } else {
@@ -316,60 +308,60 @@ struct VecOps {
     }
   }
   // The float32 approximations above; double keeps the library functions.
-  FUSEDVAE_VEC_INLINE static V exp_approx(const V& x) {
+  FUSEDVAE_ALWAYS_INLINE static V exp_approx(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
       return cpu::exp_approx(x);
     } else {
       return x.exp();
     }
   }
-  FUSEDVAE_VEC_INLINE static V expm1_nonpositive(const V& x) {
+  FUSEDVAE_ALWAYS_INLINE static V expm1_nonpositive(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
       return cpu::expm1_nonpositive(x);
     } else {
       return x.expm1();
     }
   }
-  FUSEDVAE_VEC_INLINE static V expm1_approx(const V& x) {
+  FUSEDVAE_ALWAYS_INLINE static V expm1_approx(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
       return cpu::expm1_approx(x);
     } else {
       return x.expm1();
     }
   }
-  FUSEDVAE_VEC_INLINE static V log_approx(const V& x) {
+  FUSEDVAE_ALWAYS_INLINE static V log_approx(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
       return cpu::log_approx(x);
     } else {
       return x.log();
     }
   }
-  FUSEDVAE_VEC_INLINE static V log_product3(const V& a, const V& b, const V& c) {
+  FUSEDVAE_ALWAYS_INLINE static V log_product3(const V& a, const V& b, const V& c) {
     if constexpr (std::is_same_v<T, float>) {
       return cpu::log_product3(a, b, c);
     } else {
       return a.log() + b.log() + c.log();
     }
   }
-  FUSEDVAE_VEC_INLINE static V tanh_approx(const V& x) {
+  FUSEDVAE_ALWAYS_INLINE static V tanh_approx(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
       return cpu::tanh_approx(x);
     } else {
       return x.tanh();
     }
   }
-  FUSEDVAE_VEC_INLINE static V log(const V& x) { return x.log(); }
-  FUSEDVAE_VEC_INLINE static V log1p(const V& x) { return x.log1p(); }
-  FUSEDVAE_VEC_INLINE static V tanh(const V& x) { return x.tanh(); }
-  FUSEDVAE_VEC_INLINE static V sinh(const V& x) { return x.sinh(); }
-  FUSEDVAE_VEC_INLINE static V abs(const V& x) { return x.abs(); }
+  FUSEDVAE_ALWAYS_INLINE static V log(const V& x) { return x.log(); }
+  FUSEDVAE_ALWAYS_INLINE static V log1p(const V& x) { return x.log1p(); }
+  FUSEDVAE_ALWAYS_INLINE static V tanh(const V& x) { return x.tanh(); }
+  FUSEDVAE_ALWAYS_INLINE static V sinh(const V& x) { return x.sinh(); }
+  FUSEDVAE_ALWAYS_INLINE static V abs(const V& x) { return x.abs(); }
 #if defined(CPU_CAPABILITY_AVX512)
   // AVX-512 compares into mask registers; kept there, a select is one blend
   // (at::vec's comparisons widen the mask to a vector, which blendv narrows again).
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
   using Mask = std::conditional_t<std::is_same_v<T, float>, __mmask16, __mmask8>;
   template <int kPredicate>
-  FUSEDVAE_VEC_INLINE static Mask compare(const V& a, const V& b) {
+  FUSEDVAE_ALWAYS_INLINE static Mask compare(const V& a, const V& b) {
     if constexpr (std::is_same_v<T, float>) {
       return _mm512_cmp_ps_mask(a, b, kPredicate);
     } else {
@@ -377,10 +369,16 @@ struct VecOps {
     }
   }
   // The predicates of Vectorized's <, >=, >: false where either side is NaN.
-  FUSEDVAE_VEC_INLINE static Mask lt(const V& a, const V& b) { return compare<_CMP_LT_OQ>(a, b); }
-  FUSEDVAE_VEC_INLINE static Mask ge(const V& a, const V& b) { return compare<_CMP_GE_OQ>(a, b); }
-  FUSEDVAE_VEC_INLINE static Mask gt(const V& a, const V& b) { return compare<_CMP_GT_OQ>(a, b); }
-  FUSEDVAE_VEC_INLINE static V select(Mask m, const V& a, const V& b) {
+  FUSEDVAE_ALWAYS_INLINE static Mask lt(const V& a, const V& b) {
+    return compare<_CMP_LT_OQ>(a, b);
+  }
+  FUSEDVAE_ALWAYS_INLINE static Mask ge(const V& a, const V& b) {
+    return compare<_CMP_GE_OQ>(a, b);
+  }
+  FUSEDVAE_ALWAYS_INLINE static Mask gt(const V& a, const V& b) {
+    return compare<_CMP_GT_OQ>(a, b);
+  }
+  FUSEDVAE_ALWAYS_INLINE static V select(Mask m, const V& a, const V& b) {
     if constexpr (std::is_same_v<T, float>) {
       return _mm512_mask_blend_ps(m, b, a);
     } else {
@@ -389,10 +387,10 @@ struct VecOps {
   }
 #else
   using Mask = V;  // all-ones lanes where true, as Vectorized comparisons return
-  FUSEDVAE_VEC_INLINE static Mask lt(const V& a, const V& b) { return a < b; }
-  FUSEDVAE_VEC_INLINE static Mask ge(const V& a, const V& b) { return a >= b; }
-  FUSEDVAE_VEC_INLINE static Mask gt(const V& a, const V& b) { return a > b; }
-  FUSEDVAE_VEC_INLINE static V select(const Mask& m, const V& a, const V& b) {
+  FUSEDVAE_ALWAYS_INLINE static Mask lt(const V& a, const V& b) { return a < b; }
+  FUSEDVAE_ALWAYS_INLINE static Mask ge(const V& a, const V& b) { return a >= b; }
+  FUSEDVAE_ALWAYS_INLINE static Mask gt(const V& a, const V& b) { return a > b; }
+  FUSEDVAE_ALWAYS_INLINE static V select(const Mask& m, const V& a, const V& b) {
     return V::blendv(b, a, m);
   }
 #endif
@@ -400,5 +398,3 @@ struct VecOps {
 
 }  // namespace cpu
 }  // namespace fusedvae
-
-#undef FUSEDVAE_VEC_INLINE

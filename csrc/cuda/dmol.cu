@@ -82,7 +82,8 @@ __device__ __forceinline__ double block_sum(double v) {
 
 // Threads per pixel: 4, 2 or 1, at most the components (every thread has one).
 int pixel_split(const DmolProblem& p) {
-  const int64_t resident = int64_t(detail::sm_count(detail::current_device())) * kResidentThreadsPerSm;
+  const int64_t resident =
+      int64_t(detail::sm_count(detail::current_device())) * kResidentThreadsPerSm;
   int split = kMaxSplit;
   while (split > 1 && (split > p.k || p.batch * p.pixels * split > resident)) split /= 2;
   return split;
@@ -232,9 +233,9 @@ void forward_launches(const DmolProblem& p, void* nll, void* grad_params,
   const int split = pixel_split(p);
   const int64_t blocks = blocks_per_sample(p, split);
   double* partial = static_cast<double*>(workspace);
-  const GradStrides strides =
-      grad_params != nullptr ? GradStrides{{grad_strides[0], grad_strides[1], grad_strides[2]}}
-                             : GradStrides{{0, 0, 0}};
+  const GradStrides strides = grad_params != nullptr
+                                  ? GradStrides{{grad_strides[0], grad_strides[1], grad_strides[2]}}
+                                  : GradStrides{{0, 0, 0}};
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* out = static_cast<T*>(grad_params);
@@ -244,12 +245,13 @@ void forward_launches(const DmolProblem& p, void* nll, void* grad_params,
         const auto kernel = grad_params != nullptr ? forward_partials<kSplit, true, T>
                                                    : forward_partials<kSplit, false, T>;
         kernel<<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(p, blocks, partial, out,
-                                                                           strides);
+                                                                            strides);
       });
     }
     using Acc = acc_t<T>;
-    add_partials<Acc><<<static_cast<unsigned>((p.batch + kSumWarps - 1) / kSumWarps),
-                        kSumWarps * 32, 0, s>>>(partial, p.batch, blocks, static_cast<Acc*>(nll));
+    add_partials<Acc>
+        <<<static_cast<unsigned>((p.batch + kSumWarps - 1) / kSumWarps), kSumWarps * 32, 0, s>>>(
+            partial, p.batch, blocks, static_cast<Acc*>(nll));
   });
 }
 
@@ -277,10 +279,9 @@ void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     with_split(split, [&](auto n) {
-      backward_kernel<decltype(n)::value, T>
-          <<<static_cast<unsigned>(p.batch * blocks), kThreads, 0,
-             static_cast<cudaStream_t>(stream)>>>(
-              p, blocks, static_cast<const acc_t<T>*>(grad), static_cast<T*>(grad_params), strides);
+      backward_kernel<decltype(n)::value, T><<<static_cast<unsigned>(p.batch * blocks), kThreads, 0,
+                                               static_cast<cudaStream_t>(stream)>>>(
+          p, blocks, static_cast<const acc_t<T>*>(grad), static_cast<T*>(grad_params), strides);
     });
   });
 }
