@@ -27,6 +27,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "vae_math.h"
 
@@ -45,6 +46,19 @@ struct Pixel {
   V half_width;  // 1 / (2^bits - 1)
   V log_scale_min;
 };
+
+// f(c) for each colour channel c of px, c a compile-time constant
+// (std::integral_constant): arrays indexed by it stay in registers. A GPU
+// thread's loop over the run-time channel count indexed them at run time,
+// which puts them in local memory.
+template <class O, class F>
+FUSEDVAE_ALWAYS_INLINE void for_each_channel(const Pixel<O>& px, const F& f) {
+  f(std::integral_constant<int, 0>{});
+  if (px.channels == 3) {
+    f(std::integral_constant<int, 1>{});
+    f(std::integral_constant<int, 2>{});
+  }
+}
 
 // Running log-sum-exp: `max` and Σ e^{v - max}. NaN in gives NaN.
 template <class O>
@@ -138,9 +152,9 @@ FUSEDVAE_ALWAYS_INLINE void channel_terms(const typename O::V* x, const typename
   for (int c = 0; c < N; ++c) {
     const V one_plus_e_u = one + e_u[c];
     const V one_plus_e_l = one + e_l[c];
-    inv_both[c] = one / (one_plus_e_u * one_plus_e_l);  // σ(|u|)·σ(|l|)
-    inv_u[c] = inv_both[c] * one_plus_e_l;              // σ(|u|)
-    inv_l[c] = inv_both[c] * one_plus_e_u;              // σ(|l|)
+    inv_both[c] = O::divide_1_4(one, one_plus_e_u * one_plus_e_l);  // σ(|u|)·σ(|l|)
+    inv_u[c] = inv_both[c] * one_plus_e_l;                          // σ(|u|)
+    inv_l[c] = inv_both[c] * one_plus_e_u;                          // σ(|l|)
     below[c] = O::lt(x[c], O::splat(-kEdge));
     above[c] = O::gt(x[c], O::splat(kEdge));
   }
@@ -216,12 +230,12 @@ FUSEDVAE_ALWAYS_INLINE void component_channels(const Pixel<O>& px, const Read& p
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   const int64_t kk = px.k;
   const int rows = px.channels == 3 ? 3 : 2;
-  for (int c = 0; c < px.channels; ++c) {
+  for_each_channel(px, [&](auto c) {
     const typename O::V mean = coupled_mean(px, p, c, k, tanh_rows);
     const typename O::V raw_log_scale = p(kk + c * rows * kk + kk + k);
     channel_terms<1, O>(&px.x[c], &mean, &raw_log_scale, px.half_width, px.log_scale_min, want_grad,
                         &out[c]);
-  }
+  });
 #else
   if (px.channels == 3) {
     component_channels<3>(px, p, k, tanh_rows, want_grad, out);
@@ -293,6 +307,17 @@ FUSEDVAE_ALWAYS_INLINE typename O::V log_sum_exp_held(const typename O::V* v, in
   return max + O::log_approx(total);
 }
 
+// logsumexp_k π_k over the pixel's logits held in an array (n <= kCached),
+// leaving e^{π_k - max} in e[k] and their sum in *sum: log_sum_exp_held on
+// them, for pixel_nll and pixel_nll_backward alike.
+template <int kCached, class O, typename Read>
+FUSEDVAE_ALWAYS_INLINE typename O::V held_logit_normalizer(const Pixel<O>& px, const Read& p,
+                                                           typename O::V* e, typename O::V* sum) {
+  typename O::V logits[kCached];
+  for (int64_t k = 0; k < px.k; ++k) logits[k] = p(k);
+  return log_sum_exp_held<O>(logits, px.k, e, sum);
+}
+
 // -log p(pixel). With at most kCached components, the two log-sum-exps are
 // taken over values held in arrays, as pixel_nll_backward takes them (the
 // same bits); otherwise running.
@@ -301,8 +326,7 @@ FUSEDVAE_HD typename O::V pixel_nll(const Pixel<O>& px, const Read& p) {
   if constexpr (kCached > 0) {
     if (px.k <= kCached) {
       typename O::V held[kCached], e[kCached], sum;
-      for (int64_t k = 0; k < px.k; ++k) held[k] = p(k);
-      const typename O::V norm = log_sum_exp_held<O>(held, px.k, e, &sum);
+      const typename O::V norm = held_logit_normalizer<kCached>(px, p, e, &sum);
       for (int64_t k = 0; k < px.k; ++k) held[k] = p(k) - norm + component_log_prob(px, p, k);
       return O::splat(0.0) - log_sum_exp_held<O>(held, px.k, e, &sum);
     }
@@ -328,10 +352,10 @@ FUSEDVAE_ALWAYS_INLINE void component_grad(const Pixel<O>& px, const Read& p, in
   coupling_rows(px, p, k, out->tanh_rows);
   ChannelTerm<O> terms[3];
   component_channels(px, p, k, out->tanh_rows, true, terms);
-  for (int c = 0; c < px.channels; ++c) {
+  for_each_channel(px, [&](auto c) {
     out->d_mean[c] = terms[c].d_mean;
     out->d_log_scale[c] = terms[c].d_log_scale;
-  }
+  });
   out->log_joint = p(k) - norm + channels_log_prob(terms, px.channels);
 }
 
@@ -359,10 +383,10 @@ FUSEDVAE_ALWAYS_INLINE void write_component_grad(const Pixel<O>& px, int64_t k, 
   // d(-log p)/d log P_kc = -r_k; d(-log p)/dπ_k = softmax(π)_k - r_k.
   const V minus_r = O::splat(0.0) - r;
   write(k, scaled(g, V(softmax - r)));
-  for (int c = 0; c < px.channels; ++c) {
+  for_each_channel(px, [&](auto c) {
     write(kk + c * rows * kk + k, scaled(g, V(minus_r * cg.d_mean[c])));
     write(kk + c * rows * kk + kk + k, scaled(g, V(minus_r * cg.d_log_scale[c])));
-  }
+  });
   if (px.channels == 3) {
     // Row 0 (green-on-red) moves channel 1's mean by x_r; rows 1 and 2 channel 2's by x_r, x_g.
     const V d_row[3] = {cg.d_mean[1] * px.x[0], cg.d_mean[2] * px.x[0], cg.d_mean[2] * px.x[1]};
@@ -399,9 +423,8 @@ FUSEDVAE_HD typename O::V pixel_nll_backward(const Pixel<O>& px, const Read& p, 
     if (px.k <= kCached) {
       // The log-sum-exps of pixel_nll<kCached>, whose exponentials give
       // softmax(π)_k and r_k as shares.
-      V logits[kCached], softmax[kCached], logit_sum;
-      for (int64_t k = 0; k < px.k; ++k) logits[k] = p(k);
-      const V norm = log_sum_exp_held<O>(logits, px.k, softmax, &logit_sum);
+      V softmax[kCached], logit_sum;
+      const V norm = held_logit_normalizer<kCached>(px, p, softmax, &logit_sum);
       ComponentGrad<O> cache[kCached];
       V log_joint[kCached], share[kCached], joint_sum;
       for (int64_t k = 0; k < px.k; ++k) {

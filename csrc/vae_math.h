@@ -56,6 +56,20 @@ struct ScalarOps<float> {
   }
   static FUSEDVAE_HD V exp(V x) { return expf(x); }
   static FUSEDVAE_HD V exp_nonpositive(V x) { return expf(x); }
+  // a / b for b in [1, 4]. On the GPU from the hardware's reciprocal estimate
+  // (__fdividef(1, b): one MUFU.RCP, within 1 ulp) and one correction with the
+  // exact residual a - b·q: four instructions, within 1 ulp of the quotient
+  // (tests/test_fast_math.py measures it on every device), where a division
+  // takes about ten and a branch. The host divides.
+  static FUSEDVAE_HD V divide_1_4(V a, V b) {
+#if defined(__CUDA_ARCH__)
+    const float r = __fdividef(1.0f, b);
+    const float q = a * r;
+    return fmaf(fmaf(-b, q, a), r, q);
+#else
+    return a / b;
+#endif
+  }
   // The CPU's float32 kernels evaluate these four as polynomials (cpu/vec_ops.h);
   // here they are the library functions, so CUDA's results do not change.
   static FUSEDVAE_HD V exp_approx(V x) { return expf(x); }
@@ -92,6 +106,7 @@ struct ScalarOps<double> {
   }
   static FUSEDVAE_HD V exp(V x) { return ::exp(x); }
   static FUSEDVAE_HD V exp_nonpositive(V x) { return ::exp(x); }
+  static FUSEDVAE_HD V divide_1_4(V a, V b) { return a / b; }
   static FUSEDVAE_HD V exp_approx(V x) { return ::exp(x); }
   static FUSEDVAE_HD V expm1_nonpositive(V x) { return ::expm1(x); }
   static FUSEDVAE_HD V expm1_approx(V x) { return ::expm1(x); }
@@ -108,6 +123,18 @@ struct ScalarOps<double> {
   static FUSEDVAE_HD Mask gt(V a, V b) { return a > b; }
   static FUSEDVAE_HD V select(Mask m, V a, V b) { return m ? a : b; }
 };
+
+// k / 255 for the pixel values k = 0..255, correctly rounded as the division
+// is, without a division: k·(1/255) and one correction with the exact residual
+// k - 255·q give the same float for every k (tests/test_dtypes_layouts.py
+// checks all 256 bit for bit, on every device). `fma(a, b, c)` must round
+// a·b + c once.
+template <class V, class Fma>
+FUSEDVAE_ALWAYS_INLINE V pixel_quotient(const V& k, const Fma& fma) {
+  const V inv(1.0f / 255.0f);
+  const V q = k * inv;
+  return fma(fma(q, V(-255.0f), k), inv, q);
+}
 
 // PyTorch's binary_cross_entropy clamps each log at -100 and divides its
 // gradient by max(p(1-p), 1e-12); the probability paths follow both conventions.
@@ -138,7 +165,7 @@ FUSEDVAE_HD typename O::V log1p_unit(typename O::V e) {
   if constexpr (sizeof(typename O::Scalar) == sizeof(double)) {
     return O::log1p(e);
   } else {
-    const V u = e / (O::splat(2.0) + e);
+    const V u = O::divide_1_4(e, O::splat(2.0) + e);
     const V w = u * u;
     V series = O::splat(1.0 / 15);
     series = O::fma(series, w, O::splat(1.0 / 13));
@@ -171,7 +198,7 @@ FUSEDVAE_HD typename O::V bce_logits_loss_from(typename O::V x, typename O::V t,
 template <class O>
 FUSEDVAE_HD typename O::V sigmoid_from(typename O::V x, typename O::V e) {
   using V = typename O::V;
-  const V inv = O::splat(1.0) / (O::splat(1.0) + e);
+  const V inv = O::divide_1_4(O::splat(1.0), O::splat(1.0) + e);
   return O::select(O::ge(x, O::splat(0.0)), inv, e * inv);
 }
 

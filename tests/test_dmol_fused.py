@@ -150,6 +150,22 @@ def test_other_layouts(device):
     torch.testing.assert_close(got_grad, exp_grad, rtol=1e-9, atol=1e-12)
 
 
+def test_every_pixel_value_is_read_as_its_quotient(device):
+    # A uint8 target is read as v / 127.5 - 1, correctly rounded: the loss and
+    # the gradient equal those of that float target bit for bit, for all 256
+    # values in every channel (the kernels form 2·(v / 255) - 1 without a division).
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.stack([torch.randperm(256, generator=g) for _ in range(3)]).view(1, 3, 16, 16)
+    params = torch.randn(1, 30, 16, 16, generator=g).to(device)
+    pixels = pixels.to(torch.uint8).to(device)
+    # On the CPU, whose division rounds correctly (CUDA's division by a scalar
+    # multiplies by its reciprocal).
+    as_float = (pixels.cpu().float() / 127.5 - 1).to(device)
+    got = _nll_and_grad(fusedvae.discretized_mix_logistic_nll, params, pixels, 1.0)
+    expected = _nll_and_grad(fusedvae.discretized_mix_logistic_nll, params, as_float, 1.0)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_nan_in_gives_nan_out_in_that_sample(device):
     params, target = _case(3, 2, device)
     params[1, 0, 1, 1] = float("nan")

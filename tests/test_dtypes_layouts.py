@@ -160,17 +160,21 @@ def test_uint8_target_equals_scaled_float(likelihood, logits, ls_kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
-def test_every_pixel_value_is_read_as_its_quotient(dtype):
+def test_every_pixel_value_is_read_as_its_quotient(device, dtype):
     # Each of the 256 pixel values, in every vector lane and in a partial last
-    # vector, is read as exactly float(k) / 255 (the vector kernels multiply by
-    # 1/255 and correct the rounding instead of dividing).
-    pixels = torch.arange(256, dtype=torch.uint8).repeat(3)[:-5].reshape(-1, 1)
-    recon = torch.zeros(pixels.shape, dtype=dtype, requires_grad=True)
-    mu = torch.zeros(pixels.shape[0], 2, dtype=dtype)
+    # vector, is read as exactly float(k) / 255 (the CPU's vector kernels and the
+    # CUDA kernels multiply by 1/255 and correct the rounding instead of dividing:
+    # math::pixel_quotient).
+    pixels = torch.arange(256, dtype=torch.uint8, device=device).repeat(3)[:-5].reshape(-1, 1)
+    recon = torch.zeros(pixels.shape, dtype=dtype, device=device, requires_grad=True)
+    mu = torch.zeros(pixels.shape[0], 2, dtype=dtype, device=device)
     kw = dict(likelihood="gaussian", reduction="none")
     got = fusedvae.vae_loss(recon, pixels, mu, mu, **kw)
     expected_recon = recon.detach().clone().requires_grad_()
-    expected = fusedvae.vae_loss(expected_recon, pixels.to(dtype) / 255, mu, mu, **kw)
+    # The quotients on the CPU, whose division rounds correctly (CUDA's division
+    # by a scalar multiplies by its reciprocal).
+    quotients = (pixels.cpu().to(dtype) / 255).to(device)
+    expected = fusedvae.vae_loss(expected_recon, quotients, mu, mu, **kw)
     assert torch.equal(got.rec, expected.rec)  # ½t² + const: equal iff each t is
     (grad,) = torch.autograd.grad(got.rec.sum(), recon)
     (expected_grad,) = torch.autograd.grad(expected.rec.sum(), expected_recon)

@@ -50,20 +50,16 @@ template <typename T>
 constexpr bool is_16bit_float = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
 
 // k / 255 for pixel values k = 0..255, correctly rounded as the division is.
-// A vector division costs as much as the rest of a uint8 load; with fused
-// multiply-adds, k·(1/255) and one correction step with the exact residual
-// k - 255·q give the same float for every k (tests/test_dtypes_layouts.py
-// checks all 256 bit for bit). The baseline build has no fused multiply-add,
-// and double precision is rare here: both divide.
+// A vector division costs as much as the rest of a uint8 load: with fused
+// multiply-adds, math::pixel_quotient. The baseline build has no fused
+// multiply-add, and double precision is rare here: both divide.
 template <typename Acc>
 at::vec::Vectorized<Acc> pixel_value(const at::vec::Vectorized<Acc>& k) {
   using Vec = at::vec::Vectorized<Acc>;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<Acc, float>) {
-    const Vec inv(1.0f / 255.0f);
-    const Vec q = k * inv;
-    const Vec residual = at::vec::fmadd(q, Vec(-255.0f), k);
-    return at::vec::fmadd(residual, inv, q);
+    return math::pixel_quotient(
+        k, [](const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); });
   }
 #endif
   return k / Vec(Acc(255));

@@ -300,6 +300,7 @@ struct VecOps {
     return at::vec::fmadd(a, b, c);
   }
   FUSEDVAE_ALWAYS_INLINE static V exp(const V& x) { return x.exp(); }
+  FUSEDVAE_ALWAYS_INLINE static V divide_1_4(const V& a, const V& b) { return a / b; }
   FUSEDVAE_ALWAYS_INLINE static V exp_nonpositive(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
       return cpu::exp_nonpositive(x);

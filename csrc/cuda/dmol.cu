@@ -36,6 +36,9 @@ constexpr int kThreads = 256;
 // the threads of all pixels within what the GPU holds at once.
 constexpr int64_t kResidentThreadsPerSm = 65536 / 64;
 constexpr int kMaxSplit = 4;
+// Blocks a multiprocessor keeps resident: 4 caps the per-pixel kernels at 64
+// registers a thread (kResidentThreadsPerSm).
+constexpr int kMinBlocksPerSm = kResidentThreadsPerSm / kThreads;
 
 template <typename Acc, typename T>
 struct Read {
@@ -54,16 +57,17 @@ __device__ dmol::Pixel<Ops<Acc>> load_pixel(const DmolProblem& p, int64_t b, int
   px.k = p.k;
   px.half_width = static_cast<Acc>(p.half_width);
   px.log_scale_min = static_cast<Acc>(p.log_scale_min);
-  for (int c = 0; c < p.channels; ++c) {
+  dmol::for_each_channel(px, [&](auto c) {
     const int64_t at = b * p.target_strides[0] + c * p.target_strides[1] + i * p.target_strides[2];
     if (p.target_dtype == DType::kUInt8) {
-      px.x[c] = static_cast<Acc>(static_cast<const uint8_t*>(p.target)[at]) / Acc(127.5) - Acc(1);
+      // v / 127.5 - 1 = 2·(v / 255) - 1, the doubling exact (as the CPU reads it).
+      px.x[c] = Acc(2) * to_acc<Acc>(static_cast<const uint8_t*>(p.target)[at]) - Acc(1);
     } else if (p.target_dtype == DType::kFloat64) {
       px.x[c] = static_cast<Acc>(static_cast<const double*>(p.target)[at]);
     } else {
       px.x[c] = static_cast<Acc>(static_cast<const float*>(p.target)[at]);
     }
-  }
+  });
   return px;
 }
 
@@ -165,7 +169,7 @@ __device__ typename O::V split_backward(const dmol::Pixel<O>& px, const Read& p,
 // kWithGrad the same sums, and the gradient for an output gradient of 1 written
 // as backward_kernel writes it.
 template <int kSplit, bool kWithGrad, typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     forward_partials(DmolProblem p, int64_t blocks, double* partial, T* out, GradStrides strides) {
   using Acc = acc_t<T>;
   const Place<kSplit> at(blocks);
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(kSumWarps * 32)
 }
 
 template <int kSplit, typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     backward_kernel(DmolProblem p, int64_t blocks, const acc_t<T>* grad, T* out,
                     GradStrides strides) {
   using Acc = acc_t<T>;

@@ -60,7 +60,10 @@ __device__ __forceinline__ void store(T* ptr, int64_t i, const Acc (&in)[VEC]) {
 // Each functor maps element i (and, for maps, its sample b) to its result.
 
 // The weights of elements i .. i + VEC - 1 of one sample (WeightView in
-// kernels.h), i counted from the first sample.
+// kernels.h), i counted from the first sample. The loop over dimensions runs
+// to kMaxWeightDims, unrolled, so that w's arrays are indexed by constants: a
+// run-time index would copy the kernel's whole functor, w inside it, to local
+// memory, and every element's loads of its pointers would go there too.
 template <int VEC, typename Acc>
 __device__ __forceinline__ void load_weights(const WeightView& w, int64_t numel_per_sample,
                                              int64_t i, Acc (&out)[VEC]) {
@@ -71,9 +74,12 @@ __device__ __forceinline__ void load_weights(const WeightView& w, int64_t numel_
   for (int e = 0; e < VEC; ++e) {
     int64_t k = first + e;
     int64_t offset = b * w.batch_stride;
-    for (int d = w.dims - 1; d >= 0; --d) {
-      offset += (k % w.sizes[d]) * w.strides[d];
-      k /= w.sizes[d];
+#pragma unroll
+    for (int d = kMaxWeightDims - 1; d >= 0; --d) {
+      if (d < w.dims) {
+        offset += (k % w.sizes[d]) * w.strides[d];
+        k /= w.sizes[d];
+      }
     }
     out[e] = data[offset];
   }
