@@ -7,20 +7,24 @@
 # GPU is visible and the CUDA kernels are registered; then, side by side, the
 # tests that run on CUDA (tests/ and benchmarks/, selected by -k "cuda or gpu":
 # every device-parametrized test's cuda instance, the CUDA-only files) and
-# compute-sanitizer memcheck and racecheck on benchmarks/sanitizer_case.py;
+# compute-sanitizer memcheck, then racecheck, on benchmarks/sanitizer_case.py;
 # then, one at a time, the GPU benchmark at 32x3x512x512 with the opt-in wide
 # loads timed beside the default kernels (benchmarks/gpu_bench.py, which checks
 # every method against a float64 truth), the discretized mixture's benchmark,
-# and whole training steps and host time per call (benchmarks/train_step.py).
+# whole training steps and host time per call (benchmarks/train_step.py), and
+# Nsight Compute's counts for the kernels of the goals
+# (benchmarks/profile_case.py: time, instructions, registers, occupancy,
+# stalls), its summary at the end of the step's log.
 #
 # It is made for a machine lent for minutes: every step after the build gets
 # the time left before GPU_CHECK_SECONDS (default 600) has passed since the
 # start, and a step that runs out is reported as failed (exit 124), the steps
 # after it skipped. The tests log one line per test (-v), so a run cut short
 # still names every failure it reached. Each step's full output goes to
-# REPORT's log folder (gpu_report_logs/ for gpu_report.md: seven files at
-# most); REPORT holds, per step, the command, its exit status and the end of
-# its log. GPU_CHECK_SLOW=1 adds the slow tests about CUDA. GPU_CHECK_PREBUILT=1
+# REPORT's log folder (gpu_report_logs/ for gpu_report.md): seven logs, so that
+# with REPORT they are the eight files a machine lent for minutes sends back;
+# write nothing else beside them. REPORT holds, per step, the command, its exit
+# status and the end of its log. GPU_CHECK_SLOW=1 adds the slow tests about CUDA. GPU_CHECK_PREBUILT=1
 # skips the build and checks the modules already in fusedvae/ (built elsewhere
 # for this machine's Python, torch and GPU). Exits 1 if any step failed or was
 # skipped.
@@ -147,25 +151,54 @@ sanitize() {
   "$sanitizer" --tool "$1" --error-exitcode 1 python benchmarks/sanitizer_case.py
 }
 
+# Both sanitizers, one after the other, in one log.
+sanitizers() {
+  sanitize memcheck && sanitize racecheck
+}
+
 train_steps() {
   python benchmarks/train_step.py --device cuda && python benchmarks/train_step.py --device cuda --host-overhead
 }
 
-export -f build check_cuda build_and_check cuda_tests sanitize train_steps
+# Nsight Compute on benchmarks/profile_case.py's kernels, then a summary of its
+# numbers for each kernel (the end of the log, so the report shows it).
+kernel_profile() {
+  local ncu out
+  ncu=$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")
+  if [ ! -x "$ncu" ]; then
+    echo "ncu not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)"
+    return 1
+  fi
+  out=$(mktemp)
+  "$ncu" --kernel-name regex:"forward_partials|sum_chunks|objective_backward" \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+    --section ComputeWorkloadAnalysis --section InstructionStats \
+    python benchmarks/profile_case.py > "$out" 2>&1
+  local rc=$?
+  cat "$out"
+  echo
+  echo "summary:"
+  grep -E "^  [a-zA-Z_].*\(|Duration|Executed Instructions  |Registers Per Thread|Issue Slots Busy|Achieved Occupancy|Warp Cycles Per Issued" "$out" |
+    sed -E 's/\((DmolProblem|T2|ObjectiveProblem).*//'
+  rm -f "$out"
+  return "$rc"
+}
+
+export -f build check_cuda build_and_check cuda_tests sanitize sanitizers train_steps kernel_profile
 step build build_and_check
 section build
 if [ "$status" -eq 0 ]; then
   step tests cuda_tests &
-  step sanitizer-memcheck sanitize memcheck &
-  step sanitizer-racecheck sanitize racecheck &
+  step sanitizers sanitizers &
   wait
   # The opt-in wide-load kernels timed beside the default ones, in the same
   # run, at the size the kernels' goals are set for.
   step benchmark python benchmarks/gpu_bench.py --batch 32 --size 512 --cuda-wide-loads
   step dmol-benchmark python benchmarks/dmol_bench.py --device cuda
   step train-step train_steps
+  step kernel-profile kernel_profile
 fi
-for name in tests sanitizer-memcheck sanitizer-racecheck benchmark dmol-benchmark train-step; do
+for name in tests sanitizers benchmark dmol-benchmark train-step kernel-profile; do
   section "$name"
 done
 rm -rf "$rcs"

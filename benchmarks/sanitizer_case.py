@@ -2,7 +2,7 @@
 
     compute-sanitizer --tool memcheck python benchmarks/sanitizer_case.py [DEVICE]
 
-DEVICE is ``cuda`` unless given; ``benchmarks/test_sanitizer_case.py`` runs it
+DEVICE is ``cuda`` unless given; ``benchmarks/test_gpu_check_cases.py`` runs it
 on the CPU so that every line of it runs wherever the tests do.
 
 Run by ``benchmarks/gpu_check.sh`` under memcheck and racecheck. Each call
