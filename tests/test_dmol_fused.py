@@ -91,6 +91,27 @@ def test_extreme_parameters_match_reference(device):
     torch.testing.assert_close(got_grad, exp_grad, rtol=1e-8, atol=1e-10 * float(exp_grad.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+def test_bins_around_the_mean_match_reference(device, dtype):
+    # A component's mean inside the pixel's bin (u > 0 > l: the interior's
+    # σ(u) - σ(l) from both sides of 0) beside bins wholly on one side, in the
+    # same vectors: every third pixel has two components centred on it. The
+    # mixture's bars in float32.
+    params, target = _case(3, 4, device, height=6, width=8)
+    rest = params[:, 4:].view(params.shape[0], 3, 3, 4, *params.shape[2:])
+    rest[:, :, 2] = 0.0  # no coupling: the means are the raw means
+    centred = torch.arange(48, device=device).view(6, 8) % 3 == 0
+    for component in (0, 2):
+        rest[:, :, 0, component] = torch.where(centred, target, rest[:, :, 0, component])
+    upstream = _upstream(params.shape[0], device)
+    got, got_grad = _nll_and_grad(fusedvae.discretized_mix_logistic_nll, params.to(dtype), target.to(dtype),
+                                  upstream.to(dtype))
+    exp, exp_grad = _nll_and_grad(reference.discretized_mix_logistic_nll, params, target, upstream)
+    rtol, grad_rtol = (1e-11, 1e-9) if dtype == F64 else (2e-5, 1e-4)
+    torch.testing.assert_close(got.double(), exp, rtol=rtol, atol=0)
+    torch.testing.assert_close(got_grad.double(), exp_grad, rtol=0, atol=grad_rtol * float(exp_grad.abs().max()))
+
+
 def test_gradcheck(device):
     params, target = _case(3, 2, device, batch=2, height=2, width=3)
     upstream = torch.tensor([1.7, -0.6], dtype=F64, device=device)
