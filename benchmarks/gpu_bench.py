@@ -1,7 +1,7 @@
 """GPU benchmark: forward+backward of the VAE loss, eager vs torch.compile vs fused, against the floor.
 
     python benchmarks/gpu_bench.py [--batch 64] [--size 256] [--latent 512] [--iters 50] [--repeats 5]
-                                   [--warmup 3] [--beta 1] [--no-dmol] [--cuda-wide-loads]
+                                   [--warmup 3] [--beta 1] [--no-dmol] [--cuda-wide-loads] [--cuda-fast-log]
 
 The three methods are those of the CPU benchmark (``fusedvae.bench.METHODS``:
 ``eager_loss``, the same under ``torch.compile``, ``fusedvae.vae_loss``). After
@@ -10,10 +10,12 @@ them, unless ``--no-dmol``, the discretized mixture of logistics
 float32 parameters ``[B, 10K, H, W]``), whose step is the per-sample NLL summed
 and its gradient w.r.t. the parameters, for ``fusedvae.reference``'s
 ``discretized_mix_logistic_nll`` (eager), the same under ``torch.compile`` and
-``fusedvae.discretized_mix_logistic_nll`` (:data:`DMOL_METHODS`). With
-``--cuda-wide-loads``, the VAE cases also time ``fused_wide``: fused with the
-opt-in kernels that load 16 bytes of the narrower operand per access
-(:func:`wide_loads`), in the same run, on the same inputs.
+``fusedvae.discretized_mix_logistic_nll`` (:data:`DMOL_METHODS`). Opt-in
+kernels are timed as ``fused_opt_in``, beside fused, in the same run, on the
+same inputs (:func:`switched_on`): with ``--cuda-wide-loads`` the VAE cases'
+kernels that load 16 bytes of the narrower operand per access, with
+``--cuda-fast-log`` the discretized mixture's with the hardware's approximate
+logarithm.
 
 Per case it prints:
 
@@ -86,9 +88,10 @@ GIB = 2**30
 MIN_COPY_BYTES = GIB
 LATENT_DTYPE = torch.float32  # mu and logvar, as make_inputs makes them
 METHOD_NAMES = ("eager", "compiled", "fused")  # the table's order
-# The opt-in CUDA kernels that load 16 bytes of the narrower operand per access
-# (fusedvae._C._set_cuda_wide_loads), timed beside fused under --cuda-wide-loads.
-WIDE = "fused_wide"
+# fused with opt-in CUDA kernels: the VAE cases' wide loads under --cuda-wide-loads
+# (fusedvae._C._set_cuda_wide_loads), the mixture's approximate logarithm under
+# --cuda-fast-log (fusedvae._C._set_cuda_fast_log).
+OPT_IN = "fused_opt_in"
 
 
 def element_bytes(recon_itemsize: int, target_itemsize: int) -> int:
@@ -206,7 +209,7 @@ def case_row(name: str, nbytes: int, copy_gbs: float, ms: Dict[str, float],
         "ms": dict(ms),
         "host_ms": dict(host_ms or {}),
         "percent_of_floor": percent_of_floor(floor, ms["fused"]),
-        "percent_of_floor_wide": percent_of_floor(floor, ms[WIDE]) if WIDE in ms else None,
+        "percent_of_floor_opt_in": percent_of_floor(floor, ms[OPT_IN]) if OPT_IN in ms else None,
         "eager/fused": ms["eager"] / ms["fused"],
         "compiled/fused": ms["compiled"] / ms["fused"],
         "how": dict(how or {}),
@@ -218,7 +221,7 @@ def case_row(name: str, nbytes: int, copy_gbs: float, ms: Dict[str, float],
 
 def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes: int) -> str:
     """Markdown: the device-time table, the notes on methods not captured, the host-time and memory tables."""
-    wide = any(WIDE in r["ms"] for r in rows)
+    opt_in = any(OPT_IN in r["ms"] for r in rows)
     lines = [
         f"Copy bandwidth: {copy_gbs:.0f} GB/s (device-to-device copy of {copy_nbytes / GIB:.2f} GiB, "
         "read + write counted). floor = fewest bytes a fused forward+backward moves / that bandwidth.",
@@ -227,26 +230,26 @@ def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes
         "steps instead (see below). % of floor = floor ms / fused ms.",
         "",
         "| case | min MB | floor ms | eager ms | compile ms | fused ms | fused % of floor "
-        "| eager/fused | compile/fused |" + (" fused wide-load ms | wide % of floor |" if wide else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if wide else ""),
+        "| eager/fused | compile/fused |" + (" fused opt-in ms | opt-in % of floor |" if opt_in else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if opt_in else ""),
     ]
     notes = []
     for r in rows:
         cells = []
-        for method in METHOD_NAMES + ((WIDE,) if WIDE in r["ms"] else ()):
+        for method in METHOD_NAMES + ((OPT_IN,) if OPT_IN in r["ms"] else ()):
             mark = ""
             if method in r["how"]:
                 mark = "*"
                 notes.append(f"* {r['case']}, {method}: {r['how'][method]}")
             cells.append(f"{r['ms'][method]:.3f}{mark}")
-        wide_cells = ""
-        if wide:
-            wide_cells = (f" {cells.pop()} | {r['percent_of_floor_wide']:.0f} % |" if WIDE in r["ms"]
-                          else " - | - |")
+        opt_in_cells = ""
+        if opt_in:
+            opt_in_cells = (f" {cells.pop()} | {r['percent_of_floor_opt_in']:.0f} % |" if OPT_IN in r["ms"]
+                            else " - | - |")
         lines.append(
             f"| {r['case']} | {r['min_bytes'] / 1e6:.4g} | {r['floor_ms']:.4g} | " + " | ".join(cells)
             + f" | {r['percent_of_floor']:.0f} % | {r['eager/fused']:.2f}x | {r['compiled/fused']:.2f}x |"
-            + wide_cells
+            + opt_in_cells
         )
     if notes:
         lines += [""] + notes
@@ -259,13 +262,13 @@ def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes
             "without graphs runs at this pace (and where the device is slower, the host also waits "
             "for room in the launch queue).",
             "",
-            "| case | eager host ms | compile host ms | fused host ms |" + (" fused wide-load host ms |" if wide else ""),
-            "|---|---:|---:|---:|" + ("---:|" if wide else ""),
+            "| case | eager host ms | compile host ms | fused host ms |" + (" fused opt-in host ms |" if opt_in else ""),
+            "|---|---:|---:|---:|" + ("---:|" if opt_in else ""),
         ]
         for r in with_host:
             h = r["host_ms"]
-            wide_cell = (f" {h[WIDE]:.3f} |" if WIDE in h else " - |") if wide else ""
-            lines.append(f"| {r['case']} | {h['eager']:.3f} | {h['compiled']:.3f} | {h['fused']:.3f} |" + wide_cell)
+            opt_in_cell = (f" {h[OPT_IN]:.3f} |" if OPT_IN in h else " - |") if opt_in else ""
+            lines.append(f"| {r['case']} | {h['eager']:.3f} | {h['compiled']:.3f} | {h['fused']:.3f} |" + opt_in_cell)
     with_memory = [r for r in rows if r["peak_bytes"]]
     if with_memory:
         lines += [
@@ -501,7 +504,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-dmol", action="store_true", help="skip the discretized-mixture cases (DMOL_CASES)")
     parser.add_argument("--cuda-wide-loads", action="store_true",
                         help="also time fused with the opt-in kernels that load 16 bytes of the narrower operand "
-                             "per access (a fused_wide column, checked against the float64 truth like the others)")
+                             "per access in the VAE cases (a fused_opt_in column, checked against the float64 "
+                             "truth like the others)")
+    parser.add_argument("--cuda-fast-log", action="store_true",
+                        help="also time fused with the opt-in approximate logarithm in the discretized-mixture "
+                             "cases (a fused_opt_in column, checked like the others)")
     args = parser.parse_args(argv)
     for name in ("batch", "size", "latent", "iters", "repeats"):
         if getattr(args, name) < 1:
@@ -527,19 +534,20 @@ def time_case(name: str, steps: Dict[str, Callable[[], object]], nbytes: int, co
 
 
 @contextlib.contextmanager
-def wide_loads():
-    """The opt-in CUDA wide-load kernels on inside the block, the previous setting restored after it."""
-    previous = fusedvae._C._set_cuda_wide_loads(True)
+def switched_on(setter: Callable[[bool], bool]):
+    """An opt-in kernel switch (``fusedvae._C._set_cuda_wide_loads``, ``_set_cuda_fast_log``) on inside
+    the block, its previous setting restored after it."""
+    previous = setter(True)
     try:
         yield
     finally:
-        fusedvae._C._set_cuda_wide_loads(previous)
+        setter(previous)
 
 
-def with_wide_loads(step: Callable[[], object]) -> Callable[[], object]:
-    """``step`` (forward and backward) run under :func:`wide_loads`; a graph captured from it replays those kernels."""
+def with_switch(step: Callable[[], object], setter: Callable[[bool], bool]) -> Callable[[], object]:
+    """``step`` (forward and backward) run under :func:`switched_on`; a graph captured from it replays those kernels."""
     def run():
-        with wide_loads():
+        with switched_on(setter):
             return step()
     return run
 
@@ -561,9 +569,9 @@ def run_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: 
         accuracy = bench.accuracy(inputs, args.beta, methods)
         steps = {label: make_step(f, inputs, args.beta) for label, f in methods.items()}
         if args.cuda_wide_loads:
-            with wide_loads():
-                accuracy.update({WIDE: bench.accuracy(inputs, args.beta, {"fused": methods["fused"]})["fused"]})
-            steps[WIDE] = with_wide_loads(steps["fused"])
+            with switched_on(fusedvae._C._set_cuda_wide_loads):
+                accuracy[OPT_IN] = bench.accuracy(inputs, args.beta, {"fused": methods["fused"]})["fused"]
+            steps[OPT_IN] = with_switch(steps["fused"], fusedvae._C._set_cuda_wide_loads)
         accuracy_rows.append((name, accuracy))
         rows.append(time_case(name, steps, nbytes[name], copy_gbs, args, device, timers))
         del inputs, steps
@@ -581,8 +589,13 @@ def run_dmol_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", tim
     rows, accuracy_rows = [], []
     for name, batch, side, nbytes in cases:
         params, target = bench.make_dmol_inputs(batch, side, device)
-        accuracy_rows.append((name, dmol_accuracy(params, target)))  # compiles the compiled method too
+        accuracy = dmol_accuracy(params, target)  # compiles the compiled method too
         steps = {label: functools.partial(bench._dmol_step, f, params, target) for label, f in DMOL_METHODS.items()}
+        if args.cuda_fast_log:
+            with switched_on(fusedvae._C._set_cuda_fast_log):
+                accuracy[OPT_IN] = dmol_accuracy(params, target, {"fused": DMOL_METHODS["fused"]})["fused"]
+            steps[OPT_IN] = with_switch(steps["fused"], fusedvae._C._set_cuda_fast_log)
+        accuracy_rows.append((name, accuracy))
         peak_bytes = {label: peak(s) for label, s in steps.items()}
         rows.append(time_case(name, steps, nbytes, copy_gbs, args, device, timers,
                               peak_bytes=peak_bytes, output_bytes=params.numel() * params.element_size()))
@@ -609,7 +622,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("gpu_bench.py: fusedvae was built without CUDA kernels")
     shape = (args.batch, 3, args.size, args.size)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {shape}  Z {args.latent}"
-          f"  wide loads: {'timed beside fused' if args.cuda_wide_loads else 'not timed'}", flush=True)
+          f"  opt-in kernels timed beside fused: wide loads {'yes' if args.cuda_wide_loads else 'no'},"
+          f" fast log {'yes' if args.cuda_fast_log else 'no'}", flush=True)
     dmol_cases = [] if args.no_dmol else DMOL_CASES
     copy_nbytes = copy_bytes(*case_bytes(args).values(), *(c[3] for c in dmol_cases))
     copy_gbs = copy_bandwidth_gbs(copy_nbytes, max(1, args.iters // 5), args.repeats)

@@ -8,9 +8,10 @@
 # tests that run on CUDA (tests/ and benchmarks/, selected by -k "cuda or gpu":
 # every device-parametrized test's cuda instance, the CUDA-only files) and
 # compute-sanitizer memcheck, then racecheck, on benchmarks/sanitizer_case.py;
-# then, one at a time, the GPU benchmark at 32x3x512x512 with the opt-in wide
-# loads timed beside the default kernels (benchmarks/gpu_bench.py, which checks
-# every method against a float64 truth), the discretized mixture's benchmark,
+# then, one at a time, the GPU benchmark at 32x3x512x512 with the opt-in
+# kernels (wide loads, the mixture's approximate logarithm) timed beside the
+# default ones (benchmarks/gpu_bench.py, which checks every method against a
+# float64 truth), the discretized mixture's benchmark,
 # whole training steps and host time per call (benchmarks/train_step.py), and
 # Nsight Compute's counts for the kernels of the goals
 # (benchmarks/profile_case.py: time, instructions, registers, occupancy,
@@ -191,9 +192,10 @@ if [ "$status" -eq 0 ]; then
   step tests cuda_tests &
   step sanitizers sanitizers &
   wait
-  # The opt-in wide-load kernels timed beside the default ones, in the same
-  # run, at the size the kernels' goals are set for.
-  step benchmark python benchmarks/gpu_bench.py --batch 32 --size 512 --cuda-wide-loads
+  # The opt-in kernels (wide loads, the mixture's approximate logarithm)
+  # timed beside the default ones, in the same run, at the size the kernels'
+  # goals are set for.
+  step benchmark python benchmarks/gpu_bench.py --batch 32 --size 512 --cuda-wide-loads --cuda-fast-log
   step dmol-benchmark python benchmarks/dmol_bench.py --device cuda
   step train-step train_steps
   step kernel-profile kernel_profile

@@ -394,6 +394,7 @@ def test_parse_args():
     assert (args.batch, args.size, args.latent, args.iters, args.repeats, args.beta) == (64, 256, 512, 50, 5, 1.0)
     assert not args.no_dmol and gpu_bench.parse_args(["--no-dmol"]).no_dmol
     assert not args.cuda_wide_loads and gpu_bench.parse_args(["--cuda-wide-loads"]).cuda_wide_loads
+    assert not args.cuda_fast_log and gpu_bench.parse_args(["--cuda-fast-log"]).cuda_fast_log
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--iters", "0"])
 
@@ -440,32 +441,41 @@ def test_dmol_cases_on_cuda(fresh_dynamo):
     assert all(b >= row["output_bytes"] == 2 * 100 * 16 * 16 * 4 for b in row["peak_bytes"].values()), row
 
 
-def test_wide_loads_are_timed_beside_fused(fresh_dynamo):
-    """--cuda-wide-loads adds a fused_wide method to every VAE case: timed, checked, in its own columns."""
-    args = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-wide-loads"])
+def test_opt_in_kernels_are_timed_beside_fused(fresh_dynamo):
+    """--cuda-wide-loads adds fused_opt_in to every VAE case, --cuda-fast-log to every mixture case:
+    timed, checked, in their own columns."""
+    args = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-wide-loads", "--cuda-fast-log"])
     rows, accuracy_rows = gpu_bench.run_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]))
+    cases = [("DMOL 2x3x8x8, K=10", 2, 8, gpu_bench.dmol_min_bytes(2, 8))]
+    dmol_rows, dmol_accuracy = gpu_bench.run_dmol_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]),
+                                                        peak=lambda step: 1, cases=cases)
     for row, (_, acc) in zip(rows, accuracy_rows):
-        assert set(row["ms"]) == set(row["host_ms"]) == set(acc) == {*bench.METHODS, gpu_bench.WIDE}
-        assert acc[gpu_bench.WIDE]["ok"], acc
-        assert row["percent_of_floor_wide"] == pytest.approx(100 * row["floor_ms"] / row["ms"][gpu_bench.WIDE])
-    dmol = gpu_bench.case_row("DMOL", 1000, 3000.0, dict.fromkeys(gpu_bench.METHOD_NAMES, 1.0),
-                              dict.fromkeys(gpu_bench.METHOD_NAMES, 1.0))
-    text, failed = gpu_bench.report(rows + [dmol], accuracy_rows, 3000.0, 2**30)
+        assert set(row["ms"]) == set(row["host_ms"]) == set(acc) == {*bench.METHODS, gpu_bench.OPT_IN}
+    for row, (_, acc) in zip(dmol_rows, dmol_accuracy):
+        assert set(row["ms"]) == set(row["host_ms"]) == set(acc) == {*gpu_bench.DMOL_METHODS, gpu_bench.OPT_IN}
+    for row, (_, acc) in zip(rows + dmol_rows, accuracy_rows + dmol_accuracy):
+        assert acc[gpu_bench.OPT_IN]["ok"], acc
+        assert row["percent_of_floor_opt_in"] == pytest.approx(100 * row["floor_ms"] / row["ms"][gpu_bench.OPT_IN])
+    plain = gpu_bench.case_row("plain", 1000, 3000.0, dict.fromkeys(gpu_bench.METHOD_NAMES, 1.0),
+                               dict.fromkeys(gpu_bench.METHOD_NAMES, 1.0))
+    text, failed = gpu_bench.report(rows + dmol_rows + [plain], accuracy_rows + dmol_accuracy, 3000.0, 2**30)
     assert failed == [], failed
     lines = text.splitlines()
-    assert any(line.endswith("| fused wide-load ms | wide % of floor |") for line in lines)
-    assert any(line.endswith("| fused wide-load host ms |") for line in lines)
-    assert any(line.startswith("| DMOL |") and line.endswith("| - | - |") for line in lines)  # no wide method
-    assert any(line.startswith("| case |") and line.endswith("| fused_wide |") for line in lines)  # accuracy
+    assert any(line.endswith("| fused opt-in ms | opt-in % of floor |") for line in lines)
+    assert any(line.endswith("| fused opt-in host ms |") for line in lines)
+    assert any(line.startswith("| plain |") and line.endswith("| - | - |") for line in lines)  # no opt-in method
+    assert any(line.startswith("| case |") and line.endswith("| fused_opt_in |") for line in lines)  # accuracy
 
 
-def test_wide_loads_context_restores_the_switch():
+@pytest.mark.parametrize("setter", ["_set_cuda_wide_loads", "_set_cuda_fast_log"])
+def test_switched_on_restores_the_switch(setter):
     import fusedvae
 
-    assert fusedvae._C._set_cuda_wide_loads(False) is False
-    with gpu_bench.wide_loads():
-        assert fusedvae._C._set_cuda_wide_loads(True) is True
-    assert fusedvae._C._set_cuda_wide_loads(False) is False
+    switch = getattr(fusedvae._C, setter)
+    assert switch(False) is False
+    with gpu_bench.switched_on(switch):
+        assert switch(True) is True
+    assert switch(False) is False
     seen = []
-    gpu_bench.with_wide_loads(lambda: seen.append(fusedvae._C._set_cuda_wide_loads(True)))()
-    assert seen == [True] and fusedvae._C._set_cuda_wide_loads(False) is False
+    gpu_bench.with_switch(lambda: seen.append(switch(True)), switch)()
+    assert seen == [True] and switch(False) is False

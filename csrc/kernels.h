@@ -240,13 +240,17 @@ bool select_kernels();
 
 // Kernel variants chosen at run time, each off by default: a kernel that has
 // not yet run on a GPU does not replace one that has (fusedvae._C's
-// _set_cuda_wide_loads switches them; registration.cpp holds the state).
+// _set_cuda_wide_loads and _set_cuda_fast_log switch them; registration.cpp
+// holds the state).
 struct KernelOptions {
   // The CUDA objective's kernels load 16 bytes of the narrower of recon and
   // target per access and thread (a uint8 target 16 pixels at a time, recon's
   // matching elements in 16-byte pieces, at most 64 bytes) instead of 16 bytes
   // of recon (a uint8 target then reads 4 bytes per access beside float32).
   std::atomic<bool> cuda_wide_loads{false};
+  // The CUDA discretized mixture's float32 kernels take their logs from the
+  // hardware's approximate logarithm (math::FastLogOps) instead of logf.
+  std::atomic<bool> cuda_fast_log{false};
 };
 KernelOptions& kernel_options();
 

@@ -78,18 +78,29 @@ PyObject* cpu_float_math(PyObject*, PyObject* args) {
   return out;
 }
 
-// `fusedvae._C._set_cuda_wide_loads(enabled) -> bool`: switches
-// KernelOptions::cuda_wide_loads, returning its previous value.
-PyObject* set_cuda_wide_loads(PyObject*, PyObject* arg) {
+// Sets a KernelOptions switch to the truth of `arg`; returns its previous value.
+PyObject* exchange_option(std::atomic<bool>& option, PyObject* arg) {
   const int enabled = PyObject_IsTrue(arg);
   if (enabled < 0) return nullptr;
-  const bool previous = fusedvae::kernel_options().cuda_wide_loads.exchange(enabled != 0);
-  return PyBool_FromLong(previous);
+  return PyBool_FromLong(option.exchange(enabled != 0));
+}
+
+// `fusedvae._C._set_cuda_wide_loads(enabled) -> bool`: KernelOptions::cuda_wide_loads.
+PyObject* set_cuda_wide_loads(PyObject*, PyObject* arg) {
+  return exchange_option(fusedvae::kernel_options().cuda_wide_loads, arg);
+}
+
+// `fusedvae._C._set_cuda_fast_log(enabled) -> bool`: KernelOptions::cuda_fast_log.
+PyObject* set_cuda_fast_log(PyObject*, PyObject* arg) {
+  return exchange_option(fusedvae::kernel_options().cuda_fast_log, arg);
 }
 
 PyMethodDef module_methods[] = {
     {"_set_cuda_wide_loads", set_cuda_wide_loads, METH_O,
      "Switch the CUDA objective's wide-load kernels on or off; returns the previous setting."},
+    {"_set_cuda_fast_log", set_cuda_fast_log, METH_O,
+     "Switch the CUDA discretized mixture's approximate logarithm on or off; returns the previous "
+     "setting."},
     {"_cpu_float_math", cpu_float_math, METH_VARARGS,
      "The CPU kernels' float32 approximation `name` applied to the float32 values in `data`."},
     {nullptr, nullptr, 0, nullptr}};

@@ -26,6 +26,21 @@ def _case(channels, k, device, batch=3, height=5, width=6, seed=0, edges=True, *
     return params.to(device), target.to(device)
 
 
+@pytest.fixture(params=["logf", "fast_log"])
+def cuda_log(request):
+    """The CUDA kernels' logarithm for one test: logf, then the opt-in approximate
+    one (fusedvae._C._set_cuda_fast_log; the CPU kernels ignore the switch)."""
+    previous = fusedvae._C._set_cuda_fast_log(request.param == "fast_log")
+    yield request.param
+    fusedvae._C._set_cuda_fast_log(previous)
+
+
+def test_cuda_fast_log_switch_is_off_by_default_and_round_trips():
+    assert fusedvae._C._set_cuda_fast_log(True) is False
+    assert fusedvae._C._set_cuda_fast_log(False) is True
+    assert fusedvae._C._set_cuda_fast_log(False) is False
+
+
 def _nll_and_grad(fn, params, target, upstream, **kw):
     leaf = params.detach().clone().requires_grad_()
     nll = fn(leaf, target, **kw)
@@ -91,6 +106,7 @@ def test_extreme_parameters_match_reference(device):
     torch.testing.assert_close(got_grad, exp_grad, rtol=1e-8, atol=1e-10 * float(exp_grad.abs().max()))
 
 
+@pytest.mark.usefixtures("cuda_log")
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
 def test_bins_around_the_mean_match_reference(device, dtype):
     # A component's mean inside the pixel's bin (u > 0 > l: the interior's
@@ -112,6 +128,29 @@ def test_bins_around_the_mean_match_reference(device, dtype):
     torch.testing.assert_close(got_grad.double(), exp_grad, rtol=0, atol=grad_rtol * float(exp_grad.abs().max()))
 
 
+@pytest.mark.usefixtures("cuda_log")
+def test_extreme_parameters_in_float32(device):
+    # test_extreme_parameters_match_reference's cases in float32 (one pass) and
+    # bfloat16 (two passes: the backward kernel), within the mixture's bars.
+    params, target = _case(3, 4, device)
+    params[0, :4] = torch.tensor([1e4, -1e4, 30.0, -30.0], dtype=F64, device=device).view(4, 1, 1)
+    rest = params[:, 4:].view(params.shape[0], 3, 3, 4, *params.shape[2:])
+    rest[1, :, 1] = -7.0
+    rest[1, :, 0, 0] = 0.9
+    rest[2, :, 2] = 40.0
+    upstream = _upstream(params.shape[0], device)
+    for dtype in (torch.float32, torch.bfloat16):
+        narrow = params.to(dtype)
+        got, got_grad = _nll_and_grad(fusedvae.discretized_mix_logistic_nll, narrow, target.float(),
+                                      upstream.float())
+        exp, exp_grad = _nll_and_grad(reference.discretized_mix_logistic_nll, narrow.double(), target, upstream)
+        assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+        torch.testing.assert_close(got.double(), exp, rtol=2e-5, atol=0)
+        ulp = 0.0 if dtype == torch.float32 else 2**-8  # the gradient rounded to dtype on the way out
+        err = (got_grad.double() - exp_grad).abs() - ulp * exp_grad.abs()
+        assert float(err.max()) <= 1e-4 * float(exp_grad.abs().max())
+
+
 def test_gradcheck(device):
     params, target = _case(3, 2, device, batch=2, height=2, width=3)
     upstream = torch.tensor([1.7, -0.6], dtype=F64, device=device)
@@ -121,6 +160,7 @@ def test_gradcheck(device):
     )
 
 
+@pytest.mark.usefixtures("cuda_log")
 @pytest.mark.parametrize("dtype,nll_rtol,grad_rtol", [
     (torch.float32, 2e-5, 1e-4),
     (torch.bfloat16, 2e-5, 1e-4),

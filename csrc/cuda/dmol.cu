@@ -47,12 +47,12 @@ struct Read {
   __device__ Acc operator()(int64_t j) const { return to_acc<Acc>(base[j * stride]); }
 };
 
-template <typename Acc>
-using Ops = math::ScalarOps<Acc>;
-
-template <typename Acc>
-__device__ dmol::Pixel<Ops<Acc>> load_pixel(const DmolProblem& p, int64_t b, int64_t i) {
-  dmol::Pixel<Ops<Acc>> px;
+// The ops policy O of a kernel: math::ScalarOps<acc_t<T>>, or for float
+// accumulation under KernelOptions::cuda_fast_log, math::FastLogOps.
+template <class O>
+__device__ dmol::Pixel<O> load_pixel(const DmolProblem& p, int64_t b, int64_t i) {
+  using Acc = typename O::V;
+  dmol::Pixel<O> px;
   px.channels = p.channels;
   px.k = p.k;
   px.half_width = static_cast<Acc>(p.half_width);
@@ -168,14 +168,14 @@ __device__ typename O::V split_backward(const dmol::Pixel<O>& px, const Read& p,
 // item = b · blocks + chunk (a one-dimensional grid: any batch size). With
 // kWithGrad the same sums, and the gradient for an output gradient of 1 written
 // as backward_kernel writes it.
-template <int kSplit, bool kWithGrad, typename T>
+template <int kSplit, bool kWithGrad, typename T, class O>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     forward_partials(DmolProblem p, int64_t blocks, double* partial, T* out, GradStrides strides) {
   using Acc = acc_t<T>;
   const Place<kSplit> at(blocks);
   double v = 0.0;
   if (at.i < p.pixels) {
-    const auto px = load_pixel<Acc>(p, at.b, at.i);
+    const auto px = load_pixel<O>(p, at.b, at.i);
     const auto read = pixel_params<T>(p, at.b, at.i);
     Acc log_like;
     if constexpr (kWithGrad) {
@@ -205,15 +205,14 @@ __global__ void __launch_bounds__(kSumWarps * 32)
   if (lane == 0) nll[b] = static_cast<Acc>(sum);
 }
 
-template <int kSplit, typename T>
+template <int kSplit, typename T, class O>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     backward_kernel(DmolProblem p, int64_t blocks, const acc_t<T>* grad, T* out,
                     GradStrides strides) {
-  using Acc = acc_t<T>;
   const Place<kSplit> at(blocks);
   if (at.i >= p.pixels) return;
   // Two passes over the components rather than a per-thread cache of them.
-  split_backward<kSplit>(load_pixel<Acc>(p, at.b, at.i), pixel_params<T>(p, at.b, at.i), at.r,
+  split_backward<kSplit>(load_pixel<O>(p, at.b, at.i), pixel_params<T>(p, at.b, at.i), at.r,
                          grad[at.b], pixel_grad(out, strides, at.b, at.i));
 }
 
@@ -227,6 +226,19 @@ void with_split(int split, const F& f) {
   } else {
     f(std::integral_constant<int, 1>{});
   }
+}
+
+// f(O{}) for the ops policy of T's kernels (load_pixel).
+template <typename T, typename F>
+void with_ops(const F& f) {
+  using Acc = acc_t<T>;
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (kernel_options().cuda_fast_log.load(std::memory_order_relaxed)) {
+      f(math::FastLogOps{});
+      return;
+    }
+  }
+  f(math::ScalarOps<Acc>{});
 }
 
 // dmol_forward's launches, and with grad_params dmol_forward_with_grad's.
@@ -244,12 +256,15 @@ void forward_launches(const DmolProblem& p, void* nll, void* grad_params,
     using T = typename decltype(tag)::type;
     T* out = static_cast<T*>(grad_params);
     if (blocks > 0) {
-      with_split(split, [&](auto n) {
-        constexpr int kSplit = decltype(n)::value;
-        const auto kernel = grad_params != nullptr ? forward_partials<kSplit, true, T>
-                                                   : forward_partials<kSplit, false, T>;
-        kernel<<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(p, blocks, partial, out,
-                                                                            strides);
+      with_ops<T>([&](auto ops) {
+        using O = decltype(ops);
+        with_split(split, [&](auto n) {
+          constexpr int kSplit = decltype(n)::value;
+          const auto kernel = grad_params != nullptr ? forward_partials<kSplit, true, T, O>
+                                                     : forward_partials<kSplit, false, T, O>;
+          kernel<<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(p, blocks, partial,
+                                                                              out, strides);
+        });
       });
     }
     using Acc = acc_t<T>;
@@ -282,10 +297,13 @@ void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
   const GradStrides strides{{grad_strides[0], grad_strides[1], grad_strides[2]}};
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    with_split(split, [&](auto n) {
-      backward_kernel<decltype(n)::value, T><<<static_cast<unsigned>(p.batch * blocks), kThreads, 0,
-                                               static_cast<cudaStream_t>(stream)>>>(
-          p, blocks, static_cast<const acc_t<T>*>(grad), static_cast<T*>(grad_params), strides);
+    with_ops<T>([&](auto ops) {
+      with_split(split, [&](auto n) {
+        backward_kernel<decltype(n)::value, T, decltype(ops)>
+            <<<static_cast<unsigned>(p.batch * blocks), kThreads, 0,
+               static_cast<cudaStream_t>(stream)>>>(p, blocks, static_cast<const acc_t<T>*>(grad),
+                                                    static_cast<T*>(grad_params), strides);
+      });
     });
   });
 }
