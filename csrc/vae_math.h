@@ -57,10 +57,10 @@ struct ScalarOps<float> {
   static FUSEDVAE_HD V exp(V x) { return expf(x); }
   static FUSEDVAE_HD V exp_nonpositive(V x) { return expf(x); }
   // a / b for b in [1, 4]. On the GPU from the hardware's reciprocal estimate
-  // (__fdividef(1, b): one MUFU.RCP, within 1 ulp) and one correction with the
-  // exact residual a - b·q: four instructions, within 1 ulp of the quotient
-  // (tests/test_fast_math.py measures it on every device), where a division
-  // takes about ten and a branch. The host divides.
+  // (__fdividef(1, b): one MUFU.RCP) and one correction with the exact residual
+  // a - b·q: four instructions, where a division takes about ten and a branch.
+  // tests/test_fast_math.py bounds the sigmoid and softplus built on it, on
+  // every device. The host divides.
   static FUSEDVAE_HD V divide_1_4(V a, V b) {
 #if defined(__CUDA_ARCH__)
     const float r = __fdividef(1.0f, b);
@@ -139,11 +139,12 @@ FUSEDVAE_ALWAYS_INLINE V pixel_quotient(const V& k, const Fma& fma) {
 // ScalarOps<float> with the hardware's approximate logarithm for the CUDA
 // kernels' log_approx and log_product3 (MUFU.LG2: __logf, __log2f), opt-in
 // (KernelOptions::cuda_fast_log) until a GPU run shows it as accurate and
-// faster. The CUDA Math API bounds __log2f's error by 2^-22.6 absolute on
-// [0.5, 2] and 2 ulps elsewhere, subnormal arguments included: for the
-// discretized mixture's channel probabilities in (0, 1] about 4e-7 absolute per
-// log, where logf takes some thirty instructions. On the host it is
-// ScalarOps<float>.
+// faster. The CUDA Programming Guide's table of intrinsics bounds the error at
+// about 2^-21 absolute on [0.5, 2] and a few ulps elsewhere: for the
+// discretized mixture's channel probabilities in (0, 1], well inside its bars,
+// where logf takes some thirty instructions. Subnormal arguments read as 0
+// (libdevice flushes them), whose log is -inf: a bin of width below 2^-126,
+// from a raw log-scale above about 82. On the host it is ScalarOps<float>.
 struct FastLogOps : ScalarOps<float> {
   static FUSEDVAE_HD V log_approx(V x) {
 #if defined(__CUDA_ARCH__)
