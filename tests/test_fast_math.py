@@ -76,8 +76,8 @@ def _floats_between(lo: float, hi: float, count: int) -> np.ndarray:
 
 
 def _mpmath_relative_error(got: np.ndarray, x: np.ndarray, f) -> np.ndarray:
-    mpmath.mp.prec = 80
-    exact = np.array([float(f(mpmath.mpf(float(v)))) for v in x])
+    with mpmath.workprec(80):  # mpmath's precision is global: set only here
+        exact = np.array([float(f(mpmath.mpf(float(v)))) for v in x])
     return np.abs(got.astype(np.float64) - exact) / np.abs(exact)
 
 
@@ -150,9 +150,9 @@ def test_logits_loss_and_sigmoid_on_device(device):
     # The float32 kernels' Bernoulli-logits loss (t = 0: softplus(x) = max(x, 0) +
     # log1p(e^-|x|)) and its gradient sigmoid(x), one element per sample, against
     # float64. On the CPU as above (measured: below 2.5e-7). On CUDA both divide
-    # by 1 + e or 2 + e through math::ScalarOps<float>::divide_1_4 (within 1 ulp),
-    # beside expf, which the CUDA Math API bounds by 2 ulps: the bound there is
-    # the sum of the stated maxima, 5 ulps (6e-7).
+    # by 1 + e or 2 + e through math::ScalarOps<float>::divide_1_4 (a reciprocal
+    # estimate and one correction, taken as 1 ulp) beside expf, which the CUDA
+    # Math API bounds by 2 ulps: the bound there is the sum, 5 ulps (6e-7).
     x = np.concatenate([_floats_between(-1e-30, -80.0, POINTS // 4), _floats_between(1e-30, 80.0, POINTS // 4),
                         np.float32([0.0])])
     recon = torch.from_numpy(x).view(-1, 1).to(device).requires_grad_()
@@ -250,8 +250,8 @@ def test_log_product3_error():
     # error: the bound is relative plus that absolute part.
     x = np.concatenate([_floats_between(2.0**-149, 0.99999994, POINTS // 2),
                         _floats_between(1.0000001, float(np.finfo(np.float32).max) ** (1 / 3), POINTS // 2)])
-    mpmath.mp.prec = 80
-    exact = np.array([float(3 * mpmath.log(mpmath.mpf(float(v)))) for v in x])
+    with mpmath.workprec(80):
+        exact = np.array([float(3 * mpmath.log(mpmath.mpf(float(v)))) for v in x])
     err = np.abs(_run("log_product3", x).astype(np.float64) - exact)
     excess = err - 1.5e-7 * np.abs(exact)
     worst = int(np.argmax(excess))
