@@ -150,14 +150,14 @@ struct FastLogOps : ScalarOps<float> {
 #if defined(__CUDA_ARCH__)
     return __logf(x);
 #else
-    return logf(x);
+    return ScalarOps<float>::log_approx(x);
 #endif
   }
   static FUSEDVAE_HD V log_product3(V a, V b, V c) {
 #if defined(__CUDA_ARCH__)
     return (__log2f(a) + __log2f(b) + __log2f(c)) * 0.693147180559945309f;
 #else
-    return logf(a) + logf(b) + logf(c);
+    return ScalarOps<float>::log_product3(a, b, c);
 #endif
   }
 };
