@@ -64,55 +64,23 @@ FUSEDVAE_ALWAYS_INLINE FloatVec min_keep_nan(const FloatVec& x, const FloatVec& 
 #endif
 #endif
 
-}  // namespace detail
-
-// e^x for x <= 0 in float32, the exponential the logit paths need
-// (exp(-|x|): math::exp_neg_abs). Cody & Waite's reduction x = n·ln 2 + r,
-// |r| <= ln 2 / 2, with ln 2 split in two so that n·ln2_hi is exact; e^r from
-// the degree-7 polynomial 1 + r + r²·P(r) of Moshier's Cephes expf; 2^n built in
-// the exponent bits. Below x_min = -87.3365 (2^-126, the smallest normal float)
-// the result is 0: the loss and its gradient add e^x to terms of order 1.
-// NaN gives NaN. Its maximum error over [x_min, 0], measured against mpmath, is
-// in tests/test_fast_math.py.
-FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> exp_nonpositive(
-    const at::vec::Vectorized<float>& x) {
-  using Vec = at::vec::Vectorized<float>;
-  using IVec = at::vec::Vectorized<int32_t>;
-  constexpr float kXMin = -87.33654475f;  // log(2^-126)
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;  // 8 significant bits: n·kLn2Hi is exact
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  // Adding 1.5·2^23 rounds to an integer, which then sits in the low mantissa bits.
-  constexpr float kRoundMagic = 12582912.0f;
-  // Lanes below x_min compute e^0 and are set to 0 at the end. (Clamped to
-  // x_min, they computed e^x_min, which rounds to a subnormal, and x86 cores
-  // compute subnormal results in microcode: the discretized mixture's CPU step
-  // took a third longer with log-scales near -3, where many exponents of its
-  // log-sum-exps lie below x_min.)
-  const auto below = detail::less(x, Vec(kXMin));
-  const Vec xc = detail::select(below, Vec(0.0f), x);
-  const Vec shifted = at::vec::fmadd(xc, Vec(kLog2e), Vec(kRoundMagic));
-  const Vec n = shifted - Vec(kRoundMagic);
-  Vec r = at::vec::fmadd(n, Vec(-kLn2Hi), xc);
-  r = at::vec::fmadd(n, Vec(-kLn2Lo), r);
-  Vec p(1.9875691500e-4f);
-  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
-  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
-  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
-  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
-  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
-  const Vec e_r = at::vec::fmadd(p, r * r, r + Vec(1.0f));
-  // The low bits of `shifted` hold n + 0x4B400000; shifting n + 127 into the
-  // exponent field drops the 0x4B400000, whose low 9 bits are zero. n >= -126.
-  const IVec biased = at::vec::cast<int32_t>(shifted) + IVec(127);
-  const Vec two_n = at::vec::cast<float>(biased << IVec(23));
-  return detail::select(below, Vec(0.0f), e_r * two_n);
+// a·b where x is not below lo (NaN x included), +0 where it is: one masked
+// multiply on AVX-512, a multiply and an AND of the comparison on AVX2.
+FUSEDVAE_ALWAYS_INLINE FloatVec product_unless_below(const FloatVec& x, const FloatVec& lo,
+                                                     const FloatVec& a, const FloatVec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_and_ps(_mm256_mul_ps(a, b), _mm256_cmp_ps(x, lo, _CMP_NLT_UQ));
+#else
+  return select(less(x, lo), FloatVec(0.0f), a * b);
+#endif
 }
 
-namespace detail {
-
-// Cody & Waite's reduction of exp_nonpositive for x in [-150·ln 2, 128·ln 2]:
-// x = n·ln 2 + r, |r| <= ln 2 / 2; `shifted` holds n + 0x4B400000 in its bits.
+// Cody & Waite's reduction x = n·ln 2 + r, |r| <= ln 2 / 2, with ln 2 split in
+// two so that n·ln2_hi is exact, for x in [-150·ln 2, 128·ln 2]; `shifted`
+// holds n + 0x4B400000 in its bits (adding 1.5·2^23 rounds to an integer,
+// which then sits in the low mantissa bits).
 struct ExpReduced {
   FloatVec shifted;
   FloatVec r;
@@ -121,7 +89,7 @@ struct ExpReduced {
 
 FUSEDVAE_ALWAYS_INLINE ExpReduced exp_reduce(const FloatVec& x) {
   constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Hi = 0.693359375f;  // 8 significant bits: n·kLn2Hi is exact
   constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kRoundMagic = 12582912.0f;
   const FloatVec shifted = at::vec::fmadd(x, FloatVec(kLog2e), FloatVec(kRoundMagic));
@@ -131,16 +99,16 @@ FUSEDVAE_ALWAYS_INLINE ExpReduced exp_reduce(const FloatVec& x) {
   return {shifted, r};
 }
 
-// e^r - 1 = r + r²·P(r) for |r| <= ln 2 / 2, P exp_nonpositive's polynomial:
-// the sum keeps the relative accuracy of r for small r.
-FUSEDVAE_ALWAYS_INLINE FloatVec expm1_reduced(const FloatVec& r) {
-  FloatVec p(1.9875691500e-4f);
-  p = at::vec::fmadd(p, r, FloatVec(1.3981999507e-3f));
-  p = at::vec::fmadd(p, r, FloatVec(8.3334519073e-3f));
-  p = at::vec::fmadd(p, r, FloatVec(4.1665795894e-2f));
-  p = at::vec::fmadd(p, r, FloatVec(1.6666665459e-1f));
-  p = at::vec::fmadd(p, r, FloatVec(5.0000001201e-1f));
-  return at::vec::fmadd(p, r * r, r);
+// P with e^r = 1 + r + r²·P(r) for |r| <= ln 2 / 2: degree 4, fitted (Remez) to
+// the relative error of e^r, 3.8e-9 with the coefficients rounded to float32;
+// r + r²·P(r) is e^r - 1 within 1.9e-8 relative. (Moshier's Cephes expf takes
+// degree 5 for 2.7e-9: both are far below the float32 rounding of the result.)
+FUSEDVAE_ALWAYS_INLINE FloatVec exp_poly(const FloatVec& r) {
+  FloatVec p(1.3814602e-3f);
+  p = at::vec::fmadd(p, r, FloatVec(8.368716e-3f));
+  p = at::vec::fmadd(p, r, FloatVec(4.166839e-2f));
+  p = at::vec::fmadd(p, r, FloatVec(1.6666521e-1f));
+  return at::vec::fmadd(p, r, FloatVec(4.9999994e-1f));
 }
 
 // 2^n for integer n in [-126, 127], built in the exponent bits.
@@ -148,7 +116,32 @@ FUSEDVAE_ALWAYS_INLINE FloatVec pow2(const IntVec& n) {
   return at::vec::cast<float>((n + IntVec(127)) << IntVec(23));
 }
 
+// e^r - 1 = r + r²·P(r): the sum keeps the relative accuracy of r for small r.
+FUSEDVAE_ALWAYS_INLINE FloatVec expm1_reduced(const FloatVec& r) {
+  return at::vec::fmadd(exp_poly(r), r * r, r);
+}
+
 }  // namespace detail
+
+// e^x for x <= 0 in float32, the exponential the logit paths need
+// (exp(-|x|): math::exp_neg_abs): exp_reduce's n and r, e^r from exp_poly, 2^n
+// built in the exponent bits. Below x_min = -87.3365 (2^-126, the smallest
+// normal float) the result is 0: the loss and its gradient add e^x to terms of
+// order 1. Those lanes are left out of the last product (masked on AVX-512,
+// ANDed away elsewhere), not clamped to x_min: e^x_min rounds to a subnormal,
+// and x86 cores compute subnormal results in microcode (the discretized
+// mixture's CPU step took a third longer with log-scales near -3, where many
+// exponents of its log-sum-exps lie below x_min). NaN gives NaN. Its maximum error over [x_min, 0], measured against
+// mpmath, is in tests/test_fast_math.py.
+FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> exp_nonpositive(
+    const at::vec::Vectorized<float>& x) {
+  using namespace detail;
+  constexpr float kXMin = -87.33654475f;  // log(2^-126)
+  // Lanes below x_min reduce an unclamped x to some n and r; the product drops them.
+  const ExpReduced red = exp_reduce(x);
+  const FloatVec e_r = at::vec::fmadd(exp_poly(red.r), red.r * red.r, red.r + FloatVec(1.0f));
+  return product_unless_below(x, FloatVec(kXMin), e_r, pow2(red.n()));
+}
 
 // e^x for every float x, exp_nonpositive's reduction and polynomial with 2^n
 // applied as 2^⌊n/2⌋·2^(n-⌊n/2⌋), so that results down to the subnormals and
