@@ -10,6 +10,7 @@
 // torch.autograd.forward_ad) has no formula here and raises; torch.func's
 // reverse-mode transforms (grad, vjp, jacrev) refuse C++ autograd Functions
 // with PyTorch's own error.
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -56,6 +57,29 @@ void refuse_tangents(const char* op, const Ts&... tensors) {
       "jacfwd, torch.autograd.forward_ad) through fusedvae::", op,
       " are not supported: the fused kernels have reverse-mode derivatives only. Use ",
       "fusedvae.reference (the same objective in plain PyTorch) where tangents are needed.");
+}
+
+// Whether an upstream gradient is 1 everywhere: a 0-d or 1-d float or double
+// CPU tensor, read in place (no operator, no copy). False for anything else,
+// such as the fake and functional tensors torch.compile traces with.
+template <typename T>
+bool all_equal_one(const Tensor& t) {
+  const T* data = t.const_data_ptr<T>();
+  const int64_t stride = t.dim() == 0 ? 0 : t.stride(0);
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) {
+    if (data[i * stride] != T(1)) return false;
+  }
+  return true;
+}
+
+bool is_all_ones(const Tensor& t) {
+  if (!t.defined() || !t.is_cpu() || t.dim() > 1 || at::isTensorSubclassLike(t) ||
+      !t.has_storage()) {
+    return false;
+  }
+  if (t.scalar_type() == at::kFloat) return all_equal_one<float>(t);
+  if (t.scalar_type() == at::kDouble) return all_equal_one<double>(t);
+  return false;
 }
 
 // ------------------------------------------------------------------ vae_loss --
@@ -106,16 +130,21 @@ struct VaeLossOptions {
 };
 
 // On the CPU, with float32 or float64 recon that requires grad and no
-// log-scale shared by the batch, the forward also computes the gradient of
-// rec.sum() with respect to recon in the same pass over the data
-// (vae_loss_and_grad: each element's likelihood is evaluated once per step,
-// not once per direction), and the first backward multiplies it in place by
-// the per-sample coefficients vae_loss_backward returns with
-// recon_coefficients=True: c_b·(w·∂ℓ/∂x), rounded as the two-pass kernel
-// rounds it. A later backward through a retained graph and a backward that
-// builds a graph take the two passes; so do 16-bit recon (scaling a 16-bit
-// gradient would round it twice), a shared log-scale (its gradient couples
-// the samples) and a per-element log-scale that requires grad.
+// log-scale shared by the batch, the forward also computes recon's gradient
+// for loss.backward() (a loss gradient of 1, no gradient of rec or kl) in the
+// same pass over the data (vae_loss_and_grad: each element's likelihood is
+// evaluated once per step, not once per direction): c1_b·(w·∂ℓ/∂x), rounded
+// as the two-pass kernel rounds it. The first backward returns that tensor
+// as it is where its upstream gradients are loss.backward()'s, and otherwise
+// multiplies it in place by the factors c_b / c1 that vae_loss_backward
+// returns with recon_coefficients=True (c_b the per-sample coefficients of
+// its gradients, c1 loss.backward()'s): within 4 units of roundoff of the
+// two-pass result, and bitwise it where the factors are powers of two (a loss
+// scaled by 2^k; reduction "none" or "sum", whose c1 is 1). A later backward through a retained graph and a
+// backward that builds a graph take the two passes; so do 16-bit recon
+// (scaling a 16-bit gradient would round it twice), a shared log-scale (its
+// gradient couples the samples) and a per-element log-scale that requires
+// grad.
 class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& target,
@@ -175,21 +204,33 @@ class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
                            d["reduction"].toStringRef(),  d["log_scale_value"].toDouble(),
                            d["optimal_scale"].toBool(),   d["beta_value"].toDouble(),
                            d["free_bits"].toDouble(),     optional(saved[7])};
-    // The forward's gradient of rec.sum(), used once (a later backward computes it again).
+    // The forward's gradient for loss.backward(), used once (a later backward
+    // computes it again).
     at::IValue& computed = d["grad_recon"];
-    const bool scale_computed = mask[0] && computed.isTensor() && !at::GradMode::is_enabled();
-    auto [grad_recon, grad_mu, grad_logvar, grad_scale, grad_beta] = vae_loss_backward_op().call(
-        optional(grads[0]), optional(grads[1]), optional(grads[2]), saved[0], saved[1], saved[2],
-        saved[3], optional(saved[4]), optional(saved[5]), saved[6], o.likelihood, o.logits,
-        o.reduction, o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits, mask, o.weight,
-        /*recon_coefficients=*/scale_computed);
-    if (scale_computed) {
-      Tensor unit = computed.toTensor();
+    const bool use_computed = mask[0] && computed.isTensor() && !at::GradMode::is_enabled();
+    const bool as_computed =
+        use_computed && !grads[1].defined() && !grads[2].defined() && is_all_ones(grads[0]);
+    Tensor grad_recon, grad_mu, grad_logvar, grad_scale, grad_beta;
+    const std::array<bool, 4> op_mask = {mask[0] && !as_computed, mask[1], mask[2], mask[3]};
+    if (op_mask[0] || op_mask[1] || op_mask[2] || op_mask[3]) {
+      std::tie(grad_recon, grad_mu, grad_logvar, grad_scale, grad_beta) =
+          vae_loss_backward_op().call(
+              optional(grads[0]), optional(grads[1]), optional(grads[2]), saved[0], saved[1],
+              saved[2], saved[3], optional(saved[4]), optional(saved[5]), saved[6], o.likelihood,
+              o.logits, o.reduction, o.log_scale_value, o.optimal_scale, o.beta_value, o.free_bits,
+              op_mask, o.weight, /*recon_coefficients=*/use_computed);
+    }
+    if (use_computed) {
+      Tensor computed_grad = computed.toTensor();
       computed = at::IValue();
-      // Symbolic sizes: a batch marked dynamic under torch.compile stays so.
-      std::vector<c10::SymInt> per_sample(static_cast<size_t>(unit.dim()), c10::SymInt(1));
-      per_sample[0] = grad_recon.sym_size(0);
-      grad_recon = unit.mul_(grad_recon.view_symint(per_sample));
+      if (!as_computed) {
+        // Symbolic sizes: a batch marked dynamic under torch.compile stays so.
+        std::vector<c10::SymInt> per_sample(static_cast<size_t>(computed_grad.dim()),
+                                            c10::SymInt(1));
+        per_sample[0] = grad_recon.sym_size(0);
+        computed_grad.mul_(grad_recon.view_symint(per_sample));
+      }
+      grad_recon = computed_grad;
     }
     if (mask[0]) result[0] = grad_recon;
     if (ctx->needs_input_grad(2)) result[2] = grad_mu;
@@ -286,7 +327,7 @@ using DmolBackwardOp = Tensor(const Tensor&, const Tensor&, const Tensor&, int64
 // an output gradient of 1, in the same pass over the pixels (dmol_nll_and_grad:
 // each pixel's mixture evaluated once instead of twice on the CPU, twice
 // instead of three times on CUDA), and the first backward scales it in place by the output's
-// gradient and returns it. A later backward through the same graph
+// gradient (where that is not 1 everywhere) and returns it. A later backward through the same graph
 // (retain_graph=True) and a backward that builds a graph (create_graph=True,
 // refused by dmol_nll_backward) run dmol_nll_backward. 16-bit params keep
 // the two passes: scaling a 16-bit gradient would round it twice.
@@ -313,7 +354,10 @@ class DmolFunction : public torch::autograd::Function<DmolFunction> {
     if (computed.isTensor() && !at::GradMode::is_enabled()) {
       Tensor grad_params = computed.toTensor();
       computed = at::IValue();  // used up: a later backward computes it again
-      grad_params.mul_(grads[0].to(grad_params.scalar_type()).reshape({-1, 1, 1, 1}));
+      // nll.sum().backward() (the per-sample weights all 1) takes it as it is.
+      if (!is_all_ones(grads[0])) {
+        grad_params.mul_(grads[0].to(grad_params.scalar_type()).reshape({-1, 1, 1, 1}));
+      }
       return {grad_params, Tensor(), Tensor(), Tensor()};
     }
     const variable_list saved = ctx->get_saved_variables();

@@ -119,9 +119,11 @@ struct ObjectiveProblem {
 // gradients of recon (recon's dtype and layout), mu and logvar (theirs),
 // log_scale (per element: of the scale's dtype, shaped like recon; shared:
 // one value of the accumulation type) and beta (one value, accumulation type).
-// recon_coef, where not null, receives instead of recon's gradient its
-// per-sample coefficients c_b ([batch], accumulation type): recon's gradient
-// is c_b times the gradient of Σ_b rec_b (vae_loss_and_grad's).
+// recon_coef, where not null (the scale not shared), receives instead of
+// recon's gradient the factors c_b / c1 ([batch], accumulation type), c_b
+// the coefficient of sample b's ∂rec_b/∂recon in it and c1 that of
+// loss.backward() (objective::unit_rec_coefficient): recon's gradient is
+// vae_loss_and_grad's times them.
 struct ObjectiveGrads {
   void* recon;
   void* mu;
@@ -187,9 +189,10 @@ struct Kernels {
   void (*recon_loss_backward)(const ReconProblem& p, const void* grad_rec, void* grad_recon,
                               void* grad_log_scale);
   // recon_loss_forward's rec and, in the same pass, recon_loss_backward's
-  // grad_recon for grad_rec = 1 (w · ∂ℓ/∂x), so that scaling it later by
-  // grad_rec[b] gives recon_loss_backward's bits.
-  void (*recon_loss_forward_with_grad)(const ReconProblem& p, void* rec, void* grad_recon);
+  // grad_recon for grad_rec[b] = scale (one value of the accumulation type,
+  // passed exactly as a double) for every sample: the same bits.
+  void (*recon_loss_forward_with_grad)(const ReconProblem& p, void* rec, void* grad_recon,
+                                       double scale);
   // per_dim == false: kl[b] = Σ_j kl_bj (accumulation type, [batch]);
   // per_dim == true:  kl[b, j] (accumulation type, [batch, latent]).
   void (*gaussian_kl_forward)(const KlProblem& p, bool per_dim, void* kl);
@@ -218,9 +221,10 @@ struct Kernels {
 // (one value, or [batch] for Reduction::kNone), rec and kl ([batch]) and aux
 // (AuxLayout), all in the accumulation type; backward writes `out`.
 void objective_forward(const ObjectiveProblem& p, void* loss, void* rec, void* kl, void* aux);
-// objective_forward, and the gradient of Σ_b rec_b with respect to recon in
-// the same pass (recon's dtype, in recon's layout: grad_recon), where the scale
-// is not shared; returns false, having done nothing, where it is.
+// objective_forward, and the gradient of the loss for a loss gradient of 1
+// with respect to recon in the same pass (recon's dtype, in recon's layout:
+// grad_recon), where the scale is not shared; returns false, having done
+// nothing, where it is.
 bool objective_forward_with_grad(const ObjectiveProblem& p, void* loss, void* rec, void* kl,
                                  void* aux, void* grad_recon);
 void objective_backward(const ObjectiveProblem& p, const OutputGrads& grads, const void* aux,

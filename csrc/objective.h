@@ -177,14 +177,18 @@ FUSEDVAE_HD Acc sample_loss(const Objective& o, Acc rec, Acc kl_term, Acc beta) 
   return rec * rec_weight<Acc>(o) + beta * (kl_term * kl_weight<Acc>(o));
 }
 
+// d loss / d loss_b for the loss output's gradient g (sample b's for "none").
+template <typename Acc>
+FUSEDVAE_HD Acc sample_weight_of(const Objective& o, Acc g) {
+  return o.reduction == Reduction::kNone || o.reduction == Reduction::kSum ? g : g / Acc(o.batch);
+}
+
 // d loss / d loss_b, given the gradient of the loss output: per sample for
 // "none" (element b at stride `stride`), else one number.
 template <typename Acc>
 FUSEDVAE_HD Acc sample_weight(const Objective& o, const Acc* grad_loss, int64_t stride, int64_t b) {
   if (grad_loss == nullptr) return Acc(0);
-  if (o.reduction == Reduction::kNone) return grad_loss[b * stride];
-  if (o.reduction == Reduction::kSum) return grad_loss[0];
-  return grad_loss[0] / Acc(o.batch);
+  return sample_weight_of(o, grad_loss[o.reduction == Reduction::kNone ? b * stride : 0]);
 }
 
 // A [B] upstream gradient (of rec or kl) at sample b; 0 where none arrived.
@@ -204,5 +208,24 @@ struct OutputGrads {
   const void* kl;
   int64_t loss_stride, rec_stride, kl_stride;
 };
+
+namespace objective {
+
+// c_b = d loss/d rec_b·(the loss's gradient) + the gradient of rec_b: the
+// coefficient of sample b's ∂rec_b/∂recon in recon's gradient.
+template <typename Acc>
+FUSEDVAE_HD Acc rec_coefficient(const Objective& o, const OutputGrads& g, int64_t b) {
+  return sample_weight(o, static_cast<const Acc*>(g.loss), g.loss_stride, b) * rec_weight<Acc>(o) +
+         per_sample_grad(static_cast<const Acc*>(g.rec), g.rec_stride, b);
+}
+
+// c_b for loss.backward() (a loss gradient of 1 and nothing else), the same
+// for every sample: the coefficient of vae_loss_and_grad's gradient.
+template <typename Acc>
+FUSEDVAE_HD Acc unit_rec_coefficient(const Objective& o) {
+  return sample_weight_of(o, Acc(1)) * rec_weight<Acc>(o);
+}
+
+}  // namespace objective
 
 }  // namespace fusedvae

@@ -411,7 +411,8 @@ struct ObjectiveOutputs {
 };
 
 // vae_loss's outputs and, where `with_grad`, vae_loss_and_grad's gradient of
-// rec.sum() with respect to recon (else an undefined tensor).
+// the loss for a loss gradient of 1 with respect to recon (else an undefined
+// tensor).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_objective(
     const Backend& backend, const Tensor& recon, const Tensor& target, const Tensor& mu,
     const Tensor& logvar, const std::optional<Tensor>& log_scale, const std::optional<Tensor>& beta,
@@ -432,10 +433,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_objective(
   if (!backend.objective_forward_with_grad(in.problem, outputs[0], outputs[1], outputs[2],
                                            outputs[3], grad_recon.work.data_ptr())) {
     backend.objective_forward(in.problem, outputs[0], outputs[1], outputs[2], outputs[3]);
-    const Tensor ones = at::ones({in.problem.objective.batch}, out.rec.options());
+    const Tensor one = at::ones({}, out.rec.options());
     OutputGrads grads{};
-    grads.rec = ones.const_data_ptr();
-    grads.rec_stride = 1;
+    grads.loss = one.const_data_ptr();
+    grads.loss_stride = 0;  // every sample's, for reduction "none"
     ObjectiveGrads grads_out{};
     grads_out.recon = grad_recon.work.data_ptr();
     backend.objective_backward(in.problem, grads, out.aux.const_data_ptr(), grads_out);
@@ -499,6 +500,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_backward(
 
   const auto none = [&] { return at::empty({0}, recon.options()); };
   const bool want_scale = output_mask[2] && log_scale.has_value();
+  TORCH_CHECK_VALUE(
+      !(recon_coefficients && objective::uses_shared_scale(o)),
+      "fusedvae: expected recon_coefficients=False with one log-scale for the whole batch ",
+      "(a number, a 0-d log_scale or optimal_scale=True), whose recon gradient is no ",
+      "per-sample multiple of vae_loss_and_grad's");
   TORCH_CHECK_VALUE(
       !(recon_coefficients && want_scale && in.per_element_scale),
       "fusedvae: expected output_mask[2] to be False with recon_coefficients=True and "

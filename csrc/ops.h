@@ -24,7 +24,7 @@ class Backend {
                                   const void* aux, const ObjectiveGrads& out) const = 0;
   // cpu::objective_forward_with_grad's contract, where the backend has the
   // one-pass kernels; false: vae_loss_and_grad runs objective_forward, then
-  // objective_backward for grad_rec = 1.
+  // objective_backward for grad_loss = 1.
   virtual bool objective_forward_with_grad(const ObjectiveProblem&, void*, void*, void*, void*,
                                            void*) const {
     return false;
@@ -62,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
     double beta_value, double free_bits, std::array<bool, 4> output_mask,
     const std::optional<at::Tensor>& weight, bool recon_coefficients);
 
-// Whether recon's gradient is a per-sample multiple of rec.sum()'s
-// (vae_loss_and_grad, vae_loss_backward's recon_coefficients): where no
+// Whether recon's gradient is a per-sample multiple of rec.sum()'s, so of
+// vae_loss_and_grad's (vae_loss_backward's recon_coefficients): where no
 // log-scale is shared by the batch.
 bool recon_gradient_is_per_sample(c10::string_view likelihood, bool logits,
                                   const std::optional<at::Tensor>& log_scale);

@@ -157,10 +157,11 @@ TORCH_LIBRARY(fusedvae, m) {
       "-> (Tensor grad_recon, Tensor grad_mu, Tensor grad_logvar, Tensor grad_log_scale, "
       "Tensor grad_beta)");
   // vae_loss's outputs and, in the same pass where the backend can, the
-  // gradient of rec.sum() with respect to recon (recon's dtype and layout);
-  // vae_loss_backward with recon_coefficients=True returns, in place of recon's
-  // gradient, the [batch] factors c_b that turn it into recon's gradient
-  // (c_b times sample b's part), where the scale is not shared by the batch.
+  // gradient of loss for a loss gradient of 1 (ones for reduction "none")
+  // with respect to recon (recon's dtype and layout); vae_loss_backward with
+  // recon_coefficients=True returns, in place of recon's gradient, the
+  // [batch] factors that turn that gradient into recon's (each sample's part
+  // times its factor), where the scale is not shared by the batch.
   m.def(
       "vae_loss_and_grad(Tensor recon, Tensor target, Tensor mu, Tensor logvar, Tensor? log_scale, "
       "Tensor? beta, str likelihood, bool logits, str reduction, float log_scale_value, "

@@ -58,9 +58,11 @@ def vae_loss(
     backward pass, which writes the gradient once; β, the reduction and any
     upstream gradient act on the ``[B]`` vectors. On the CPU, when a float32 or
     float64 ``recon`` requires grad and no log-scale is shared by the batch, the
-    forward computes ``recon``'s gradient in the same pass (allocating it then,
-    and holding it until the backward) and the backward scales it in place per
-    sample, with bitwise the same result.
+    forward computes ``recon``'s gradient for ``loss.backward()`` in the same
+    pass (allocating it then, and holding it until the backward). That backward
+    returns it as it is, bitwise the two-pass result; any other upstream
+    gradients scale it in place per sample (within 2 float ulps of the two-pass
+    result, bitwise where the scale factors are powers of two).
 
     Hierarchical VAEs (VDVAE, NVAE) pass their latent groups as sequences
     (``mu=[mu_1, mu_2, ...]``, shapes free) and each group's learned prior as
@@ -467,8 +469,10 @@ def discretized_mix_logistic_nll(
     pixel's parameters once forward, once backward, and writes the gradient once
     (the only full-size allocation). When float32 or float64 ``params`` require
     grad, the forward computes the gradient in the same pass (allocating it then,
-    and holding it until the backward) and the backward scales it in place, with
-    bitwise the same result: one pass over the pixels per step instead of two.
+    and holding it until the backward) and the backward scales it in place by the
+    output's gradient (on the CPU, not where that is 1 everywhere, as for
+    ``nll.sum()``), with bitwise the same result: one pass over the pixels per
+    step instead of two.
     :func:`fusedvae.reference.discretized_mix_logistic_nll` is the same function in
     plain PyTorch.
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.profiler import profile
 
 import fusedvae
 from fusedvae import reference
@@ -297,6 +298,25 @@ def test_one_pass_forward_gives_the_two_pass_results(device, dtype):
         ones = torch.ones_like(upstream)
         torch.testing.assert_close(both[1], ops.dmol_nll_backward(ones, p.detach(), target, 8, -7.0),
                                    rtol=0, atol=0)
+
+
+def test_backward_of_the_sum_returns_the_forwards_gradient_unscaled(device):
+    """nll.sum().backward() (upstream 1 everywhere) takes the forward's gradient as
+    it is, with no pass over it, on the CPU, where the upstream values are read
+    in place; nll.mean() scales it in place. (On CUDA reading them would wait
+    for the device: the gradient is always scaled.)"""
+    params, target = _case(3, 4, device)
+    p = params.float().requires_grad_()
+    expected = ops.dmol_nll_backward(torch.ones(3, device=device), p.detach(), target, 8, -7.0)
+    for reduce, scale in ((torch.sum, 1.0), (torch.mean, 1 / 3)):
+        nll = fusedvae.discretized_mix_logistic_nll(p, target)
+        with profile() as prof:
+            (grad,) = torch.autograd.grad(reduce(nll), p)
+        scaled = "aten::mul_" in {e.name for e in prof.events()}
+        assert scaled == (device != "cpu" or reduce is torch.mean)
+        torch.testing.assert_close(grad, expected * scale, rtol=2e-7, atol=0)
+        if reduce is torch.sum:
+            torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 
 def test_retained_graph_gives_the_gradient_every_time(device):

@@ -3,11 +3,14 @@
 On the CPU, with float32 or float64 ``recon`` that requires grad and no
 log-scale shared by the batch, ``fusedvae.vae_loss``'s forward runs
 ``fusedvae::vae_loss_and_grad``: the objective's outputs and, in the same pass,
-the gradient of ``rec.sum()`` with respect to ``recon``. The backward asks
-``fusedvae::vae_loss_backward`` for the per-sample coefficients of recon's
-gradient (``recon_coefficients=True``) and multiplies that gradient by them in
-place. The result is bitwise the two-pass one. Both ops run on every device
-(on CUDA ``vae_loss_and_grad`` is a forward and a backward).
+recon's gradient for ``loss.backward()`` (a loss gradient of 1). A backward
+with those upstream gradients returns that tensor as it is, bitwise the
+two-pass result. Any other backward asks ``fusedvae::vae_loss_backward`` for
+the per-sample coefficients c_b of recon's gradient (``recon_coefficients=True``)
+and those c1_b of ``loss.backward()``'s, and multiplies the tensor in place by
+c_b / c1_b: within 4 units of roundoff of the two-pass result (2 float ulps),
+and bitwise it where the ratio is a power of two. Both ops
+run on every device (on CUDA ``vae_loss_and_grad`` is a forward and a backward).
 """
 from __future__ import annotations
 
@@ -65,16 +68,17 @@ def _per_sample(coef, like):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("likelihood,logits,ls_kind", VARIANTS, ids=IDS)
-def test_vae_loss_and_grad_is_vae_loss_and_the_gradient_of_rec_sum(device, likelihood, logits, ls_kind, dtype,
-                                                                   weighted):
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_vae_loss_and_grad_is_vae_loss_and_the_gradient_of_the_loss(device, likelihood, logits, ls_kind, dtype,
+                                                                     weighted, reduction):
     inp = _inputs(likelihood, logits, dtype, device)
-    args = _args(inp, likelihood, logits, ls_kind, weight=_weight(weighted, inp))
+    args = _args(inp, likelihood, logits, ls_kind, reduction, weight=_weight(weighted, inp))
     *outputs, grad = ops.vae_loss_and_grad(*args)
     expected = ops.vae_loss(*args)
     for got, exp in zip(outputs, expected):
         torch.testing.assert_close(got, exp, rtol=0, atol=0)
-    ones = torch.ones_like(outputs[1])
-    (exp_grad, *_) = ops.vae_loss_backward(*_backward_args(args, outputs[3], None, ones, None,
+    ones = torch.ones_like(outputs[0])
+    (exp_grad, *_) = ops.vae_loss_backward(*_backward_args(args, outputs[3], ones, None, None,
                                                            [True, False, False, False]))
     assert grad.shape == inp.recon.shape and grad.dtype == inp.recon.dtype
     torch.testing.assert_close(grad, exp_grad, rtol=0, atol=0)
@@ -96,7 +100,7 @@ def test_recon_coefficients_turn_the_gradient_of_rec_sum_into_recons_gradient(de
                                                                               reduction):
     inp = _inputs(likelihood, logits, F32, device)
     args = _args(inp, likelihood, logits, ls_kind, reduction, weight=_weight(True, inp))
-    loss, rec, kl, aux, unit = ops.vae_loss_and_grad(*args)
+    loss, rec, kl, aux, computed = ops.vae_loss_and_grad(*args)
     g = torch.Generator().manual_seed(3)
 
     def upstream(shape):
@@ -112,9 +116,25 @@ def test_recon_coefficients_turn_the_gradient_of_rec_sum_into_recons_gradient(de
         assert coef[0].shape == (3,) and coef[0].dtype == rec.dtype
         for got, exp in zip(coef[1:], full[1:]):  # the other gradients are the same
             torch.testing.assert_close(got, exp, rtol=0, atol=0)
-        # On the CPU the two-pass kernel rounds c_b·(w·∂ℓ/∂x) as this product does.
-        exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=2e-6, atol=1e-7)
-        torch.testing.assert_close(unit * _per_sample(coef[0], unit), full[0], **exact)
+        # The factors are c_b / c1: vae_loss_and_grad's gradient (c1·v) times them rounds
+        # three times (c1·v, the factor, the product) where the two-pass kernel rounds c_b·v
+        # once: 4 units of roundoff apart at most, and bitwise on the CPU where c1 is 1.
+        scaled = computed * _per_sample(coef[0], computed)
+        if device == "cpu" and reduction in ("sum", "none"):
+            torch.testing.assert_close(scaled, full[0], rtol=0, atol=0)
+        else:
+            tol = 4 * 2.0**-24 if device == "cpu" else 2e-6
+            torch.testing.assert_close(scaled, full[0], rtol=tol, atol=1e-30 if device == "cpu" else 1e-7)
+
+
+@pytest.mark.parametrize("ls_kind", ["float", "scalar_tensor", "optimal"])
+def test_recon_coefficients_refuse_a_shared_scale(device, ls_kind):
+    inp = _inputs("gaussian", True, F32, device)
+    args = _args(inp, "gaussian", True, ls_kind)
+    _, rec, _, aux = ops.vae_loss(*args)
+    bargs = _backward_args(args, aux, None, torch.ones_like(rec), None, [True, True, False, False])
+    with pytest.raises(ValueError, match="expected recon_coefficients=False with one log-scale for the whole batch"):
+        ops.vae_loss_backward(*bargs, True)
 
 
 def test_recon_coefficients_refuse_a_per_element_scales_gradient(device):
@@ -166,6 +186,29 @@ def test_the_step_runs_one_pass_where_it_can_and_gives_the_two_pass_result(devic
             torch.testing.assert_close(got, exp, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_loss_backward_returns_the_forwards_gradient_as_it_is(device, reduction):
+    """loss.backward() (a loss gradient of 1, nothing else) gets the forward's
+    gradient with no pass over it: no multiplication in the backward, and
+    bitwise the two-pass result. A scaled loss multiplies it in place: bitwise
+    for a power of two, within 4 units of roundoff otherwise."""
+    inp = _inputs("bernoulli", True, F32, device)
+    args = _args(inp, "bernoulli", True, None, reduction)
+    _, _, _, aux = ops.vae_loss(*args)
+    for factor in (1.0, 2.0, 3.0):
+        recon, mu, logvar = (t.detach().clone().requires_grad_() for t in (inp.recon, inp.mu, inp.logvar))
+        out = fusedvae.vae_loss(recon, inp.target, mu, logvar, reduction=reduction, beta=0.7)
+        upstream = torch.full_like(out.loss, factor)
+        with profile() as prof:
+            grads = torch.autograd.grad(out.loss, (recon, mu, logvar), upstream)
+        expected = ops.vae_loss_backward(*_backward_args(args, aux, upstream, None, None, [True, True, False, False]))
+        scaled = "aten::mul_" in {e.name for e in prof.events()}
+        assert scaled == (device == "cpu" and factor != 1.0)
+        exact = device == "cpu" and factor != 3.0
+        for got, exp in zip(grads, expected[:3]):
+            torch.testing.assert_close(got, exp, rtol=0 if exact else 4 * 2.0**-24, atol=0)
+
+
 def test_a_retained_graph_gives_the_gradient_every_time(device):
     """The gradient computed in the forward is used once; a second backward
     through the retained graph computes it again (and may see another upstream)."""
@@ -214,4 +257,4 @@ def test_opcheck(device):
         _, rec, _, aux, _ = ops.vae_loss_and_grad(*args)
         mask = [True, True, ls_kind != "full_tensor", False]
         bargs = _backward_args(args, aux, torch.rand_like(rec), torch.rand_like(rec), None, mask)
-        torch.library.opcheck(ops.vae_loss_backward.default, (*bargs, True))
+        torch.library.opcheck(ops.vae_loss_backward.default, (*bargs, ls_kind != "optimal"))

@@ -250,9 +250,8 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
   const TargetT* t = static_cast<const TargetT*>(p.target);
   const bool weighted = p.weight.data != nullptr;
   const int64_t numel = p.numel_per_sample;
-  // Each element's weight times its derivative, then the sample's coefficient:
-  // recon_forward_with_grad_typed writes the first product, so scaling that by
-  // the coefficient rounds as this does.
+  // Each element's weight times its derivative, then the sample's coefficient,
+  // as recon_forward_with_grad_typed rounds them.
   auto weigh = [&](const Vec& v, int64_t i, int64_t n) {
     return weighted ? load_weights<Acc>(p.weight, numel, i, n) * v : v;
   };
@@ -274,9 +273,10 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
 }
 
 // recon_forward_typed's sums (same work items, same order) and, in the same
-// pass over the data, recon_backward_typed's gradient of x for grad_rec = 1.
+// pass over the data, recon_backward_typed's gradient of x for grad_rec[b] =
+// scale, rounded as it rounds.
 template <class L, typename T, typename TargetT, typename ScaleT>
-void recon_forward_with_grad_typed(const ReconProblem& p, acc_t<T>* rec, T* grad_x) {
+void recon_forward_with_grad_typed(const ReconProblem& p, acc_t<T>* rec, T* grad_x, acc_t<T> scale) {
   using Acc = acc_t<T>;
   using O = VecOps<Acc>;
   using Vec = at::vec::Vectorized<Acc>;
@@ -302,7 +302,7 @@ void recon_forward_with_grad_typed(const ReconProblem& p, acc_t<T>* rec, T* grad
       loss = loss * w;
       gx = w * gx;
     }
-    store(grad_x + i, gx, n);
+    store(grad_x + i, Vec(scale) * gx, n);
     return loss;
   });
 }
@@ -316,12 +316,14 @@ void recon_loss_forward(const ReconProblem& p, void* rec) {
   });
 }
 
-void recon_loss_forward_with_grad(const ReconProblem& p, void* rec, void* grad_recon) {
+void recon_loss_forward_with_grad(const ReconProblem& p, void* rec, void* grad_recon,
+                                  double scale) {
   dispatch_recon<c10::Half, c10::BFloat16>(p, [&](auto l, auto x_tag, auto t_tag, auto s_tag) {
     using T = typename decltype(x_tag)::type;
     recon_forward_with_grad_typed<typename decltype(l)::type, T, typename decltype(t_tag)::type,
-                                  typename decltype(s_tag)::type>(p, static_cast<acc_t<T>*>(rec),
-                                                                  static_cast<T*>(grad_recon));
+                                  typename decltype(s_tag)::type>(
+        p, static_cast<acc_t<T>*>(rec), static_cast<T*>(grad_recon),
+        static_cast<acc_t<T>>(scale));
   });
 }
 

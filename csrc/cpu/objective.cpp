@@ -41,8 +41,10 @@ void kl_sums(const KlProblem& p, Acc* kl, Acc* dim_mean) {
   for (int64_t j = 0; j < latent; ++j) dim_mean[j] /= Acc(batch);
 }
 
-// grad_recon: null, or where the gradient of Σ_b rec_b goes, computed in the
-// same pass as rec (the scale not shared: objective_forward_with_grad).
+// grad_recon: null, or where the gradient of the loss for a loss gradient of 1
+// goes, computed in the same pass as rec (the scale not shared:
+// objective_forward_with_grad). Its coefficient, unit_rec_coefficient, is the
+// backward's rec_coefficient for that gradient, so the two round alike.
 template <typename Acc>
 void forward(const ObjectiveProblem& p, Acc* loss, Acc* rec, Acc* kl, Acc* aux, void* grad_recon) {
   const Objective& o = p.objective;
@@ -51,7 +53,7 @@ void forward(const ObjectiveProblem& p, Acc* loss, Acc* rec, Acc* kl, Acc* aux, 
   for (int64_t k = 0; k < layout.size(); ++k) aux[k] = Acc(0);
 
   if (grad_recon != nullptr) {
-    kernels().recon_loss_forward_with_grad(p.recon, rec, grad_recon);
+    kernels().recon_loss_forward_with_grad(p.recon, rec, grad_recon, unit_rec_coefficient<Acc>(o));
   } else {
     kernels().recon_loss_forward(p.recon, rec);
   }
@@ -121,8 +123,7 @@ void backward(const ObjectiveProblem& p, const OutputGrads& g, const Acc* aux,
   for (int64_t b = 0; b < batch; ++b) {
     const Acc w = sample_weight(o, grad_loss, g.loss_stride, b);
     weight_sum += w;
-    rec_coef[b] =
-        w * rec_weight<Acc>(o) + per_sample_grad(static_cast<const Acc*>(g.rec), g.rec_stride, b);
+    rec_coef[b] = rec_coefficient<Acc>(o, g, b);
     const Acc kl_term = free_bits ? aux[AuxLayout::kFreeBitsTerm] : aux[layout.kl() + b];
     grad_beta += w * kl_weight<Acc>(o) * kl_term;
     kl_coef[b] = (free_bits ? Acc(0) : w * beta * kl_weight<Acc>(o)) +
@@ -155,7 +156,8 @@ void backward(const ObjectiveProblem& p, const OutputGrads& g, const Acc* aux,
   }
   if (out.recon_coef != nullptr) {
     Acc* coef = static_cast<Acc*>(out.recon_coef);
-    for (int64_t b = 0; b < batch; ++b) coef[b] = rec_coef[b];
+    const Acc unit = unit_rec_coefficient<Acc>(o);
+    for (int64_t b = 0; b < batch; ++b) coef[b] = rec_coef[b] / unit;
   } else if (out.recon != nullptr) {
     kernels().recon_loss_backward(p.recon, rec_coef.data(), out.recon,
                                   uses_shared_scale(o) ? nullptr : out.log_scale);

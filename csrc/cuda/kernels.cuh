@@ -507,14 +507,6 @@ struct BatchSums {
 };
 
 template <typename Acc>
-__device__ Acc rec_coefficient(const ObjectiveProblem& p, const OutputGrads& g, int64_t b) {
-  using namespace objective;
-  return sample_weight(p.objective, static_cast<const Acc*>(g.loss), g.loss_stride, b) *
-             rec_weight<Acc>(p.objective) +
-         per_sample_grad(static_cast<const Acc*>(g.rec), g.rec_stride, b);
-}
-
-template <typename Acc>
 __device__ BatchSums<Acc> batch_sums(const ObjectiveProblem& p, const OutputGrads& g,
                                      const Acc* aux, bool want_weight, bool want_scale,
                                      bool want_beta) {
@@ -530,7 +522,7 @@ __device__ BatchSums<Acc> batch_sums(const ObjectiveProblem& p, const OutputGrad
       const Acc r = aux[layout.residual() + b];
       const Acc n = element_count<Acc>(p.weight_sums, p.weight_sums_stride, o.n, b);
       grad_s +=
-          rec_coefficient<Acc>(p, g, b) * shared_scale_terms(p.recon.likelihood, r, s, n).d_scale;
+          rec_coefficient<Acc>(p.objective, g, b) * shared_scale_terms(p.recon.likelihood, r, s, n).d_scale;
       residual += r;
       count += n;
     }
@@ -574,7 +566,7 @@ __global__ void __launch_bounds__(kThreads)
 
   if (recon_part) {
     const int64_t b = blockIdx.x / recon_grid.chunks;
-    Acc c = rec_coefficient<Acc>(p, g, b);
+    Acc c = rec_coefficient<Acc>(p.objective, g, b);
     if (shared) {
       // c_b·∂rec_b/∂R_b, plus for "optimal" the path through s; the kernel
       // multiplies the residual's derivative by it (cpu/objective.cpp).
@@ -589,7 +581,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (out.recon_coef != nullptr) {
       if (blockIdx.x % recon_grid.chunks == 0 && threadIdx.x == 0) {
-        static_cast<Acc*>(out.recon_coef)[b] = c;
+        static_cast<Acc*>(out.recon_coef)[b] = c / unit_rec_coefficient<Acc>(o);
       }
       return;
     }
