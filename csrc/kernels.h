@@ -140,6 +140,11 @@ struct CbProblem {
   int64_t numel;
 };
 
+// Parameters per mixture component of the discretized mixture: its logit, and
+// per colour channel a mean and a log-scale, with three coupling coefficients
+// for RGB: 10 for C = 3, 3 for C = 1.
+constexpr int64_t dmol_params_per_component(int64_t channels) { return channels == 3 ? 10 : 3; }
+
 // The discretized mixture of logistics (dmol.h) over a batch of images:
 // params [batch, (1 + 3C)·K or 3K, H, W] and target [batch, C, H, W], each read
 // through its strides (elements) of batch, channel and pixel, the pixel index

@@ -840,7 +840,7 @@ struct DmolInputs {
                       "fusedvae: expected target of shape [B, 3, H, W] or [B, 1, H, W], got ",
                       target_in.sizes());
     const int64_t channels = target_in.size(1);
-    const int64_t per_k = channels == 3 ? 10 : 3;
+    const int64_t per_k = dmol_params_per_component(channels);
     TORCH_CHECK_VALUE(
         params_in.dim() == 4 && params_in.size(0) == target_in.size(0) &&
             params_in.size(2) == target_in.size(2) && params_in.size(3) == target_in.size(3) &&
