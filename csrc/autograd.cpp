@@ -129,22 +129,22 @@ struct VaeLossOptions {
   OptTensor weight;
 };
 
-// On the CPU, with float32 or float64 recon that requires grad and no
-// log-scale shared by the batch, the forward also computes recon's gradient
-// for loss.backward() (a loss gradient of 1, no gradient of rec or kl) in the
-// same pass over the data (vae_loss_and_grad: each element's likelihood is
-// evaluated once per step, not once per direction): c1_b·(w·∂ℓ/∂x), rounded
-// as the two-pass kernel rounds it. The first backward returns that tensor
-// as it is where its upstream gradients are loss.backward()'s, and otherwise
-// multiplies it in place by the factors c_b / c1 that vae_loss_backward
-// returns with recon_coefficients=True (c_b the per-sample coefficients of
-// its gradients, c1 loss.backward()'s): within 4 units of roundoff of the
-// two-pass result, and bitwise it where the factors are powers of two (a loss
-// scaled by 2^k; reduction "none" or "sum", whose c1 is 1). A later backward through a retained graph and a
-// backward that builds a graph take the two passes; so do 16-bit recon
-// (scaling a 16-bit gradient would round it twice), a shared log-scale (its
-// gradient couples the samples) and a per-element log-scale that requires
-// grad.
+// On the CPU, with float32 or float64 recon that requires grad and no log-scale
+// shared by the batch, the forward also computes recon's gradient for
+// loss.backward() (a loss gradient of 1, no gradient of rec or kl) in the same
+// pass over the data (vae_loss_and_grad: each element's likelihood is evaluated
+// once per step, not once per direction): c1_b·(w·∂ℓ/∂x), rounded as the
+// two-pass kernel rounds it. The first backward returns that tensor as it is
+// where its upstream gradients are loss.backward()'s, and otherwise multiplies
+// it in place by the factors c_b / c1 that vae_loss_backward returns with
+// recon_coefficients=True (c_b the per-sample coefficients of its gradients, c1
+// loss.backward()'s): within 4 units of roundoff of the two-pass result, and
+// bitwise it where the factors are powers of two (a loss scaled by 2^k;
+// reduction "none" or "sum", whose c1 is 1). A later backward through a
+// retained graph and a backward that builds a graph take the two passes; so do
+// 16-bit recon (scaling a 16-bit gradient would round it twice), a shared
+// log-scale (its gradient couples the samples) and a per-element log-scale that
+// requires grad.
 class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& target,
@@ -155,8 +155,8 @@ class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
       at::AutoDispatchBelowADInplaceOrView below;
       const at::ScalarType dtype = recon.scalar_type();
       const bool one_pass = recon.device().is_cpu() &&
-                            (dtype == at::kFloat || dtype == at::kDouble) &&
-                            requires_grad(recon) && !requires_grad(log_scale) &&
+                            (dtype == at::kFloat || dtype == at::kDouble) && requires_grad(recon) &&
+                            !requires_grad(log_scale) &&
                             recon_gradient_is_per_sample(o.likelihood, o.logits, log_scale);
       if (one_pass) {
         Tensor grad_recon;
@@ -546,10 +546,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vae_loss_and_grad_autograd(
   Tensor a, b, c, d, e;
   {
     at::AutoDispatchBelowADInplaceOrView below;
-    std::tie(a, b, c, d, e) =
-        vae_loss_and_grad_op().call(recon, target, mu, logvar, log_scale, beta, likelihood, logits,
-                                    reduction, log_scale_value, optimal_scale, beta_value,
-                                    free_bits, weight);
+    std::tie(a, b, c, d, e) = vae_loss_and_grad_op().call(
+        recon, target, mu, logvar, log_scale, beta, likelihood, logits, reduction, log_scale_value,
+        optimal_scale, beta_value, free_bits, weight);
   }
   const variable_list out = refuse_second_order(
       "vae_loss_and_grad",

@@ -280,7 +280,8 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
 // pass over the data, recon_backward_typed's gradient of x for grad_rec[b] =
 // scale, rounded as it rounds.
 template <class L, typename T, typename TargetT, typename ScaleT>
-void recon_forward_with_grad_typed(const ReconProblem& p, acc_t<T>* rec, T* grad_x, acc_t<T> scale) {
+void recon_forward_with_grad_typed(const ReconProblem& p, acc_t<T>* rec, T* grad_x,
+                                   acc_t<T> scale) {
   using Acc = acc_t<T>;
   using O = VecOps<Acc>;
   using Vec = at::vec::Vectorized<Acc>;
@@ -326,8 +327,7 @@ void recon_loss_forward_with_grad(const ReconProblem& p, void* rec, void* grad_r
     using T = typename decltype(x_tag)::type;
     recon_forward_with_grad_typed<typename decltype(l)::type, T, typename decltype(t_tag)::type,
                                   typename decltype(s_tag)::type>(
-        p, static_cast<acc_t<T>*>(rec), static_cast<T*>(grad_recon),
-        static_cast<acc_t<T>>(scale));
+        p, static_cast<acc_t<T>*>(rec), static_cast<T*>(grad_recon), static_cast<acc_t<T>>(scale));
   });
 }
 

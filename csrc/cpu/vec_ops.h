@@ -123,16 +123,16 @@ FUSEDVAE_ALWAYS_INLINE FloatVec expm1_reduced(const FloatVec& r) {
 
 }  // namespace detail
 
-// e^x for x <= 0 in float32, the exponential the logit paths need
-// (exp(-|x|): math::exp_neg_abs): exp_reduce's n and r, e^r from exp_poly, 2^n
-// built in the exponent bits. Below x_min = -87.3365 (2^-126, the smallest
-// normal float) the result is 0: the loss and its gradient add e^x to terms of
-// order 1. Those lanes are left out of the last product (masked on AVX-512,
-// ANDed away elsewhere), not clamped to x_min: e^x_min rounds to a subnormal,
-// and x86 cores compute subnormal results in microcode (the discretized
-// mixture's CPU step took a third longer with log-scales near -3, where many
-// exponents of its log-sum-exps lie below x_min). NaN gives NaN. Its maximum error over [x_min, 0], measured against
-// mpmath, is in tests/test_fast_math.py.
+// e^x for x <= 0 in float32, the exponential the logit paths need (exp(-|x|):
+// math::exp_neg_abs): exp_reduce's n and r, e^r from exp_poly, 2^n built in the
+// exponent bits. Below x_min = -87.3365 (2^-126, the smallest normal float) the
+// result is 0: the loss and its gradient add e^x to terms of order 1. Those
+// lanes are left out of the last product (masked on AVX-512, ANDed away
+// elsewhere), not clamped to x_min: e^x_min rounds to a subnormal, and x86
+// cores compute subnormal results in microcode (the discretized mixture's CPU
+// step took a third longer with log-scales near -3, where many exponents of its
+// log-sum-exps lie below x_min). NaN gives NaN. Its maximum error over
+// [x_min, 0], measured against mpmath, is in tests/test_fast_math.py.
 FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> exp_nonpositive(
     const at::vec::Vectorized<float>& x) {
   using namespace detail;

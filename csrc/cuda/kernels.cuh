@@ -521,8 +521,8 @@ __device__ BatchSums<Acc> batch_sums(const ObjectiveProblem& p, const OutputGrad
     if (want_scale) {
       const Acc r = aux[layout.residual() + b];
       const Acc n = element_count<Acc>(p.weight_sums, p.weight_sums_stride, o.n, b);
-      grad_s +=
-          rec_coefficient<Acc>(p.objective, g, b) * shared_scale_terms(p.recon.likelihood, r, s, n).d_scale;
+      grad_s += rec_coefficient<Acc>(p.objective, g, b) *
+                shared_scale_terms(p.recon.likelihood, r, s, n).d_scale;
       residual += r;
       count += n;
     }
