@@ -154,10 +154,17 @@ void sum_per_sample(int64_t batch, int64_t numel_per_sample, Acc* out, const Ter
       batch, numel_per_sample,
       [&](int64_t item, int64_t b, int64_t first, int64_t last) {
         const int64_t base = b * numel_per_sample;
+        // A copy private to this call: the vector stores (at::vec's, through
+        // may-alias pointers) cannot write to it, so what term captured by value
+        // stays in registers across the loop instead of being reloaded after
+        // every store.
+        const Term local_term = term;
         Vec acc(Acc(0));
         int64_t i = first;
-        for (; i + Vec::size() <= last; i += Vec::size()) acc = acc + term(base + i, Vec::size());
-        if (i < last) acc = acc + Vec::set(Vec(Acc(0)), term(base + i, last - i), last - i);
+        for (; i + Vec::size() <= last; i += Vec::size()) {
+          acc = acc + local_term(base + i, Vec::size());
+        }
+        if (i < last) acc = acc + Vec::set(Vec(Acc(0)), local_term(base + i, last - i), last - i);
         alignas(64) Acc lanes[Vec::size()];
         acc.store(lanes);
         Acc sum = 0;
@@ -181,7 +188,10 @@ void for_each_vector(int64_t batch, int64_t numel_per_sample, const Body& body,
       batch, numel_per_sample,
       [&](int64_t, int64_t b, int64_t first, int64_t last) {
         const int64_t base = b * numel_per_sample;
-        for (int64_t i = first; i < last; i += lanes) body(b, base + i, std::min(lanes, last - i));
+        const Body local_body = body;  // in registers, as in sum_per_sample
+        for (int64_t i = first; i < last; i += lanes) {
+          local_body(b, base + i, std::min(lanes, last - i));
+        }
       },
       chunk);
 }
@@ -228,17 +238,17 @@ void recon_forward_typed(const ReconProblem& p, acc_t<T>* rec) {
   const TargetT* t = static_cast<const TargetT*>(p.target);
   const bool weighted = p.weight.data != nullptr;
   const int64_t numel = p.numel_per_sample;
-  auto weigh = [&](const at::vec::Vectorized<Acc>& v, int64_t i, int64_t n) {
+  auto weigh = [=, &p](const at::vec::Vectorized<Acc>& v, int64_t i, int64_t n) {
     return weighted ? v * load_weights<Acc>(p.weight, numel, i, n) : v;
   };
   if constexpr (L::kHasScale) {
     const ScaleT* s = static_cast<const ScaleT*>(p.log_scale);
-    sum_per_sample<Acc>(p.batch, numel, rec, [&](int64_t i, int64_t n) {
+    sum_per_sample<Acc>(p.batch, numel, rec, [=](int64_t i, int64_t n) {
       return weigh(
           L::template loss<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n)), i, n);
     });
   } else {
-    sum_per_sample<Acc>(p.batch, numel, rec, [&](int64_t i, int64_t n) {
+    sum_per_sample<Acc>(p.batch, numel, rec, [=](int64_t i, int64_t n) {
       return weigh(L::template loss<O>(load<Acc>(x + i, n), load<Acc>(t + i, n)), i, n);
     });
   }
@@ -256,12 +266,12 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
   const int64_t numel = p.numel_per_sample;
   // Each element's weight times its derivative, then the sample's coefficient,
   // as recon_forward_with_grad_typed rounds them.
-  auto weigh = [&](const Vec& v, int64_t i, int64_t n) {
+  auto weigh = [=, &p](const Vec& v, int64_t i, int64_t n) {
     return weighted ? load_weights<Acc>(p.weight, numel, i, n) * v : v;
   };
   if constexpr (L::kHasScale) {
     const ScaleT* s = static_cast<const ScaleT*>(p.log_scale);
-    for_each_vector<Acc>(p.batch, numel, [&](int64_t b, int64_t i, int64_t n) {
+    for_each_vector<Acc>(p.batch, numel, [=](int64_t b, int64_t i, int64_t n) {
       Vec gx, gs;
       L::template grad<O>(load<Acc>(x + i, n), load<Acc>(t + i, n), load<Acc>(s + i, n), &gx, &gs);
       const Vec g(grad_rec[b]);
@@ -269,7 +279,7 @@ void recon_backward_typed(const ReconProblem& p, const acc_t<T>* grad_rec, T* gr
       if (grad_s != nullptr) store(grad_s + i, g * weigh(gs, i, n), n);
     });
   } else {
-    for_each_vector<Acc>(p.batch, numel, [&](int64_t b, int64_t i, int64_t n) {
+    for_each_vector<Acc>(p.batch, numel, [=](int64_t b, int64_t i, int64_t n) {
       const Vec local = L::template grad<O>(load<Acc>(x + i, n), load<Acc>(t + i, n));
       store(grad_x + i, Vec(grad_rec[b]) * weigh(local, i, n), n);
     });
@@ -290,7 +300,7 @@ void recon_forward_with_grad_typed(const ReconProblem& p, acc_t<T>* rec, T* grad
   const ScaleT* s = static_cast<const ScaleT*>(p.log_scale);
   const bool weighted = p.weight.data != nullptr;
   const int64_t numel = p.numel_per_sample;
-  sum_per_sample<Acc>(p.batch, numel, rec, [&](int64_t i, int64_t n) {
+  sum_per_sample<Acc>(p.batch, numel, rec, [=, &p](int64_t i, int64_t n) {
     const Vec xv = load<Acc>(x + i, n), tv = load<Acc>(t + i, n);
     Vec loss, gx;
     if constexpr (L::kHasScale) {

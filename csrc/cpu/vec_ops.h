@@ -78,13 +78,12 @@ FUSEDVAE_ALWAYS_INLINE FloatVec product_unless_below(const FloatVec& x, const Fl
 }
 
 // Cody & Waite's reduction x = n·ln 2 + r, |r| <= ln 2 / 2, with ln 2 split in
-// two so that n·ln2_hi is exact, for x in [-150·ln 2, 128·ln 2]; `shifted`
-// holds n + 0x4B400000 in its bits (adding 1.5·2^23 rounds to an integer,
-// which then sits in the low mantissa bits).
+// two so that n·ln2_hi is exact, for x in [-150·ln 2, 128·ln 2]. Adding
+// 1.5·2^23 rounds x·log2(e) to the integer n, which then sits in the low
+// mantissa bits: n is those bits less 0x4B400000.
 struct ExpReduced {
-  FloatVec shifted;
+  IntVec n;
   FloatVec r;
-  IntVec n() const { return at::vec::cast<int32_t>(shifted) - IntVec(0x4B400000); }
 };
 
 FUSEDVAE_ALWAYS_INLINE ExpReduced exp_reduce(const FloatVec& x) {
@@ -96,7 +95,7 @@ FUSEDVAE_ALWAYS_INLINE ExpReduced exp_reduce(const FloatVec& x) {
   const FloatVec n = shifted - FloatVec(kRoundMagic);
   FloatVec r = at::vec::fmadd(n, FloatVec(-kLn2Hi), x);
   r = at::vec::fmadd(n, FloatVec(-kLn2Lo), r);
-  return {shifted, r};
+  return {at::vec::cast<int32_t>(shifted) - IntVec(0x4B400000), r};
 }
 
 // P with e^r = 1 + r + r²·P(r) for |r| <= ln 2 / 2: degree 4, fitted (Remez) to
@@ -140,7 +139,7 @@ FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> exp_nonpositive(
   // Lanes below x_min reduce an unclamped x to some n and r; the product drops them.
   const ExpReduced red = exp_reduce(x);
   const FloatVec e_r = at::vec::fmadd(exp_poly(red.r), red.r * red.r, red.r + FloatVec(1.0f));
-  return product_unless_below(x, FloatVec(kXMin), e_r, pow2(red.n()));
+  return product_unless_below(x, FloatVec(kXMin), e_r, pow2(red.n));
 }
 
 // e^x for every float x, exp_nonpositive's reduction and polynomial with 2^n
@@ -154,7 +153,7 @@ FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> exp_approx(const at::vec::Vect
   const FloatVec xc = min_keep_nan(max_keep_nan(x, FloatVec(-104.0f)), FloatVec(89.0f));
   const ExpReduced red = exp_reduce(xc);
   const FloatVec e_r = expm1_reduced(red.r) + FloatVec(1.0f);
-  const IntVec n = red.n();
+  const IntVec n = red.n;
   const IntVec half = n >> IntVec(1);
   return e_r * pow2(half) * pow2(n - half);
 }
@@ -167,7 +166,7 @@ FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> expm1_nonpositive(
     const at::vec::Vectorized<float>& x) {
   using namespace detail;
   const ExpReduced red = exp_reduce(max_keep_nan(x, FloatVec(-30.0f)));
-  const FloatVec two_n = pow2(red.n());
+  const FloatVec two_n = pow2(red.n);
   return at::vec::fmadd(two_n, expm1_reduced(red.r), two_n - FloatVec(1.0f));
 }
 
@@ -182,7 +181,7 @@ FUSEDVAE_ALWAYS_INLINE at::vec::Vectorized<float> expm1_approx(
   const ExpReduced red =
       exp_reduce(min_keep_nan(max_keep_nan(x, FloatVec(-30.0f)), FloatVec(89.0f)));
   const FloatVec p = expm1_reduced(red.r);
-  const IntVec n = red.n();
+  const IntVec n = red.n;
   const IntVec half = n >> IntVec(1);
   const FloatVec large = (p + FloatVec(1.0f)) * pow2(half) * pow2(n - half) - FloatVec(1.0f);
   const FloatVec two_n = pow2(at::vec::minimum(n, IntVec(24)));
