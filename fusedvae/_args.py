@@ -15,6 +15,11 @@ def is_int(value) -> bool:
 
 
 def is_real(value) -> bool:
+    # float and int first: the check of the numbers.Real ABC costs several times
+    # more, and vae_loss makes it on every call (beta, free_bits).
+    kind = type(value)
+    if kind is float or kind is int:
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
