@@ -52,7 +52,10 @@ class LatentGroups(NamedTuple):
 
     @property
     def has_prior(self) -> bool:
-        return any(p is not None for p in self.prior_mu)
+        for p in self.prior_mu:
+            if p is not None:
+                return True
+        return False
 
     @property
     def size(self) -> int:

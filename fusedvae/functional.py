@@ -281,8 +281,10 @@ def _as_read(recon: Tensor, target: Tensor, log_scale, mu: Tensor, logvar: Tenso
     dtype other than recon's or float32 is read as float32.
     """
     full_scale = log_scale if isinstance(log_scale, Tensor) and log_scale.dim() > 0 else None
-    wide = torch.float64 in (recon.dtype, target.dtype, mu.dtype, logvar.dtype) or any(
-        t is not None and t.dtype == torch.float64 for t in (full_scale, weight)
+    wide = (
+        torch.float64 in (recon.dtype, target.dtype, mu.dtype, logvar.dtype)
+        or (full_scale is not None and full_scale.dtype == torch.float64)
+        or (weight is not None and weight.dtype == torch.float64)
     )
     if wide:
         recon, target, full_scale, mu, logvar = (
