@@ -4,7 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fusedvae.bench import isolate_inductor_cache
 from helpers import DEVICES
+
+# CI runs the core tests again at each lower CPU capability (ATEN_CPU_CAPABILITY),
+# and inductor's cache does not tell one capability's code from another's: a
+# torch.compile test there was served the default capability's code and got
+# wrong gradients. Each capability compiles into a cache folder of its own.
+isolate_inductor_cache()
 
 
 @pytest.fixture(autouse=True)
