@@ -200,6 +200,14 @@ def check_latents(
 ) -> LatentGroups:
     """The posterior's (and prior's) latent groups, checked against each other
     and, where given, against recon's batch size and device."""
+    if (isinstance(mu, Tensor) and isinstance(logvar, Tensor) and prior_mu is None and prior_logvar is None
+            and not isinstance(free_bits, (list, tuple))):
+        # One group against N(0, I), the common call: the same checks without the
+        # bookkeeping of sequences.
+        _check_free_bits(free_bits)
+        _check_group(mu, logvar, None, None, "", recon, mu)
+        return LatentGroups([mu], [logvar], [None], [None], [float(free_bits)], False)
+
     mus, grouped = _as_list(mu, "mu")
     logvars, _ = _as_list(logvar, "logvar")
     if len(logvars) != len(mus) or isinstance(logvar, Tensor) != isinstance(mu, Tensor):
@@ -220,42 +228,49 @@ def check_latents(
     else:
         free_bits_list = [free_bits] * len(mus)
     for value in free_bits_list:
-        if not is_real(value):
-            raise TypeError(f"free_bits must be a float or a sequence of floats, got {type(value).__name__}")
-        if not (_is_finite(value) and value >= 0):
-            raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension), got {value}")
+        _check_free_bits(value)
 
-    ref = mus[0]
     for g in range(len(mus)):
-        at = f"[{g}]" if grouped else ""
-        _check_float_tensor(mus[g], f"mu{at}")
-        _check_float_tensor(logvars[g], f"logvar{at}")
-        batch = recon.shape[0] if recon is not None else ref.shape[0]
-        if mus[g].shape[0] != batch:
-            of = "recon" if recon is not None else "mu[0]"
-            raise ValueError(f"mu{at} must have the batch size of {of} ({batch}), got shape {tuple(mus[g].shape)}")
-        if logvars[g].shape != mus[g].shape:
-            raise ValueError(
-                f"logvar{at} must have the shape of mu{at} {tuple(mus[g].shape)}, got {tuple(logvars[g].shape)}"
-            )
-        device_ref, device_name = (recon, "recon") if recon is not None else (ref, "mu[0]")
-        _check_device(mus[g], f"mu{at}", device_ref, device_name)
-        _check_device(logvars[g], f"logvar{at}", device_ref, device_name)
-        if (prior_mus[g] is None) != (prior_logvars[g] is None):
-            given, missing = ("prior_mu", "prior_logvar") if prior_mus[g] is not None else ("prior_logvar", "prior_mu")
-            raise ValueError(f"{missing}{at} must be given with {given}{at} (None for both means N(0, I))")
-        for name, prior in (("prior_mu", prior_mus[g]), ("prior_logvar", prior_logvars[g])):
-            if prior is None:
-                continue
-            _check_tensor(prior, f"{name}{at}")
-            if prior.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"{name}{at} must be a floating-point tensor (float32, float64, float16 or "
-                                f"bfloat16), got dtype {prior.dtype}")
-            _check_device(prior, f"{name}{at}", device_ref, device_name)
-            if not _broadcasts_to(prior, mus[g]):
-                raise ValueError(f"{name}{at} must be broadcastable to the shape of mu{at} "
-                                 f"{tuple(mus[g].shape)}, got shape {tuple(prior.shape)}")
+        _check_group(mus[g], logvars[g], prior_mus[g], prior_logvars[g], f"[{g}]" if grouped else "", recon, mus[0])
     return LatentGroups(mus, logvars, prior_mus, prior_logvars, [float(v) for v in free_bits_list], grouped)
+
+
+def _check_free_bits(value) -> None:
+    if not is_real(value):
+        raise TypeError(f"free_bits must be a float or a sequence of floats, got {type(value).__name__}")
+    if not (_is_finite(value) and value >= 0):
+        raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension), got {value}")
+
+
+def _check_group(mu: Tensor, logvar: Tensor, prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor], at: str,
+                 recon: Optional[Tensor], first_mu: Tensor) -> None:
+    """One latent group (``at``: its index as ``[g]``, or empty for a single group),
+    against recon's batch size and device or, without recon, the first group's."""
+    _check_float_tensor(mu, f"mu{at}")
+    _check_float_tensor(logvar, f"logvar{at}")
+    batch = recon.shape[0] if recon is not None else first_mu.shape[0]
+    if mu.shape[0] != batch:
+        of = "recon" if recon is not None else "mu[0]"
+        raise ValueError(f"mu{at} must have the batch size of {of} ({batch}), got shape {tuple(mu.shape)}")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar{at} must have the shape of mu{at} {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    device_ref, device_name = (recon, "recon") if recon is not None else (first_mu, "mu[0]")
+    _check_device(mu, f"mu{at}", device_ref, device_name)
+    _check_device(logvar, f"logvar{at}", device_ref, device_name)
+    if (prior_mu is None) != (prior_logvar is None):
+        given, missing = ("prior_mu", "prior_logvar") if prior_mu is not None else ("prior_logvar", "prior_mu")
+        raise ValueError(f"{missing}{at} must be given with {given}{at} (None for both means N(0, I))")
+    for name, prior in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if prior is None:
+            continue
+        _check_tensor(prior, f"{name}{at}")
+        if prior.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}{at} must be a floating-point tensor (float32, float64, float16 or "
+                            f"bfloat16), got dtype {prior.dtype}")
+        _check_device(prior, f"{name}{at}", device_ref, device_name)
+        if not _broadcasts_to(prior, mu):
+            raise ValueError(f"{name}{at} must be broadcastable to the shape of mu{at} "
+                             f"{tuple(mu.shape)}, got shape {tuple(prior.shape)}")
 
 
 def _describe(value) -> str:
