@@ -68,23 +68,60 @@ def _nvcc():
     return found
 
 
-# The float32 kernels' sources (kernels.cu: the KL, normaliser and final stages).
-@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (a CUDA toolkit) to compile the CUDA kernels")
-@pytest.mark.parametrize("source", ["dmol.cu", "objective_float.cu", "kernels.cu"])
-def test_cuda_kernels_use_no_local_memory(source, tmp_path):
+# The float32 kernels' sources (kernels.cu: the KL, normaliser and final
+# stages), compiled to PTX once per module.
+CUDA_SOURCES = ["dmol.cu", "objective_float.cu", "kernels.cu"]
+
+
+@pytest.fixture(scope="module")
+def kernels_ptx(tmp_path_factory):
+    """`source -> {kernel name: its PTX}`, compiled by nvcc for sm_90 on first use."""
+    if _nvcc() is None:
+        pytest.skip("needs nvcc (a CUDA toolkit) to compile the CUDA kernels")
+    tmp = tmp_path_factory.mktemp("ptx")
+    compiled = {}
+
+    def get(source):
+        if source not in compiled:
+            ptx = tmp / (source + ".ptx")
+            subprocess.run([_nvcc(), "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-arch=sm_90", "-ptx",
+                            "-I", os.path.join(REPO_ROOT, "csrc"),
+                            os.path.join(REPO_ROOT, "csrc", "cuda", source), "-o", str(ptx)],
+                           check=True, capture_output=True)
+            entries = ptx.read_text().split(".entry ")[1:]  # each kernel's PTX, up to the next one
+            compiled[source] = {entry.split("(", 1)[0]: entry for entry in entries}
+        return compiled[source]
+
+    return get
+
+
+@pytest.mark.parametrize("source", CUDA_SOURCES)
+def test_cuda_kernels_use_no_local_memory(source, kernels_ptx):
     # An array indexed by a run-time value (a loop over a run-time channel count,
     # over a weight's dimensions) is placed in local memory, a thread's stack in
     # L1 and DRAM: on an H200 such loads took half of the discretized mixture's
     # cycles. The kernels index every array by constants; the PTX nvcc
     # generates declares no local memory.
-    ptx = tmp_path / "out.ptx"
-    subprocess.run([_nvcc(), "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-arch=sm_90", "-ptx",
-                    "-I", os.path.join(REPO_ROOT, "csrc"), os.path.join(REPO_ROOT, "csrc", "cuda", source),
-                    "-o", str(ptx)], check=True, capture_output=True)
-    kernels = ptx.read_text().split(".entry ")[1:]  # each kernel's PTX, up to the next one
+    kernels = kernels_ptx(source)
     assert kernels
-    with_local = [kernel.split("(", 1)[0] for kernel in kernels if ".local" in kernel]
+    with_local = [name for name, body in kernels.items() if ".local" in body]
     assert not with_local, f"kernels with local memory: {with_local}"
+
+
+@pytest.mark.parametrize("source", ["objective_float.cu", "kernels.cu"])
+def test_cuda_vector_kernels_store_16_bytes_per_instruction(source, kernels_ptx):
+    # A kernel instantiated for VEC > 1 elements per access stores each pack of
+    # 16 bytes with one instruction (kernels.cuh's store). Assigning the pack
+    # compiled to one 4-byte store per element in every backward kernel of the
+    # objective: four times the store instructions for the same bytes.
+    import re
+
+    vector_kernels = {name: body for name, body in kernels_ptx(source).items()
+                      if re.search(r"(objective_backward_kernel|map_chunks_kernel)ILi(\d+)E", name)
+                      and int(re.search(r"kernelILi(\d+)E", name).group(1)) > 1}
+    assert vector_kernels
+    scalar_only = [name for name, body in vector_kernels.items() if "st.global.v4" not in body]
+    assert not scalar_only, f"vector kernels without a 16-byte store: {scalar_only}"
 
 
 def test_an_instruction_set_build_for_each_of_torchs_x86_capabilities():

@@ -18,6 +18,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../dispatch.h"
@@ -48,12 +49,34 @@ __device__ __forceinline__ void load(const T* ptr, int64_t i, Acc (&out)[VEC]) {
   for (int k = 0; k < VEC; ++k) out[k] = to_acc<Acc>(pack.v[k]);
 }
 
+// One 16-byte store instruction (PTX st.global.v4.b32) to a 16-byte aligned
+// global address. Assigning a Pack (or a uint4) compiled to one store per
+// element in every kernel here that stores packs: nvcc 13 split the 16-byte
+// store and did not merge it again (a minimal kernel keeps it whole), four
+// times the store instructions for the same bytes. tests/test_build.py checks
+// the PTX. The "memory" clobber keeps it ordered with the other accesses.
+__device__ __forceinline__ void store_16_bytes(uint4* dst, const uint4& words) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(words.x), "r"(words.y),
+               "r"(words.z), "r"(words.w)
+               : "memory");
+}
+
 template <int VEC, typename T, typename Acc>
 __device__ __forceinline__ void store(T* ptr, int64_t i, const Acc (&in)[VEC]) {
   Pack<T, VEC> pack;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) pack.v[k] = from_acc<T>(in[k]);
-  *reinterpret_cast<Pack<T, VEC>*>(ptr + i) = pack;
+  constexpr int kBytes = sizeof(Pack<T, VEC>);
+  if constexpr (kBytes % sizeof(uint4) == 0) {
+#pragma unroll
+    for (int piece = 0; piece < kBytes / int(sizeof(uint4)); ++piece) {
+      uint4 words;
+      memcpy(&words, reinterpret_cast<const char*>(&pack) + piece * sizeof(uint4), sizeof(uint4));
+      store_16_bytes(reinterpret_cast<uint4*>(ptr + i) + piece, words);
+    }
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(ptr + i) = pack;
+  }
 }
 
 // ------------------------------------------------------------- per element --
