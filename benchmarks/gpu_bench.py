@@ -1,7 +1,8 @@
 """GPU benchmark: forward+backward of the VAE loss, eager vs torch.compile vs fused, against the floor.
 
     python benchmarks/gpu_bench.py [--batch 64] [--size 256] [--latent 512] [--iters 50] [--repeats 5]
-                                   [--warmup 3] [--beta 1] [--no-dmol] [--cuda-wide-loads] [--cuda-fast-log]
+                                   [--warmup 3] [--beta 1] [--no-dmol] [--cuda-wide-loads] [--cuda-fast-exp]
+                                   [--cuda-fast-log]
 
 The three methods are those of the CPU benchmark (``fusedvae.bench.METHODS``:
 ``eager_loss``, the same under ``torch.compile``, ``fusedvae.vae_loss``). After
@@ -12,10 +13,11 @@ and its gradient w.r.t. the parameters, for ``fusedvae.reference``'s
 ``discretized_mix_logistic_nll`` (eager), the same under ``torch.compile`` and
 ``fusedvae.discretized_mix_logistic_nll`` (:data:`DMOL_METHODS`). Opt-in
 kernels are timed as ``fused_opt_in``, beside fused, in the same run, on the
-same inputs (:func:`switched_on`): with ``--cuda-wide-loads`` the VAE cases'
-kernels that load 16 bytes of the narrower operand per access, with
-``--cuda-fast-log`` the discretized mixture's with the hardware's approximate
-logarithm.
+same inputs (:func:`switched_on`): in the VAE cases, with ``--cuda-wide-loads``
+the kernels that load 16 bytes of the narrower operand per access and with
+``--cuda-fast-exp`` those that take the logits likelihoods' exponential from the
+hardware's (both, where both are given); with ``--cuda-fast-log`` the
+discretized mixture's with the hardware's approximate logarithm.
 
 Per case it prints:
 
@@ -88,9 +90,10 @@ GIB = 2**30
 MIN_COPY_BYTES = GIB
 LATENT_DTYPE = torch.float32  # mu and logvar, as make_inputs makes them
 METHOD_NAMES = ("eager", "compiled", "fused")  # the table's order
-# fused with opt-in CUDA kernels: the VAE cases' wide loads under --cuda-wide-loads
-# (fusedvae._C._set_cuda_wide_loads), the mixture's approximate logarithm under
-# --cuda-fast-log (fusedvae._C._set_cuda_fast_log).
+# fused with opt-in CUDA kernels: in the VAE cases the wide loads under
+# --cuda-wide-loads (fusedvae._C._set_cuda_wide_loads) and the approximate
+# exponential under --cuda-fast-exp (_set_cuda_fast_exp), the mixture's
+# approximate logarithm under --cuda-fast-log (_set_cuda_fast_log).
 OPT_IN = "fused_opt_in"
 
 
@@ -506,6 +509,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="also time fused with the opt-in kernels that load 16 bytes of the narrower operand "
                              "per access in the VAE cases (a fused_opt_in column, checked against the float64 "
                              "truth like the others)")
+    parser.add_argument("--cuda-fast-exp", action="store_true",
+                        help="also time fused with the opt-in approximate exponential of the logits likelihoods "
+                             "in the VAE cases (with --cuda-wide-loads, both in one fused_opt_in column)")
     parser.add_argument("--cuda-fast-log", action="store_true",
                         help="also time fused with the opt-in approximate logarithm in the discretized-mixture "
                              "cases (a fused_opt_in column, checked like the others)")
@@ -534,22 +540,27 @@ def time_case(name: str, steps: Dict[str, Callable[[], object]], nbytes: int, co
 
 
 @contextlib.contextmanager
-def switched_on(setter: Callable[[bool], bool]):
-    """An opt-in kernel switch (``fusedvae._C._set_cuda_wide_loads``, ``_set_cuda_fast_log``) on inside
-    the block, its previous setting restored after it."""
-    previous = setter(True)
-    try:
+def switched_on(*setters: Callable[[bool], bool]):
+    """Opt-in kernel switches (``fusedvae._C._set_cuda_wide_loads``, ``_set_cuda_fast_exp``,
+    ``_set_cuda_fast_log``) on inside the block, their previous settings restored after it."""
+    with contextlib.ExitStack() as stack:
+        for setter in setters:
+            stack.callback(setter, setter(True))
         yield
-    finally:
-        setter(previous)
 
 
-def with_switch(step: Callable[[], object], setter: Callable[[bool], bool]) -> Callable[[], object]:
+def with_switch(step: Callable[[], object], *setters: Callable[[bool], bool]) -> Callable[[], object]:
     """``step`` (forward and backward) run under :func:`switched_on`; a graph captured from it replays those kernels."""
     def run():
-        with switched_on(setter):
+        with switched_on(*setters):
             return step()
     return run
+
+
+def vae_opt_in_switches(args: argparse.Namespace) -> List[Callable[[bool], bool]]:
+    """The VAE cases' opt-in kernel switches that ``args`` names (the wide loads, the approximate exponential)."""
+    return [setter for wanted, setter in ((args.cuda_wide_loads, fusedvae._C._set_cuda_wide_loads),
+                                          (args.cuda_fast_exp, fusedvae._C._set_cuda_fast_exp)) if wanted]
 
 
 def run_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: Callable = device_timers,
@@ -568,10 +579,11 @@ def run_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: 
         # One step of each method (compiling the compiled one) against the float64 truth.
         accuracy = bench.accuracy(inputs, args.beta, methods)
         steps = {label: make_step(f, inputs, args.beta) for label, f in methods.items()}
-        if args.cuda_wide_loads:
-            with switched_on(fusedvae._C._set_cuda_wide_loads):
+        switches = vae_opt_in_switches(args)
+        if switches:
+            with switched_on(*switches):
                 accuracy[OPT_IN] = bench.accuracy(inputs, args.beta, {"fused": methods["fused"]})["fused"]
-            steps[OPT_IN] = with_switch(steps["fused"], fusedvae._C._set_cuda_wide_loads)
+            steps[OPT_IN] = with_switch(steps["fused"], *switches)
         accuracy_rows.append((name, accuracy))
         rows.append(time_case(name, steps, nbytes[name], copy_gbs, args, device, timers))
         del inputs, steps
@@ -623,6 +635,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shape = (args.batch, 3, args.size, args.size)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {shape}  Z {args.latent}"
           f"  opt-in kernels timed beside fused: wide loads {'yes' if args.cuda_wide_loads else 'no'},"
+          f" fast exp {'yes' if args.cuda_fast_exp else 'no'},"
           f" fast log {'yes' if args.cuda_fast_log else 'no'}", flush=True)
     dmol_cases = [] if args.no_dmol else DMOL_CASES
     copy_nbytes = copy_bytes(*case_bytes(args).values(), *(c[3] for c in dmol_cases))

@@ -82,6 +82,15 @@ for xr in (xa, xa.detach().bfloat16().requires_grad_()):
     for lik in ("bernoulli", "gaussian"):
         fusedvae.vae_loss(xr, ta, mu, mu.detach(), likelihood=lik).loss.backward()
 fusedvae._C._set_cuda_wide_loads(False)
+# the opt-in approximate exponential of the logits likelihoods, packs and a tail
+fusedvae._C._set_cuda_fast_exp(True)
+for shape in ((3, 3, 16, 16), (3, 3, 5, 7)):
+    ta = torch.randint(0, 256, shape, device=DEVICE, dtype=torch.uint8)
+    xf = torch.randn(shape, device=DEVICE, requires_grad=True)
+    for xr in (xf, xf.detach().bfloat16().requires_grad_()):
+        for lik in ("bernoulli", "cbernoulli"):
+            fusedvae.vae_loss(xr, ta, mu, mu.detach(), likelihood=lik).loss.backward()
+fusedvae._C._set_cuda_fast_exp(False)
 if DEVICE == "cuda":
     torch.cuda.synchronize()
 print("ok")

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import fusedvae
 from fusedvae import bench, reference
 
 _PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_bench.py")
@@ -395,6 +396,7 @@ def test_parse_args():
     assert not args.no_dmol and gpu_bench.parse_args(["--no-dmol"]).no_dmol
     assert not args.cuda_wide_loads and gpu_bench.parse_args(["--cuda-wide-loads"]).cuda_wide_loads
     assert not args.cuda_fast_log and gpu_bench.parse_args(["--cuda-fast-log"]).cuda_fast_log
+    assert not args.cuda_fast_exp and gpu_bench.parse_args(["--cuda-fast-exp"]).cuda_fast_exp
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--iters", "0"])
 
@@ -442,9 +444,10 @@ def test_dmol_cases_on_cuda(fresh_dynamo):
 
 
 def test_opt_in_kernels_are_timed_beside_fused(fresh_dynamo):
-    """--cuda-wide-loads adds fused_opt_in to every VAE case, --cuda-fast-log to every mixture case:
-    timed, checked, in their own columns."""
-    args = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-wide-loads", "--cuda-fast-log"])
+    """--cuda-wide-loads and --cuda-fast-exp add fused_opt_in to every VAE case, --cuda-fast-log to every
+    mixture case: timed, checked, in their own columns."""
+    args = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-wide-loads", "--cuda-fast-exp", "--cuda-fast-log"])
+    assert gpu_bench.vae_opt_in_switches(args) == [fusedvae._C._set_cuda_wide_loads, fusedvae._C._set_cuda_fast_exp]
     rows, accuracy_rows = gpu_bench.run_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]))
     cases = [("DMOL 2x3x8x8, K=10", 2, 8, gpu_bench.dmol_min_bytes(2, 8))]
     dmol_rows, dmol_accuracy = gpu_bench.run_dmol_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]),
@@ -467,7 +470,7 @@ def test_opt_in_kernels_are_timed_beside_fused(fresh_dynamo):
     assert any(line.startswith("| case |") and line.endswith("| fused_opt_in |") for line in lines)  # accuracy
 
 
-@pytest.mark.parametrize("setter", ["_set_cuda_wide_loads", "_set_cuda_fast_log"])
+@pytest.mark.parametrize("setter", ["_set_cuda_wide_loads", "_set_cuda_fast_exp", "_set_cuda_fast_log"])
 def test_switched_on_restores_the_switch(setter):
     import fusedvae
 
@@ -479,3 +482,12 @@ def test_switched_on_restores_the_switch(setter):
     seen = []
     gpu_bench.with_switch(lambda: seen.append(switch(True)), switch)()
     assert seen == [True] and switch(False) is False
+
+
+def test_switched_on_takes_several_switches():
+    wide, fast_exp = fusedvae._C._set_cuda_wide_loads, fusedvae._C._set_cuda_fast_exp
+    assert wide(False) is False and fast_exp(True) is False  # fast_exp on before the block
+    with gpu_bench.switched_on(wide, fast_exp):
+        assert wide(True) is True and fast_exp(True) is True
+    assert wide(False) is False  # each back to its own previous setting
+    assert fast_exp(False) is True

@@ -249,7 +249,7 @@ bool select_kernels();
 
 // Kernel variants chosen at run time, each off by default: a kernel that has
 // not yet run on a GPU does not replace one that has (fusedvae._C's
-// _set_cuda_wide_loads and _set_cuda_fast_log switch them; registration.cpp
+// _set_cuda_wide_loads, _set_cuda_fast_log and _set_cuda_fast_exp switch them; registration.cpp
 // holds the state).
 struct KernelOptions {
   // The CUDA objective's kernels load 16 bytes of the narrower of recon and
@@ -260,6 +260,10 @@ struct KernelOptions {
   // The CUDA discretized mixture's float32 kernels take their logs from the
   // hardware's approximate logarithm (math::FastLogOps) instead of logf.
   std::atomic<bool> cuda_fast_log{false};
+  // The CUDA objective's float32 kernels for the logits likelihoods take
+  // exp(-|x|) from the hardware's base-2 exponential (math::FastExpOps)
+  // instead of expf.
+  std::atomic<bool> cuda_fast_exp{false};
 };
 KernelOptions& kernel_options();
 

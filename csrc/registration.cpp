@@ -95,12 +95,20 @@ PyObject* set_cuda_fast_log(PyObject*, PyObject* arg) {
   return exchange_option(fusedvae::kernel_options().cuda_fast_log, arg);
 }
 
+// `fusedvae._C._set_cuda_fast_exp(enabled) -> bool`: KernelOptions::cuda_fast_exp.
+PyObject* set_cuda_fast_exp(PyObject*, PyObject* arg) {
+  return exchange_option(fusedvae::kernel_options().cuda_fast_exp, arg);
+}
+
 PyMethodDef module_methods[] = {
     {"_set_cuda_wide_loads", set_cuda_wide_loads, METH_O,
      "Switch the CUDA objective's wide-load kernels on or off; returns the previous setting."},
     {"_set_cuda_fast_log", set_cuda_fast_log, METH_O,
      "Switch the CUDA discretized mixture's approximate logarithm on or off; returns the previous "
      "setting."},
+    {"_set_cuda_fast_exp", set_cuda_fast_exp, METH_O,
+     "Switch the CUDA objective's approximate exponential (logits likelihoods, float32 "
+     "accumulation) on or off; returns the previous setting."},
     {"_cpu_float_math", cpu_float_math, METH_VARARGS,
      "The CPU kernels' float32 approximation `name` applied to the float32 values in `data`."},
     {nullptr, nullptr, 0, nullptr}};

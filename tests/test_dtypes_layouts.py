@@ -588,6 +588,49 @@ def test_cuda_wide_loads_switch_is_off_by_default_and_round_trips():
     assert fusedvae._C._set_cuda_wide_loads(False) is False
 
 
+@pytest.fixture(params=["expf", "fast_exp"])
+def cuda_exp(request):
+    """The CUDA objective's exponential for the logits likelihoods, for one test:
+    expf, then the opt-in approximate one (fusedvae._C._set_cuda_fast_exp; the CPU
+    kernels ignore the switch)."""
+    previous = fusedvae._C._set_cuda_fast_exp(request.param == "fast_exp")
+    yield request.param
+    fusedvae._C._set_cuda_fast_exp(previous)
+
+
+def test_cuda_fast_exp_switch_is_off_by_default_and_round_trips():
+    assert fusedvae._C._set_cuda_fast_exp(True) is False
+    assert fusedvae._C._set_cuda_fast_exp(False) is True
+    assert fusedvae._C._set_cuda_fast_exp(False) is False
+
+
+_FAST_EXP_PAIRS = [(F32, F32), (F32, torch.uint8), (torch.bfloat16, torch.uint8), (torch.float16, torch.float16)]
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "cbernoulli"])
+@pytest.mark.parametrize("recon_dtype,target_dtype", _FAST_EXP_PAIRS,
+                         ids=[f"{_DTYPE_IDS.get(r)}-{_DTYPE_IDS[t]}" for r, t in _FAST_EXP_PAIRS])
+@pytest.mark.parametrize("sample_shape", [(3, 32, 33), (3, 5, 7)], ids=["aligned", "tail"])
+@pytest.mark.parametrize("logit_scale", [1.0, 30.0], ids=["logits", "large-logits"])
+def test_logits_likelihoods_match_reference_under_either_cuda_exponential(
+        device, cuda_exp, likelihood, recon_dtype, target_dtype, sample_shape, logit_scale):
+    # Under fast_exp the CUDA kernels with float32 accumulation take exp(-|x|)
+    # from the hardware's base-2 exponential (math::FastExpOps): the same bars as
+    # expf. Logits 30 times the usual spread reach past |x| = 87.3, where it
+    # flushes e^-|x| to 0; the vector packs ("aligned") and the scalar path
+    # ("tail") each run.
+    inputs = make_inputs(likelihood, True, recon_dtype, (8,), batch=3, sample_shape=sample_shape,
+                         target_dtype=torch.uint8 if target_dtype == torch.uint8 else None, device=device)
+    inputs = inputs._replace(recon=(inputs.recon.double() * logit_scale).to(recon_dtype))
+    if target_dtype != torch.uint8:
+        inputs = inputs._replace(target=inputs.target.to(target_dtype))
+    kw = dict(likelihood=likelihood, reduction="none")
+    got = run_loss(fusedvae.vae_loss, inputs, upstream=weighted_upstream, **kw)
+    exp = run_loss(reference.vae_loss, on_cpu_float64(inputs), upstream=weighted_upstream, **kw)
+    tol = {F32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[recon_dtype]
+    _assert_close_as(got, exp, F64, rtol=tol, atol=tol)
+
+
 # Each pair whose wide vector width differs from the default one (16 bytes of recon).
 _WIDE_PAIRS = [(F64, torch.uint8), (F32, torch.uint8), (torch.bfloat16, torch.uint8), (torch.float16, torch.uint8),
                (F32, torch.float16), (F32, torch.bool)]

@@ -108,7 +108,10 @@ __device__ __forceinline__ void load_weights(const WeightView& w, int64_t numel_
   }
 }
 
-template <class L, typename T, typename TargetT, typename ScaleT>
+// O: the ops policy of the per-element math, math::ScalarOps<acc_t<T>> or, for
+// the logits likelihoods under KernelOptions::cuda_fast_exp, math::FastExpOps
+// (objective_recon.cuh).
+template <class L, typename T, typename TargetT, typename ScaleT, class O>
 struct ReconTerm {
   using Acc = acc_t<T>;
   const T* x;
@@ -118,7 +121,6 @@ struct ReconTerm {
   int64_t numel_per_sample;
   template <int VEC>
   __device__ __forceinline__ Acc sum(int64_t i) const {
-    using O = math::ScalarOps<Acc>;
     Acc xv[VEC], tv[VEC], sv[VEC], wv[VEC];
     load<VEC>(x, i, xv);
     load<VEC>(t, i, tv);
@@ -140,8 +142,8 @@ struct ReconTerm {
 };
 
 // grad_x = g·∂ℓ/∂x (and grad_s = g·∂ℓ/∂s for the heteroscedastic Gaussian),
-// with g the sample's coefficient (objective.h).
-template <class L, typename T, typename TargetT, typename ScaleT>
+// with g the sample's coefficient (objective.h); O as in ReconTerm.
+template <class L, typename T, typename TargetT, typename ScaleT, class O>
 struct ReconGrad {
   using Acc = acc_t<T>;
   const T* x;
@@ -153,7 +155,6 @@ struct ReconGrad {
   int64_t numel_per_sample;
   template <int VEC>
   __device__ __forceinline__ void apply(Acc coefficient, int64_t i) const {
-    using O = math::ScalarOps<Acc>;
     Acc xv[VEC], tv[VEC], gx[VEC], gv[VEC];
     load<VEC>(x, i, xv);
     load<VEC>(t, i, tv);
@@ -563,7 +564,7 @@ __device__ BatchSums<Acc> batch_sums(const ObjectiveProblem& p, const OutputGrad
   return sums;
 }
 
-template <int VEC, class L, typename T, typename TargetT, typename ScaleT>
+template <int VEC, class L, typename T, typename TargetT, typename ScaleT, class O>
 __global__ void __launch_bounds__(kThreads)
     objective_backward_kernel(ObjectiveProblem p, OutputGrads g, const acc_t<T>* aux,
                               ObjectiveGrads out, Grid recon_grid, int64_t recon_blocks,
@@ -608,7 +609,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       return;
     }
-    const ReconGrad<L, T, TargetT, ScaleT> body{
+    const ReconGrad<L, T, TargetT, ScaleT, O> body{
         static_cast<const T*>(p.recon.recon),
         static_cast<const TargetT*>(p.recon.target),
         static_cast<const ScaleT*>(p.recon.log_scale),
