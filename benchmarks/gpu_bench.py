@@ -16,8 +16,9 @@ kernels are timed as ``fused_opt_in``, beside fused, in the same run, on the
 same inputs (:func:`switched_on`): in the VAE cases, with ``--cuda-wide-loads``
 the kernels that load 16 bytes of the narrower operand per access and with
 ``--cuda-fast-exp`` those that take the logits likelihoods' exponential from the
-hardware's (both, where both are given); with ``--cuda-fast-log`` the
-discretized mixture's with the hardware's approximate logarithm.
+hardware's; in the discretized mixture's, with ``--cuda-fast-log`` the kernels
+with the hardware's approximate logarithm and with ``--cuda-fast-exp`` its
+exponential. Where a case has two switches given, they are on together.
 
 Per case it prints:
 
@@ -92,8 +93,9 @@ LATENT_DTYPE = torch.float32  # mu and logvar, as make_inputs makes them
 METHOD_NAMES = ("eager", "compiled", "fused")  # the table's order
 # fused with opt-in CUDA kernels: in the VAE cases the wide loads under
 # --cuda-wide-loads (fusedvae._C._set_cuda_wide_loads) and the approximate
-# exponential under --cuda-fast-exp (_set_cuda_fast_exp), the mixture's
-# approximate logarithm under --cuda-fast-log (_set_cuda_fast_log).
+# exponential under --cuda-fast-exp (_set_cuda_fast_exp), in the mixture's the
+# approximate logarithm under --cuda-fast-log (_set_cuda_fast_log) and the
+# exponential under --cuda-fast-exp.
 OPT_IN = "fused_opt_in"
 
 
@@ -510,8 +512,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "per access in the VAE cases (a fused_opt_in column, checked against the float64 "
                              "truth like the others)")
     parser.add_argument("--cuda-fast-exp", action="store_true",
-                        help="also time fused with the opt-in approximate exponential of the logits likelihoods "
-                             "in the VAE cases (with --cuda-wide-loads, both in one fused_opt_in column)")
+                        help="also time fused with the opt-in approximate exponential: of the logits likelihoods "
+                             "in the VAE cases, of the discretized mixture in its cases (with another switch of "
+                             "those cases, both on in one fused_opt_in column)")
     parser.add_argument("--cuda-fast-log", action="store_true",
                         help="also time fused with the opt-in approximate logarithm in the discretized-mixture "
                              "cases (a fused_opt_in column, checked like the others)")
@@ -555,6 +558,13 @@ def with_switch(step: Callable[[], object], *setters: Callable[[bool], bool]) ->
         with switched_on(*setters):
             return step()
     return run
+
+
+def dmol_opt_in_switches(args: argparse.Namespace) -> List[Callable[[bool], bool]]:
+    """The discretized mixture's opt-in kernel switches that ``args`` names (the approximate logarithm and
+    exponential)."""
+    return [setter for wanted, setter in ((args.cuda_fast_log, fusedvae._C._set_cuda_fast_log),
+                                          (args.cuda_fast_exp, fusedvae._C._set_cuda_fast_exp)) if wanted]
 
 
 def vae_opt_in_switches(args: argparse.Namespace) -> List[Callable[[bool], bool]]:
@@ -603,10 +613,11 @@ def run_dmol_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", tim
         params, target = bench.make_dmol_inputs(batch, side, device)
         accuracy = dmol_accuracy(params, target)  # compiles the compiled method too
         steps = {label: functools.partial(bench._dmol_step, f, params, target) for label, f in DMOL_METHODS.items()}
-        if args.cuda_fast_log:
-            with switched_on(fusedvae._C._set_cuda_fast_log):
+        switches = dmol_opt_in_switches(args)
+        if switches:
+            with switched_on(*switches):
                 accuracy[OPT_IN] = dmol_accuracy(params, target, {"fused": DMOL_METHODS["fused"]})["fused"]
-            steps[OPT_IN] = with_switch(steps["fused"], fusedvae._C._set_cuda_fast_log)
+            steps[OPT_IN] = with_switch(steps["fused"], *switches)
         accuracy_rows.append((name, accuracy))
         peak_bytes = {label: peak(s) for label, s in steps.items()}
         rows.append(time_case(name, steps, nbytes, copy_gbs, args, device, timers,

@@ -62,13 +62,16 @@ for channels, k, dtype in ((3, 10, torch.float32), (1, 4, torch.bfloat16), (3, 2
     fusedvae.discretized_mix_logistic_nll(p, img).sum().backward()
     pl = p.detach().to(memory_format=torch.channels_last).requires_grad_()
     fusedvae.discretized_mix_logistic_nll(pl, img.float() / 127.5 - 1).sum().backward()
-# and under the opt-in approximate logarithm (float32: one pass; bfloat16: two)
+# and under the opt-in approximate logarithm and exponential (float32: one
+# pass; bfloat16: two)
 fusedvae._C._set_cuda_fast_log(True)
+fusedvae._C._set_cuda_fast_exp(True)
 for dtype in (torch.float32, torch.bfloat16):
     p = torch.randn(2, 100, 17, 19, device=DEVICE, dtype=dtype, requires_grad=True)
     img = torch.randint(0, 256, (2, 3, 17, 19), device=DEVICE, dtype=torch.uint8)
     fusedvae.discretized_mix_logistic_nll(p, img).sum().backward()
 fusedvae._C._set_cuda_fast_log(False)
+fusedvae._C._set_cuda_fast_exp(False)
 # the KL to learned priors over latent groups, a 16-bit group and free bits on it
 groups = [torch.randn(3, 5, device=DEVICE, requires_grad=True),
           torch.randn(3, 2, 4, 4, device=DEVICE, dtype=torch.half, requires_grad=True)]

@@ -260,9 +260,10 @@ struct KernelOptions {
   // The CUDA discretized mixture's float32 kernels take their logs from the
   // hardware's approximate logarithm (math::FastLogOps) instead of logf.
   std::atomic<bool> cuda_fast_log{false};
-  // The CUDA objective's float32 kernels for the logits likelihoods take
-  // exp(-|x|) from the hardware's base-2 exponential (math::FastExpOps)
-  // instead of expf.
+  // The CUDA kernels with float accumulation of the objective's logits
+  // likelihoods and of the discretized mixture take their exponentials of
+  // non-positive arguments from the hardware's base-2 exponential
+  // (math::WithFastExp) instead of expf.
   std::atomic<bool> cuda_fast_exp{false};
 };
 KernelOptions& kernel_options();

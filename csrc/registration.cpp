@@ -107,8 +107,9 @@ PyMethodDef module_methods[] = {
      "Switch the CUDA discretized mixture's approximate logarithm on or off; returns the previous "
      "setting."},
     {"_set_cuda_fast_exp", set_cuda_fast_exp, METH_O,
-     "Switch the CUDA objective's approximate exponential (logits likelihoods, float32 "
-     "accumulation) on or off; returns the previous setting."},
+     "Switch the approximate exponential of the CUDA kernels with float accumulation (the "
+     "objective's logits likelihoods, the discretized mixture) on or off; returns the previous "
+     "setting."},
     {"_cpu_float_math", cpu_float_math, METH_VARARGS,
      "The CPU kernels' float32 approximation `name` applied to the float32 values in `data`."},
     {nullptr, nullptr, 0, nullptr}};

@@ -139,52 +139,61 @@ FUSEDVAE_ALWAYS_INLINE V pixel_quotient(const V& k, const Fma& fma) {
   return fma(fma(q, V(-255.0f), k), inv, q);
 }
 
-// ScalarOps<float> with the hardware's approximate logarithm for the CUDA
-// kernels' log_approx and log_product3 (MUFU.LG2: __logf, __log2f), opt-in
-// (KernelOptions::cuda_fast_log) until a GPU run shows it as accurate and
-// faster. The CUDA Programming Guide's table of intrinsics bounds the error at
-// about 2^-21 absolute on [0.5, 2] and a few ulps elsewhere: for the
-// discretized mixture's channel probabilities in (0, 1], well inside its bars,
-// where logf takes some thirty instructions. Subnormal arguments read as 0
-// (libdevice flushes them), whose log is -inf: a bin of width below 2^-126,
-// from a raw log-scale above about 82. On the host it is ScalarOps<float>.
-struct FastLogOps : ScalarOps<float> {
+// Opt-in policies for the CUDA kernels with float accumulation: a float policy
+// (ScalarOps<float> or another of these) with some of its functions taken from
+// the hardware's approximations, switched on by KernelOptions until a GPU run
+// shows them as accurate and faster. On the host each is its Base.
+
+// The hardware's approximate logarithm for log_approx and log_product3
+// (MUFU.LG2: __logf, __log2f; KernelOptions::cuda_fast_log). The CUDA
+// Programming Guide's table of intrinsics bounds the error at about 2^-21
+// absolute on [0.5, 2] and a few ulps elsewhere: for the discretized mixture's
+// channel probabilities in (0, 1], well inside its bars, where logf takes some
+// thirty instructions. Subnormal arguments read as 0 (libdevice flushes them),
+// whose log is -inf: a bin of width below 2^-126, from a raw log-scale above
+// about 82.
+template <class Base>
+struct WithFastLog : Base {
+  using V = typename Base::V;
   static FUSEDVAE_HD V log_approx(V x) {
 #if defined(__CUDA_ARCH__)
     return __logf(x);
 #else
-    return ScalarOps<float>::log_approx(x);
+    return Base::log_approx(x);
 #endif
   }
   static FUSEDVAE_HD V log_product3(V a, V b, V c) {
 #if defined(__CUDA_ARCH__)
     return (__log2f(a) + __log2f(b) + __log2f(c)) * 0.693147180559945309f;
 #else
-    return ScalarOps<float>::log_product3(a, b, c);
+    return Base::log_product3(a, b, c);
 #endif
   }
 };
 
-// ScalarOps<float> with the hardware's base-2 exponential for exp_nonpositive
-// (ex2.approx.ftz of x·log2(e): an FMUL and one MUFU.EX2, where expf takes
-// eight instructions), opt-in for the CUDA objective's logits likelihoods
-// (KernelOptions::cuda_fast_exp) until a GPU run shows it as accurate and
-// faster. In the normal range it is __expf, which the CUDA Programming Guide
-// bounds at 2 + floor(1.173·|x|) ulps: for exp(-|x|), at most about 1.4e-7
-// absolute in the softplus and the sigmoid built on it. Results below 2^-126
-// (x < -87.3) flush to 0, where expf returns a subnormal. On the host it is
-// ScalarOps<float>.
-struct FastExpOps : ScalarOps<float> {
+// The hardware's base-2 exponential for exp_nonpositive (ex2.approx.ftz of
+// x·log2(e): an FMUL and one MUFU.EX2, where expf takes eight instructions;
+// KernelOptions::cuda_fast_exp). In the normal range it is __expf, which the
+// CUDA Programming Guide bounds at 2 + floor(1.173·|x|) ulps: for exp(-|x|),
+// at most about 1.4e-7 absolute in the softplus and the sigmoid built on it.
+// Results below 2^-126 (x < -87.3) flush to 0, where expf returns a subnormal.
+template <class Base>
+struct WithFastExp : Base {
+  using V = typename Base::V;
   static FUSEDVAE_HD V exp_nonpositive(V x) {
 #if defined(__CUDA_ARCH__)
     float r;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504088896341f));
     return r;
 #else
-    return ScalarOps<float>::exp_nonpositive(x);
+    return Base::exp_nonpositive(x);
 #endif
   }
 };
+
+using FastLogOps = WithFastLog<ScalarOps<float>>;
+using FastExpOps = WithFastExp<ScalarOps<float>>;
+using FastLogExpOps = WithFastExp<FastLogOps>;
 
 // PyTorch's binary_cross_entropy clamps each log at -100 and divides its
 // gradient by max(p(1-p), 1e-12); the probability paths follow both conventions.

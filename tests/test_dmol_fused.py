@@ -27,13 +27,18 @@ def _case(channels, k, device, batch=3, height=5, width=6, seed=0, edges=True, *
     return params.to(device), target.to(device)
 
 
-@pytest.fixture(params=["logf", "fast_log"])
-def cuda_log(request):
-    """The CUDA kernels' logarithm for one test: logf, then the opt-in approximate
-    one (fusedvae._C._set_cuda_fast_log; the CPU kernels ignore the switch)."""
-    previous = fusedvae._C._set_cuda_fast_log(request.param == "fast_log")
+@pytest.fixture(params=["accurate", "fast_log", "fast_exp", "fast_log+fast_exp"])
+def cuda_math(request):
+    """The CUDA kernels' logarithm and exponential for one test: logf and expf,
+    then the opt-in approximate ones, each alone and both
+    (fusedvae._C._set_cuda_fast_log, _set_cuda_fast_exp; the CPU kernels ignore
+    the switches)."""
+    switches = request.param.split("+")
+    previous_log = fusedvae._C._set_cuda_fast_log("fast_log" in switches)
+    previous_exp = fusedvae._C._set_cuda_fast_exp("fast_exp" in switches)
     yield request.param
-    fusedvae._C._set_cuda_fast_log(previous)
+    fusedvae._C._set_cuda_fast_log(previous_log)
+    fusedvae._C._set_cuda_fast_exp(previous_exp)
 
 
 def test_cuda_fast_log_switch_is_off_by_default_and_round_trips():
@@ -125,7 +130,7 @@ def test_extreme_parameters_match_reference(device):
     torch.testing.assert_close(got_grad, exp_grad, rtol=1e-8, atol=1e-10 * float(exp_grad.abs().max()))
 
 
-@pytest.mark.usefixtures("cuda_log")
+@pytest.mark.usefixtures("cuda_math")
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
 def test_bins_around_the_mean_match_reference(device, dtype):
     # A component's mean inside the pixel's bin (u > 0 > l: the interior's
@@ -147,7 +152,7 @@ def test_bins_around_the_mean_match_reference(device, dtype):
     torch.testing.assert_close(got_grad.double(), exp_grad, rtol=0, atol=grad_rtol * float(exp_grad.abs().max()))
 
 
-@pytest.mark.usefixtures("cuda_log")
+@pytest.mark.usefixtures("cuda_math")
 def test_extreme_parameters_in_float32(device):
     # test_extreme_parameters_match_reference's cases in float32 (one pass) and
     # bfloat16 (two passes: the backward kernel), within the mixture's bars.
@@ -171,7 +176,7 @@ def test_gradcheck(device):
     )
 
 
-@pytest.mark.usefixtures("cuda_log")
+@pytest.mark.usefixtures("cuda_math")
 @pytest.mark.parametrize("dtype,nll_rtol,grad_rtol", [
     (torch.float32, 2e-5, 1e-4),
     (torch.bfloat16, 2e-5, 1e-4),

@@ -48,7 +48,7 @@ struct Read {
 };
 
 // The ops policy O of a kernel: math::ScalarOps<acc_t<T>>, or for float
-// accumulation under KernelOptions::cuda_fast_log, math::FastLogOps.
+// accumulation one with the hardware's logarithm or exponential (with_ops).
 template <class O>
 __device__ dmol::Pixel<O> load_pixel(const DmolProblem& p, int64_t b, int64_t i) {
   using Acc = typename O::V;
@@ -228,15 +228,18 @@ void with_split(int split, const F& f) {
   }
 }
 
-// f(O{}) for the ops policy of T's kernels (load_pixel).
+// f(O{}) for the ops policy of T's kernels (load_pixel): with float
+// accumulation, the hardware's logarithm under KernelOptions::cuda_fast_log and
+// its exponential under cuda_fast_exp.
 template <typename T, typename F>
 void with_ops(const F& f) {
   using Acc = acc_t<T>;
   if constexpr (std::is_same_v<Acc, float>) {
-    if (kernel_options().cuda_fast_log.load(std::memory_order_relaxed)) {
-      f(math::FastLogOps{});
-      return;
-    }
+    const bool fast_log = kernel_options().cuda_fast_log.load(std::memory_order_relaxed);
+    const bool fast_exp = kernel_options().cuda_fast_exp.load(std::memory_order_relaxed);
+    if (fast_log && fast_exp) return f(math::FastLogExpOps{});
+    if (fast_log) return f(math::FastLogOps{});
+    if (fast_exp) return f(math::FastExpOps{});
   }
   f(math::ScalarOps<Acc>{});
 }
