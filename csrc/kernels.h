@@ -249,8 +249,8 @@ bool select_kernels();
 
 // Kernel variants chosen at run time, each off by default: a kernel that has
 // not yet run on a GPU does not replace one that has (fusedvae._C's
-// _set_cuda_wide_loads, _set_cuda_fast_log and _set_cuda_fast_exp switch them; registration.cpp
-// holds the state).
+// _set_cuda_wide_loads, _set_cuda_fast_log and _set_cuda_fast_exp switch them;
+// registration.cpp holds the state).
 struct KernelOptions {
   // The CUDA objective's kernels load 16 bytes of the narrower of recon and
   // target per access and thread (a uint8 target 16 pixels at a time, recon's

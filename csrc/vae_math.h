@@ -174,9 +174,11 @@ struct WithFastLog : Base {
 // The hardware's base-2 exponential for exp_nonpositive (ex2.approx.ftz of
 // x·log2(e): an FMUL and one MUFU.EX2, where expf takes eight instructions;
 // KernelOptions::cuda_fast_exp). In the normal range it is __expf, which the
-// CUDA Programming Guide bounds at 2 + floor(1.173·|x|) ulps: for exp(-|x|),
-// at most about 1.4e-7 absolute in the softplus and the sigmoid built on it.
-// Results below 2^-126 (x < -87.3) flush to 0, where expf returns a subnormal.
+// CUDA Programming Guide bounds at 2 + floor(1.173·|x|) ulps: e^-|x| within
+// (2 + 1.173·|x|)·2^-23·e^-|x| of the truth, at most 2.4e-7 absolute (at
+// x = 0), which bounds the error it adds to the softplus and the sigmoid built
+// on it. Results below 2^-126 (x < -87.3) flush to 0, where expf returns a
+// subnormal.
 template <class Base>
 struct WithFastExp : Base {
   using V = typename Base::V;

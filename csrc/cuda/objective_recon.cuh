@@ -63,9 +63,9 @@ void objective_backward_recon(const ObjectiveProblem& p, const OutputGrads& grad
   const Grid recon_grid = make_grid(o.batch, o.n, device);
   const Grid kl_grid = make_grid(o.batch, o.j, device);
   // With recon_coef, block 0 of each sample's chunks writes c_b and the others return.
-  const int64_t recon_blocks = (out.recon != nullptr || out.recon_coef != nullptr) && o.n > 0
-                                   ? o.batch * recon_grid.chunks
-                                   : 0;
+  const int64_t recon_blocks =
+      (out.recon != nullptr || out.recon_coef != nullptr) && o.n > 0 ? o.batch * recon_grid.chunks
+                                                                      : 0;
   const int64_t kl_blocks = out.mu != nullptr && o.j > 0 ? o.batch * kl_grid.chunks : 0;
   const int64_t blocks = recon_blocks + kl_blocks > 0 ? recon_blocks + kl_blocks : 1;
   dispatch_recon_as<T, __half, __nv_bfloat16>(p.recon, [&](auto l, auto, auto t_tag, auto s_tag) {
