@@ -560,17 +560,15 @@ def with_switch(step: Callable[[], object], *setters: Callable[[bool], bool]) ->
     return run
 
 
-def dmol_opt_in_switches(args: argparse.Namespace) -> List[Callable[[bool], bool]]:
-    """The discretized mixture's opt-in kernel switches that ``args`` names (the approximate logarithm and
-    exponential)."""
-    return [setter for wanted, setter in ((args.cuda_fast_log, fusedvae._C._set_cuda_fast_log),
-                                          (args.cuda_fast_exp, fusedvae._C._set_cuda_fast_exp)) if wanted]
+# The opt-in kernel switches each kind of case can time (run_cases, run_dmol_cases),
+# by their argument names; fusedvae._C._set_<name> sets each.
+VAE_SWITCHES = ("cuda_wide_loads", "cuda_fast_exp")
+DMOL_SWITCHES = ("cuda_fast_log", "cuda_fast_exp")
 
 
-def vae_opt_in_switches(args: argparse.Namespace) -> List[Callable[[bool], bool]]:
-    """The VAE cases' opt-in kernel switches that ``args`` names (the wide loads, the approximate exponential)."""
-    return [setter for wanted, setter in ((args.cuda_wide_loads, fusedvae._C._set_cuda_wide_loads),
-                                          (args.cuda_fast_exp, fusedvae._C._set_cuda_fast_exp)) if wanted]
+def opt_in_switches(args: argparse.Namespace, names: Sequence[str]) -> List[Callable[[bool], bool]]:
+    """The setters of the switches among ``names`` that ``args`` turns on."""
+    return [getattr(fusedvae._C, f"_set_{name}") for name in names if getattr(args, name)]
 
 
 def run_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: Callable = device_timers,
@@ -589,7 +587,7 @@ def run_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: 
         # One step of each method (compiling the compiled one) against the float64 truth.
         accuracy = bench.accuracy(inputs, args.beta, methods)
         steps = {label: make_step(f, inputs, args.beta) for label, f in methods.items()}
-        switches = vae_opt_in_switches(args)
+        switches = opt_in_switches(args, VAE_SWITCHES)
         if switches:
             with switched_on(*switches):
                 accuracy[OPT_IN] = bench.accuracy(inputs, args.beta, {"fused": methods["fused"]})["fused"]
@@ -613,7 +611,7 @@ def run_dmol_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", tim
         params, target = bench.make_dmol_inputs(batch, side, device)
         accuracy = dmol_accuracy(params, target)  # compiles the compiled method too
         steps = {label: functools.partial(bench._dmol_step, f, params, target) for label, f in DMOL_METHODS.items()}
-        switches = dmol_opt_in_switches(args)
+        switches = opt_in_switches(args, DMOL_SWITCHES)
         if switches:
             with switched_on(*switches):
                 accuracy[OPT_IN] = dmol_accuracy(params, target, {"fused": DMOL_METHODS["fused"]})["fused"]

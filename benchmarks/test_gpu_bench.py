@@ -447,8 +447,10 @@ def test_opt_in_kernels_are_timed_beside_fused(fresh_dynamo):
     """--cuda-wide-loads and --cuda-fast-exp add fused_opt_in to every VAE case, --cuda-fast-log to every
     mixture case: timed, checked, in their own columns."""
     args = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-wide-loads", "--cuda-fast-exp", "--cuda-fast-log"])
-    assert gpu_bench.vae_opt_in_switches(args) == [fusedvae._C._set_cuda_wide_loads, fusedvae._C._set_cuda_fast_exp]
-    assert gpu_bench.dmol_opt_in_switches(args) == [fusedvae._C._set_cuda_fast_log, fusedvae._C._set_cuda_fast_exp]
+    assert gpu_bench.opt_in_switches(args, gpu_bench.VAE_SWITCHES) == [fusedvae._C._set_cuda_wide_loads,
+                                                                      fusedvae._C._set_cuda_fast_exp]
+    assert gpu_bench.opt_in_switches(args, gpu_bench.DMOL_SWITCHES) == [fusedvae._C._set_cuda_fast_log,
+                                                                        fusedvae._C._set_cuda_fast_exp]
     rows, accuracy_rows = gpu_bench.run_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]))
     cases = [("DMOL 2x3x8x8, K=10", 2, 8, gpu_bench.dmol_min_bytes(2, 8))]
     dmol_rows, dmol_accuracy = gpu_bench.run_dmol_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]),

@@ -349,3 +349,24 @@ def peak_step_bytes(fn, inputs):
     peak = torch.cuda.max_memory_allocated() - base
     bench.clear_grads(inputs)
     return peak
+
+
+# The opt-in CUDA kernel switches (csrc/kernels.h, KernelOptions), each off by
+# default and set by fusedvae._C._set_cuda_<name>.
+CUDA_KERNEL_SWITCHES = ("wide_loads", "fast_log", "fast_exp")
+
+
+@contextlib.contextmanager
+def cuda_kernel_switches(*names: str):
+    """The opt-in CUDA kernel switches ``names`` (of :data:`CUDA_KERNEL_SWITCHES`) on
+    inside the block and the others off, each restored after it. The CPU kernels
+    ignore them."""
+    unknown = set(names) - set(CUDA_KERNEL_SWITCHES)
+    assert not unknown, unknown
+    setters = {name: getattr(fusedvae._C, f"_set_cuda_{name}") for name in CUDA_KERNEL_SWITCHES}
+    previous = {name: setter(name in names) for name, setter in setters.items()}
+    try:
+        yield
+    finally:
+        for name, setter in setters.items():
+            setter(previous[name])

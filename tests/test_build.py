@@ -14,6 +14,7 @@ import torch
 
 import fusedvae
 from fusedvae import _build_info, _C
+from helpers import CUDA_KERNEL_SWITCHES
 
 OPS = (
     "vae_loss",
@@ -49,6 +50,15 @@ def _module_file(name: str) -> str:
 @pytest.mark.parametrize("op", OPS)
 def test_every_op_has_a_cpu_kernel(op):
     assert _has_kernel(op, "CPU")
+
+
+@pytest.mark.parametrize("name", CUDA_KERNEL_SWITCHES)
+def test_cuda_kernel_switches_are_off_by_default_and_round_trip(name):
+    # KernelOptions: a kernel that has not yet run on a GPU stays opt-in.
+    setter = getattr(_C, f"_set_cuda_{name}")
+    assert setter(True) is False
+    assert setter(False) is True
+    assert setter(False) is False
 
 
 @pytest.mark.parametrize("op", OPS)

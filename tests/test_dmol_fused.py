@@ -11,7 +11,7 @@ from torch.profiler import profile
 
 import fusedvae
 from fusedvae import reference
-from helpers import no_host_sync, synchronize
+from helpers import cuda_kernel_switches, no_host_sync, synchronize
 from test_dmol import _random_case
 
 F64 = torch.float64
@@ -27,24 +27,14 @@ def _case(channels, k, device, batch=3, height=5, width=6, seed=0, edges=True, *
     return params.to(device), target.to(device)
 
 
-@pytest.fixture(params=["accurate", "fast_log", "fast_exp", "fast_log+fast_exp"])
+@pytest.fixture(params=[(), ("fast_log",), ("fast_exp",), ("fast_log", "fast_exp")],
+                ids=["accurate", "fast_log", "fast_exp", "fast_log+fast_exp"])
 def cuda_math(request):
     """The CUDA kernels' logarithm and exponential for one test: logf and expf,
     then the opt-in approximate ones, each alone and both
-    (fusedvae._C._set_cuda_fast_log, _set_cuda_fast_exp; the CPU kernels ignore
-    the switches)."""
-    switches = request.param.split("+")
-    previous_log = fusedvae._C._set_cuda_fast_log("fast_log" in switches)
-    previous_exp = fusedvae._C._set_cuda_fast_exp("fast_exp" in switches)
-    yield request.param
-    fusedvae._C._set_cuda_fast_log(previous_log)
-    fusedvae._C._set_cuda_fast_exp(previous_exp)
-
-
-def test_cuda_fast_log_switch_is_off_by_default_and_round_trips():
-    assert fusedvae._C._set_cuda_fast_log(True) is False
-    assert fusedvae._C._set_cuda_fast_log(False) is True
-    assert fusedvae._C._set_cuda_fast_log(False) is False
+    (fusedvae._C._set_cuda_fast_log, _set_cuda_fast_exp)."""
+    with cuda_kernel_switches(*request.param):
+        yield
 
 
 def _nll_and_grad(fn, params, target, upstream, **kw):

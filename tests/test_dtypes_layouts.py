@@ -28,6 +28,7 @@ from helpers import (
     VARIANTS,
     assert_grads_close,
     assert_outputs_close,
+    cuda_kernel_switches,
     compare_to_reference,
     fresh,
     loss_kw,
@@ -577,31 +578,16 @@ def test_unaligned_and_odd_sizes_use_the_scalar_path(device):
 def cuda_wide_loads():
     """The opt-in CUDA kernels that load 16 bytes of the narrower operand per access
     (csrc/kernels.h, KernelOptions), switched on for one test."""
-    previous = fusedvae._C._set_cuda_wide_loads(True)
-    yield
-    fusedvae._C._set_cuda_wide_loads(previous)
+    with cuda_kernel_switches("wide_loads"):
+        yield
 
 
-def test_cuda_wide_loads_switch_is_off_by_default_and_round_trips():
-    assert fusedvae._C._set_cuda_wide_loads(True) is False
-    assert fusedvae._C._set_cuda_wide_loads(False) is True
-    assert fusedvae._C._set_cuda_wide_loads(False) is False
-
-
-@pytest.fixture(params=["expf", "fast_exp"])
+@pytest.fixture(params=[(), ("fast_exp",)], ids=["expf", "fast_exp"])
 def cuda_exp(request):
     """The CUDA objective's exponential for the logits likelihoods, for one test:
-    expf, then the opt-in approximate one (fusedvae._C._set_cuda_fast_exp; the CPU
-    kernels ignore the switch)."""
-    previous = fusedvae._C._set_cuda_fast_exp(request.param == "fast_exp")
-    yield request.param
-    fusedvae._C._set_cuda_fast_exp(previous)
-
-
-def test_cuda_fast_exp_switch_is_off_by_default_and_round_trips():
-    assert fusedvae._C._set_cuda_fast_exp(True) is False
-    assert fusedvae._C._set_cuda_fast_exp(False) is True
-    assert fusedvae._C._set_cuda_fast_exp(False) is False
+    expf, then the opt-in approximate one (fusedvae._C._set_cuda_fast_exp)."""
+    with cuda_kernel_switches(*request.param):
+        yield
 
 
 _FAST_EXP_PAIRS = [(F32, F32), (F32, torch.uint8), (torch.bfloat16, torch.uint8), (torch.float16, torch.float16)]
