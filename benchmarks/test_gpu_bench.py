@@ -409,8 +409,6 @@ def test_main_needs_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_main_on_cuda(capsys):
-    import fusedvae
-
     if not fusedvae.has_cuda_kernels():
         pytest.skip("fusedvae was built without CUDA kernels")
     rc = gpu_bench.main(["--batch", "2", "--size", "16", "--latent", "8", "--iters", "3", "--repeats", "2",
@@ -428,8 +426,6 @@ def test_main_on_cuda(capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dmol_cases_on_cuda(fresh_dynamo):
-    import fusedvae
-
     if not fusedvae.has_cuda_kernels():
         pytest.skip("fusedvae was built without CUDA kernels")
     args = gpu_bench.parse_args(["--iters", "3", "--repeats", "2"])
@@ -475,8 +471,6 @@ def test_opt_in_kernels_are_timed_beside_fused(fresh_dynamo):
 
 @pytest.mark.parametrize("setter", ["_set_cuda_wide_loads", "_set_cuda_fast_exp", "_set_cuda_fast_log"])
 def test_switched_on_restores_the_switch(setter):
-    import fusedvae
-
     switch = getattr(fusedvae._C, setter)
     assert switch(False) is False
     with gpu_bench.switched_on(switch):

@@ -4,6 +4,7 @@ kernels spread over torch's threads; CUDA kernels wherever the build had CUDA
 (CI compiles them on machines without a GPU)."""
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -124,11 +125,11 @@ def test_cuda_vector_kernels_store_16_bytes_per_instruction(source, kernels_ptx)
     # 16 bytes with one instruction (kernels.cuh's store). Assigning the pack
     # compiled to one 4-byte store per element in every backward kernel of the
     # objective: four times the store instructions for the same bytes.
-    import re
+    def vector_width(name):
+        found = re.search(r"(?:objective_backward_kernel|map_chunks_kernel)ILi(\d+)E", name)
+        return int(found.group(1)) if found else 0
 
-    vector_kernels = {name: body for name, body in kernels_ptx(source).items()
-                      if re.search(r"(objective_backward_kernel|map_chunks_kernel)ILi(\d+)E", name)
-                      and int(re.search(r"kernelILi(\d+)E", name).group(1)) > 1}
+    vector_kernels = {name: body for name, body in kernels_ptx(source).items() if vector_width(name) > 1}
     assert vector_kernels
     scalar_only = [name for name, body in vector_kernels.items() if "st.global.v4" not in body]
     assert not scalar_only, f"vector kernels without a 16-byte store: {scalar_only}"
