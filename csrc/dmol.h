@@ -142,7 +142,8 @@ FUSEDVAE_ALWAYS_INLINE void channel_terms(const typename O::V* x, const typename
   // σ(±u) and σ(±l) from e = e^{-|v|} and 1/(1 + e), both reciprocals from one
   // division; the three logs of the interior, log σ(u) + log σ(-l) +
   // log(1 - e^{-w}), as one: min(u, 0) + min(-l, 0) + log(σ(|u|)·σ(|l|)·(1 -
-  // e^{-w})), whose argument stays a normal float for any scale below e^80.
+  // e^{-w})), whose argument stays a normal float for any scale below e^80 (above,
+  // a subnormal one, whose log is still finite).
   // w = u - l = 2·h·s > 0.
   for (int c = 0; c < N; ++c) {
     e_u[c] = O::exp_nonpositive(zero - O::abs(u[c]));
@@ -168,17 +169,24 @@ FUSEDVAE_ALWAYS_INLINE void channel_terms(const typename O::V* x, const typename
   }
   if (want_grad) {
     for (int c = 0; c < N; ++c) {
-      // ∂ log P/∂u and ∂ log P/∂l; d/dw log(1 - e^{-w}) = 1/expm1(w) = -(1 + m)/m
-      // with m = expm1(-w).
-      const V inv_expm1 = zero - (one + expm1_neg_width[c]) / expm1_neg_width[c];
+      // With a = ∂ log P/∂u and b = ∂ log P/∂l, the mean's derivative is
+      // -s·(a + b) and the raw log-scale's -(u·a + l·b). In the interior
+      // d/dw log(1 - e^{-w}) = 1/expm1(w) enters a and -b: it cancels in a + b
+      // and gives w/expm1(w) = w·(1 + m)/(-m), m = expm1(-w), in u·a + l·b.
+      // Taken apart, 1/expm1(w) is huge for narrow bins and its two terms
+      // cancel to no bits (it overflows for w below 2^-128, scales above e^80).
       const V sig_neg_u = O::select(O::gt(u[c], zero), e_u[c] * inv_u[c], inv_u[c]);  // σ(-u)
       const V sig_l = O::select(O::ge(l[c], zero), inv_l[c], e_l[c] * inv_l[c]);      // σ(l)
-      const V du = O::select(below[c], sig_neg_u, O::select(above[c], zero, sig_neg_u + inv_expm1));
-      const V dl =
-          O::select(below[c], zero, O::select(above[c], zero - sig_l, zero - sig_l - inv_expm1));
-      out[c].d_mean = zero - inv_scale[c] * (du + dl);
-      out[c].d_log_scale =
-          O::select(O::gt(raw_log_scale[c], log_scale_min), zero - (u[c] * du + l[c] * dl), zero);
+      const V u_term = u[c] * sig_neg_u;
+      const V l_term = l[c] * sig_l;
+      const V w_over_expm1 =
+          (u[c] - l[c]) * (one + expm1_neg_width[c]) / (zero - expm1_neg_width[c]);
+      const V a_plus_b =
+          O::select(below[c], sig_neg_u, O::select(above[c], zero - sig_l, sig_neg_u - sig_l));
+      const V weighted = O::select(
+          below[c], u_term, O::select(above[c], zero - l_term, u_term - l_term + w_over_expm1));
+      out[c].d_mean = zero - inv_scale[c] * a_plus_b;
+      out[c].d_log_scale = O::select(O::gt(raw_log_scale[c], log_scale_min), zero - weighted, zero);
     }
   }
 }

@@ -27,13 +27,13 @@ def _case(channels, k, device, batch=3, height=5, width=6, seed=0, edges=True, *
     return params.to(device), target.to(device)
 
 
-@pytest.fixture(params=[(), ("fast_log",), ("fast_exp",), ("fast_log", "fast_exp")],
+@pytest.fixture(params=[dict(fast_log=False, fast_exp=False), dict(fast_exp=False), dict(fast_log=False), {}],
                 ids=["accurate", "fast_log", "fast_exp", "fast_log+fast_exp"])
 def cuda_math(request):
     """The CUDA kernels' logarithm and exponential for one test: logf and expf,
-    then the opt-in approximate ones, each alone and both
-    (fusedvae._C._set_cuda_fast_log, _set_cuda_fast_exp)."""
-    with cuda_kernel_switches(*request.param):
+    then the hardware's approximate ones, each alone and both (the default;
+    fusedvae._C._set_cuda_fast_log, _set_cuda_fast_exp)."""
+    with cuda_kernel_switches(**request.param):
         yield
 
 
@@ -156,6 +156,25 @@ def test_extreme_parameters_in_float32(device):
         assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
         _assert_within_bars(got, got_grad, exp, exp_grad, dtype)
 
+
+
+@pytest.mark.usefixtures("cuda_math")
+@pytest.mark.parametrize("log_scale", [85.0, 88.0])
+def test_bins_below_the_smallest_normal_float_keep_a_finite_log(device, log_scale):
+    # With a raw log-scale above about 82 a bin's probability (about its width
+    # times e^-s / 4) is a subnormal float32: its log must stay finite and
+    # right, under logf and under the hardware's logarithm alike (which is given
+    # such an argument scaled into the normal range). At 88, e^-s is itself
+    # subnormal.
+    params, target = _case(3, 4, device)
+    rest = params[:, 4:].view(params.shape[0], 3, 3, 4, *params.shape[2:])
+    rest[:, :, 1] = log_scale
+    upstream = _upstream(params.shape[0], device)
+    got, got_grad = _nll_and_grad(fusedvae.discretized_mix_logistic_nll, params.float(), target.float(),
+                                  upstream.float())
+    exp, exp_grad = _nll_and_grad(reference.discretized_mix_logistic_nll, params, target, upstream)
+    assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+    _assert_within_bars(got, got_grad, exp, exp_grad, torch.float32)
 
 def test_gradcheck(device):
     params, target = _case(3, 2, device, batch=2, height=2, width=3)
