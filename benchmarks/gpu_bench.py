@@ -1,8 +1,8 @@
 """GPU benchmark: forward+backward of the VAE loss, eager vs torch.compile vs fused, against the floor.
 
     python benchmarks/gpu_bench.py [--batch 64] [--size 256] [--latent 512] [--iters 50] [--repeats 5]
-                                   [--warmup 3] [--beta 1] [--no-dmol] [--cuda-wide-loads] [--cuda-fast-exp]
-                                   [--cuda-fast-log]
+                                   [--warmup 3] [--beta 1] [--no-dmol] [--cuda-wide-loads]
+                                   [--cuda-accurate-exp] [--cuda-accurate-log]
 
 The three methods are those of the CPU benchmark (``fusedvae.bench.METHODS``:
 ``eager_loss``, the same under ``torch.compile``, ``fusedvae.vae_loss``). After
@@ -11,14 +11,16 @@ them, unless ``--no-dmol``, the discretized mixture of logistics
 float32 parameters ``[B, 10K, H, W]``), whose step is the per-sample NLL summed
 and its gradient w.r.t. the parameters, for ``fusedvae.reference``'s
 ``discretized_mix_logistic_nll`` (eager), the same under ``torch.compile`` and
-``fusedvae.discretized_mix_logistic_nll`` (:data:`DMOL_METHODS`). Opt-in
-kernels are timed as ``fused_opt_in``, beside fused, in the same run, on the
-same inputs (:func:`switched_on`): in the VAE cases, with ``--cuda-wide-loads``
-the kernels that load 16 bytes of the narrower operand per access and with
-``--cuda-fast-exp`` those that take the logits likelihoods' exponential from the
-hardware's; in the discretized mixture's, with ``--cuda-fast-log`` the kernels
-with the hardware's approximate logarithm and with ``--cuda-fast-exp`` its
-exponential. Where a case has two switches given, they are on together.
+``fusedvae.discretized_mix_logistic_nll`` (:data:`DMOL_METHODS`). Kernels
+other than the default ones are timed as ``fused_variant``, beside fused, in
+the same run, on the same inputs (:func:`switched`): in the VAE cases, with
+``--cuda-wide-loads`` the opt-in kernels that load 16 bytes of the narrower
+operand per access and with ``--cuda-accurate-exp`` those that take the logits
+likelihoods' exponential from ``expf`` instead of the hardware's; in the
+discretized mixture's, with ``--cuda-accurate-log`` the kernels with ``logf``
+instead of the hardware's approximate logarithm and with
+``--cuda-accurate-exp`` those with ``expf``. Where a case has two switches
+given, they are set together.
 
 Per case it prints:
 
@@ -91,12 +93,12 @@ GIB = 2**30
 MIN_COPY_BYTES = GIB
 LATENT_DTYPE = torch.float32  # mu and logvar, as make_inputs makes them
 METHOD_NAMES = ("eager", "compiled", "fused")  # the table's order
-# fused with opt-in CUDA kernels: in the VAE cases the wide loads under
-# --cuda-wide-loads (fusedvae._C._set_cuda_wide_loads) and the approximate
-# exponential under --cuda-fast-exp (_set_cuda_fast_exp), in the mixture's the
-# approximate logarithm under --cuda-fast-log (_set_cuda_fast_log) and the
-# exponential under --cuda-fast-exp.
-OPT_IN = "fused_opt_in"
+# fused with kernels other than the default ones: in the VAE cases the opt-in
+# wide loads under --cuda-wide-loads (fusedvae._C._set_cuda_wide_loads) and
+# expf under --cuda-accurate-exp (the approximate exponential off:
+# _set_cuda_fast_exp), in the mixture's logf under --cuda-accurate-log
+# (_set_cuda_fast_log) and expf under --cuda-accurate-exp.
+VARIANT = "fused_variant"
 
 
 def element_bytes(recon_itemsize: int, target_itemsize: int) -> int:
@@ -214,7 +216,7 @@ def case_row(name: str, nbytes: int, copy_gbs: float, ms: Dict[str, float],
         "ms": dict(ms),
         "host_ms": dict(host_ms or {}),
         "percent_of_floor": percent_of_floor(floor, ms["fused"]),
-        "percent_of_floor_opt_in": percent_of_floor(floor, ms[OPT_IN]) if OPT_IN in ms else None,
+        "percent_of_floor_variant": percent_of_floor(floor, ms[VARIANT]) if VARIANT in ms else None,
         "eager/fused": ms["eager"] / ms["fused"],
         "compiled/fused": ms["compiled"] / ms["fused"],
         "how": dict(how or {}),
@@ -226,7 +228,7 @@ def case_row(name: str, nbytes: int, copy_gbs: float, ms: Dict[str, float],
 
 def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes: int) -> str:
     """Markdown: the device-time table, the notes on methods not captured, the host-time and memory tables."""
-    opt_in = any(OPT_IN in r["ms"] for r in rows)
+    variant = any(VARIANT in r["ms"] for r in rows)
     lines = [
         f"Copy bandwidth: {copy_gbs:.0f} GB/s (device-to-device copy of {copy_nbytes / GIB:.2f} GiB, "
         "read + write counted). floor = fewest bytes a fused forward+backward moves / that bandwidth.",
@@ -235,26 +237,26 @@ def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes
         "steps instead (see below). % of floor = floor ms / fused ms.",
         "",
         "| case | min MB | floor ms | eager ms | compile ms | fused ms | fused % of floor "
-        "| eager/fused | compile/fused |" + (" fused opt-in ms | opt-in % of floor |" if opt_in else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if opt_in else ""),
+        "| eager/fused | compile/fused |" + (" fused variant ms | variant % of floor |" if variant else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if variant else ""),
     ]
     notes = []
     for r in rows:
         cells = []
-        for method in METHOD_NAMES + ((OPT_IN,) if OPT_IN in r["ms"] else ()):
+        for method in METHOD_NAMES + ((VARIANT,) if VARIANT in r["ms"] else ()):
             mark = ""
             if method in r["how"]:
                 mark = "*"
                 notes.append(f"* {r['case']}, {method}: {r['how'][method]}")
             cells.append(f"{r['ms'][method]:.3f}{mark}")
-        opt_in_cells = ""
-        if opt_in:
-            opt_in_cells = (f" {cells.pop()} | {r['percent_of_floor_opt_in']:.0f} % |" if OPT_IN in r["ms"]
+        variant_cells = ""
+        if variant:
+            variant_cells = (f" {cells.pop()} | {r['percent_of_floor_variant']:.0f} % |" if VARIANT in r["ms"]
                             else " - | - |")
         lines.append(
             f"| {r['case']} | {r['min_bytes'] / 1e6:.4g} | {r['floor_ms']:.4g} | " + " | ".join(cells)
             + f" | {r['percent_of_floor']:.0f} % | {r['eager/fused']:.2f}x | {r['compiled/fused']:.2f}x |"
-            + opt_in_cells
+            + variant_cells
         )
     if notes:
         lines += [""] + notes
@@ -267,13 +269,13 @@ def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes
             "without graphs runs at this pace (and where the device is slower, the host also waits "
             "for room in the launch queue).",
             "",
-            "| case | eager host ms | compile host ms | fused host ms |" + (" fused opt-in host ms |" if opt_in else ""),
-            "|---|---:|---:|---:|" + ("---:|" if opt_in else ""),
+            "| case | eager host ms | compile host ms | fused host ms |" + (" fused variant host ms |" if variant else ""),
+            "|---|---:|---:|---:|" + ("---:|" if variant else ""),
         ]
         for r in with_host:
             h = r["host_ms"]
-            opt_in_cell = (f" {h[OPT_IN]:.3f} |" if OPT_IN in h else " - |") if opt_in else ""
-            lines.append(f"| {r['case']} | {h['eager']:.3f} | {h['compiled']:.3f} | {h['fused']:.3f} |" + opt_in_cell)
+            variant_cell = (f" {h[VARIANT]:.3f} |" if VARIANT in h else " - |") if variant else ""
+            lines.append(f"| {r['case']} | {h['eager']:.3f} | {h['compiled']:.3f} | {h['fused']:.3f} |" + variant_cell)
     with_memory = [r for r in rows if r["peak_bytes"]]
     if with_memory:
         lines += [
@@ -509,15 +511,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-dmol", action="store_true", help="skip the discretized-mixture cases (DMOL_CASES)")
     parser.add_argument("--cuda-wide-loads", action="store_true",
                         help="also time fused with the opt-in kernels that load 16 bytes of the narrower operand "
-                             "per access in the VAE cases (a fused_opt_in column, checked against the float64 "
+                             "per access in the VAE cases (a fused_variant column, checked against the float64 "
                              "truth like the others)")
-    parser.add_argument("--cuda-fast-exp", action="store_true",
-                        help="also time fused with the opt-in approximate exponential: of the logits likelihoods "
-                             "in the VAE cases, of the discretized mixture in its cases (with another switch of "
-                             "those cases, both on in one fused_opt_in column)")
-    parser.add_argument("--cuda-fast-log", action="store_true",
-                        help="also time fused with the opt-in approximate logarithm in the discretized-mixture "
-                             "cases (a fused_opt_in column, checked like the others)")
+    parser.add_argument("--cuda-accurate-exp", action="store_true",
+                        help="also time fused with expf instead of the hardware's approximate exponential: of the "
+                             "logits likelihoods in the VAE cases, of the discretized mixture in its cases (with "
+                             "another switch of those cases, both set in one fused_variant column)")
+    parser.add_argument("--cuda-accurate-log", action="store_true",
+                        help="also time fused with logf instead of the hardware's approximate logarithm in the "
+                             "discretized-mixture cases (a fused_variant column, checked like the others)")
     args = parser.parse_args(argv)
     for name in ("batch", "size", "latent", "iters", "repeats"):
         if getattr(args, name) < 1:
@@ -542,33 +544,38 @@ def time_case(name: str, steps: Dict[str, Callable[[], object]], nbytes: int, co
     return case_row(name, nbytes, copy_gbs, ms, host_ms, how, **memory)
 
 
+Setting = Tuple[Callable[[bool], bool], bool]
+
+
 @contextlib.contextmanager
-def switched_on(*setters: Callable[[bool], bool]):
-    """Opt-in kernel switches (``fusedvae._C._set_cuda_wide_loads``, ``_set_cuda_fast_exp``,
-    ``_set_cuda_fast_log``) on inside the block, their previous settings restored after it."""
+def switched(*settings: Setting):
+    """Kernel switches (``fusedvae._C._set_cuda_wide_loads``, ``_set_cuda_fast_exp``,
+    ``_set_cuda_fast_log``), each ``(setter, value)``, set inside the block, their
+    previous settings restored after it."""
     with contextlib.ExitStack() as stack:
-        for setter in setters:
-            stack.callback(setter, setter(True))
+        for setter, value in settings:
+            stack.callback(setter, setter(value))
         yield
 
 
-def with_switch(step: Callable[[], object], *setters: Callable[[bool], bool]) -> Callable[[], object]:
-    """``step`` (forward and backward) run under :func:`switched_on`; a graph captured from it replays those kernels."""
+def with_switches(step: Callable[[], object], *settings: Setting) -> Callable[[], object]:
+    """``step`` (forward and backward) run under :func:`switched`; a graph captured from it replays those kernels."""
     def run():
-        with switched_on(*setters):
+        with switched(*settings):
             return step()
     return run
 
 
-# The opt-in kernel switches each kind of case can time (run_cases, run_dmol_cases),
-# by their argument names; fusedvae._C._set_<name> sets each.
-VAE_SWITCHES = ("cuda_wide_loads", "cuda_fast_exp")
-DMOL_SWITCHES = ("cuda_fast_log", "cuda_fast_exp")
+# The kernel switches each kind of case can time (run_cases, run_dmol_cases):
+# argument name -> (switch, value), fusedvae._C._set_cuda_<switch> setting it.
+VAE_SWITCHES = {"cuda_wide_loads": ("wide_loads", True), "cuda_accurate_exp": ("fast_exp", False)}
+DMOL_SWITCHES = {"cuda_accurate_log": ("fast_log", False), "cuda_accurate_exp": ("fast_exp", False)}
 
 
-def opt_in_switches(args: argparse.Namespace, names: Sequence[str]) -> List[Callable[[bool], bool]]:
-    """The setters of the switches among ``names`` that ``args`` turns on."""
-    return [getattr(fusedvae._C, f"_set_{name}") for name in names if getattr(args, name)]
+def variant_settings(args: argparse.Namespace, switches: Dict[str, Tuple[str, bool]]) -> List[Setting]:
+    """The settings of the switches among ``switches`` that ``args`` asks for."""
+    return [(getattr(fusedvae._C, f"_set_cuda_{name}"), value)
+            for arg, (name, value) in switches.items() if getattr(args, arg)]
 
 
 def run_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: Callable = device_timers,
@@ -587,11 +594,11 @@ def run_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", timers: 
         # One step of each method (compiling the compiled one) against the float64 truth.
         accuracy = bench.accuracy(inputs, args.beta, methods)
         steps = {label: make_step(f, inputs, args.beta) for label, f in methods.items()}
-        switches = opt_in_switches(args, VAE_SWITCHES)
-        if switches:
-            with switched_on(*switches):
-                accuracy[OPT_IN] = bench.accuracy(inputs, args.beta, {"fused": methods["fused"]})["fused"]
-            steps[OPT_IN] = with_switch(steps["fused"], *switches)
+        settings = variant_settings(args, VAE_SWITCHES)
+        if settings:
+            with switched(*settings):
+                accuracy[VARIANT] = bench.accuracy(inputs, args.beta, {"fused": methods["fused"]})["fused"]
+            steps[VARIANT] = with_switches(steps["fused"], *settings)
         accuracy_rows.append((name, accuracy))
         rows.append(time_case(name, steps, nbytes[name], copy_gbs, args, device, timers))
         del inputs, steps
@@ -611,11 +618,11 @@ def run_dmol_cases(args: argparse.Namespace, copy_gbs: float, device="cuda", tim
         params, target = bench.make_dmol_inputs(batch, side, device)
         accuracy = dmol_accuracy(params, target)  # compiles the compiled method too
         steps = {label: functools.partial(bench._dmol_step, f, params, target) for label, f in DMOL_METHODS.items()}
-        switches = opt_in_switches(args, DMOL_SWITCHES)
-        if switches:
-            with switched_on(*switches):
-                accuracy[OPT_IN] = dmol_accuracy(params, target, {"fused": DMOL_METHODS["fused"]})["fused"]
-            steps[OPT_IN] = with_switch(steps["fused"], *switches)
+        settings = variant_settings(args, DMOL_SWITCHES)
+        if settings:
+            with switched(*settings):
+                accuracy[VARIANT] = dmol_accuracy(params, target, {"fused": DMOL_METHODS["fused"]})["fused"]
+            steps[VARIANT] = with_switches(steps["fused"], *settings)
         accuracy_rows.append((name, accuracy))
         peak_bytes = {label: peak(s) for label, s in steps.items()}
         rows.append(time_case(name, steps, nbytes, copy_gbs, args, device, timers,
@@ -643,9 +650,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("gpu_bench.py: fusedvae was built without CUDA kernels")
     shape = (args.batch, 3, args.size, args.size)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {shape}  Z {args.latent}"
-          f"  opt-in kernels timed beside fused: wide loads {'yes' if args.cuda_wide_loads else 'no'},"
-          f" fast exp {'yes' if args.cuda_fast_exp else 'no'},"
-          f" fast log {'yes' if args.cuda_fast_log else 'no'}", flush=True)
+          f"  kernels timed beside fused: wide loads {'yes' if args.cuda_wide_loads else 'no'},"
+          f" expf {'yes' if args.cuda_accurate_exp else 'no'},"
+          f" logf {'yes' if args.cuda_accurate_log else 'no'}", flush=True)
     dmol_cases = [] if args.no_dmol else DMOL_CASES
     copy_nbytes = copy_bytes(*case_bytes(args).values(), *(c[3] for c in dmol_cases))
     copy_gbs = copy_bandwidth_gbs(copy_nbytes, max(1, args.iters // 5), args.repeats)

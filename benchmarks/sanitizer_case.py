@@ -62,16 +62,16 @@ for channels, k, dtype in ((3, 10, torch.float32), (1, 4, torch.bfloat16), (3, 2
     fusedvae.discretized_mix_logistic_nll(p, img).sum().backward()
     pl = p.detach().to(memory_format=torch.channels_last).requires_grad_()
     fusedvae.discretized_mix_logistic_nll(pl, img.float() / 127.5 - 1).sum().backward()
-# and under the opt-in approximate logarithm and exponential (float32: one
-# pass; bfloat16: two)
-fusedvae._C._set_cuda_fast_log(True)
-fusedvae._C._set_cuda_fast_exp(True)
+# and with logf and expf instead of the hardware's approximate logarithm and
+# exponential, the default (float32: one pass; bfloat16: two)
+fast_log = fusedvae._C._set_cuda_fast_log(False)
+fast_exp = fusedvae._C._set_cuda_fast_exp(False)
 for dtype in (torch.float32, torch.bfloat16):
     p = torch.randn(2, 100, 17, 19, device=DEVICE, dtype=dtype, requires_grad=True)
     img = torch.randint(0, 256, (2, 3, 17, 19), device=DEVICE, dtype=torch.uint8)
     fusedvae.discretized_mix_logistic_nll(p, img).sum().backward()
-fusedvae._C._set_cuda_fast_log(False)
-fusedvae._C._set_cuda_fast_exp(False)
+fusedvae._C._set_cuda_fast_log(fast_log)
+fusedvae._C._set_cuda_fast_exp(fast_exp)
 # the KL to learned priors over latent groups, a 16-bit group and free bits on it
 groups = [torch.randn(3, 5, device=DEVICE, requires_grad=True),
           torch.randn(3, 2, 4, 4, device=DEVICE, dtype=torch.half, requires_grad=True)]
@@ -85,15 +85,16 @@ for xr in (xa, xa.detach().bfloat16().requires_grad_()):
     for lik in ("bernoulli", "gaussian"):
         fusedvae.vae_loss(xr, ta, mu, mu.detach(), likelihood=lik).loss.backward()
 fusedvae._C._set_cuda_wide_loads(False)
-# the opt-in approximate exponential of the logits likelihoods, packs and a tail
-fusedvae._C._set_cuda_fast_exp(True)
+# the logits likelihoods with expf instead of the approximate exponential, the
+# default: packs and a tail
+fast_exp = fusedvae._C._set_cuda_fast_exp(False)
 for shape in ((3, 3, 16, 16), (3, 3, 5, 7)):
     ta = torch.randint(0, 256, shape, device=DEVICE, dtype=torch.uint8)
     xf = torch.randn(shape, device=DEVICE, requires_grad=True)
     for xr in (xf, xf.detach().bfloat16().requires_grad_()):
         for lik in ("bernoulli", "cbernoulli"):
             fusedvae.vae_loss(xr, ta, mu, mu.detach(), likelihood=lik).loss.backward()
-fusedvae._C._set_cuda_fast_exp(False)
+fusedvae._C._set_cuda_fast_exp(fast_exp)
 if DEVICE == "cuda":
     torch.cuda.synchronize()
 print("ok")

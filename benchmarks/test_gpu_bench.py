@@ -395,8 +395,8 @@ def test_parse_args():
     assert (args.batch, args.size, args.latent, args.iters, args.repeats, args.beta) == (64, 256, 512, 50, 5, 1.0)
     assert not args.no_dmol and gpu_bench.parse_args(["--no-dmol"]).no_dmol
     assert not args.cuda_wide_loads and gpu_bench.parse_args(["--cuda-wide-loads"]).cuda_wide_loads
-    assert not args.cuda_fast_log and gpu_bench.parse_args(["--cuda-fast-log"]).cuda_fast_log
-    assert not args.cuda_fast_exp and gpu_bench.parse_args(["--cuda-fast-exp"]).cuda_fast_exp
+    assert not args.cuda_accurate_log and gpu_bench.parse_args(["--cuda-accurate-log"]).cuda_accurate_log
+    assert not args.cuda_accurate_exp and gpu_bench.parse_args(["--cuda-accurate-exp"]).cuda_accurate_exp
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--iters", "0"])
 
@@ -439,52 +439,59 @@ def test_dmol_cases_on_cuda(fresh_dynamo):
     assert all(b >= row["output_bytes"] == 2 * 100 * 16 * 16 * 4 for b in row["peak_bytes"].values()), row
 
 
-def test_opt_in_kernels_are_timed_beside_fused(fresh_dynamo):
-    """--cuda-wide-loads and --cuda-fast-exp add fused_opt_in to every VAE case, --cuda-fast-log to every
-    mixture case: timed, checked, in their own columns."""
-    args = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-wide-loads", "--cuda-fast-exp", "--cuda-fast-log"])
-    assert gpu_bench.opt_in_switches(args, gpu_bench.VAE_SWITCHES) == [fusedvae._C._set_cuda_wide_loads,
-                                                                      fusedvae._C._set_cuda_fast_exp]
-    assert gpu_bench.opt_in_switches(args, gpu_bench.DMOL_SWITCHES) == [fusedvae._C._set_cuda_fast_log,
-                                                                        fusedvae._C._set_cuda_fast_exp]
+def test_variant_kernels_are_timed_beside_fused(fresh_dynamo):
+    """--cuda-wide-loads and --cuda-accurate-exp add fused_variant to every VAE case, --cuda-accurate-log and
+    --cuda-accurate-exp to every mixture case: timed, checked, in their own columns."""
+    args = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-wide-loads", "--cuda-accurate-exp", "--cuda-accurate-log"])
+    assert gpu_bench.variant_settings(args, gpu_bench.VAE_SWITCHES) == [(fusedvae._C._set_cuda_wide_loads, True),
+                                                                       (fusedvae._C._set_cuda_fast_exp, False)]
+    assert gpu_bench.variant_settings(args, gpu_bench.DMOL_SWITCHES) == [(fusedvae._C._set_cuda_fast_log, False),
+                                                                        (fusedvae._C._set_cuda_fast_exp, False)]
     rows, accuracy_rows = gpu_bench.run_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]))
     cases = [("DMOL 2x3x8x8, K=10", 2, 8, gpu_bench.dmol_min_bytes(2, 8))]
     dmol_rows, dmol_accuracy = gpu_bench.run_dmol_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]),
                                                         peak=lambda step: 1, cases=cases)
     for row, (_, acc) in zip(rows, accuracy_rows):
-        assert set(row["ms"]) == set(row["host_ms"]) == set(acc) == {*bench.METHODS, gpu_bench.OPT_IN}
+        assert set(row["ms"]) == set(row["host_ms"]) == set(acc) == {*bench.METHODS, gpu_bench.VARIANT}
     for row, (_, acc) in zip(dmol_rows, dmol_accuracy):
-        assert set(row["ms"]) == set(row["host_ms"]) == set(acc) == {*gpu_bench.DMOL_METHODS, gpu_bench.OPT_IN}
+        assert set(row["ms"]) == set(row["host_ms"]) == set(acc) == {*gpu_bench.DMOL_METHODS, gpu_bench.VARIANT}
     for row, (_, acc) in zip(rows + dmol_rows, accuracy_rows + dmol_accuracy):
-        assert acc[gpu_bench.OPT_IN]["ok"], acc
-        assert row["percent_of_floor_opt_in"] == pytest.approx(100 * row["floor_ms"] / row["ms"][gpu_bench.OPT_IN])
+        assert acc[gpu_bench.VARIANT]["ok"], acc
+        assert row["percent_of_floor_variant"] == pytest.approx(100 * row["floor_ms"] / row["ms"][gpu_bench.VARIANT])
     plain = gpu_bench.case_row("plain", 1000, 3000.0, dict.fromkeys(gpu_bench.METHOD_NAMES, 1.0),
                                dict.fromkeys(gpu_bench.METHOD_NAMES, 1.0))
     text, failed = gpu_bench.report(rows + dmol_rows + [plain], accuracy_rows + dmol_accuracy, 3000.0, 2**30)
     assert failed == [], failed
     lines = text.splitlines()
-    assert any(line.endswith("| fused opt-in ms | opt-in % of floor |") for line in lines)
-    assert any(line.endswith("| fused opt-in host ms |") for line in lines)
-    assert any(line.startswith("| plain |") and line.endswith("| - | - |") for line in lines)  # no opt-in method
-    assert any(line.startswith("| case |") and line.endswith("| fused_opt_in |") for line in lines)  # accuracy
+    assert any(line.endswith("| fused variant ms | variant % of floor |") for line in lines)
+    assert any(line.endswith("| fused variant host ms |") for line in lines)
+    assert any(line.startswith("| plain |") and line.endswith("| - | - |") for line in lines)  # no variant
+    assert any(line.startswith("| case |") and line.endswith("| fused_variant |") for line in lines)  # accuracy
 
 
 @pytest.mark.parametrize("setter", ["_set_cuda_wide_loads", "_set_cuda_fast_exp", "_set_cuda_fast_log"])
-def test_switched_on_restores_the_switch(setter):
+@pytest.mark.parametrize("value", [False, True])
+def test_switched_restores_the_switch(setter, value):
     switch = getattr(fusedvae._C, setter)
-    assert switch(False) is False
-    with gpu_bench.switched_on(switch):
-        assert switch(True) is True
-    assert switch(False) is False
-    seen = []
-    gpu_bench.with_switch(lambda: seen.append(switch(True)), switch)()
-    assert seen == [True] and switch(False) is False
+    before = switch(not value)
+    try:
+        with gpu_bench.switched((switch, value)):
+            assert switch(value) is value
+        assert switch(not value) is (not value)
+        seen = []
+        gpu_bench.with_switches(lambda: seen.append(switch(value)), (switch, value))()
+        assert seen == [value] and switch(not value) is (not value)
+    finally:
+        switch(before)
 
 
-def test_switched_on_takes_several_switches():
+def test_switched_sets_several_switches():
     wide, fast_exp = fusedvae._C._set_cuda_wide_loads, fusedvae._C._set_cuda_fast_exp
-    assert wide(False) is False and fast_exp(True) is False  # fast_exp on before the block
-    with gpu_bench.switched_on(wide, fast_exp):
-        assert wide(True) is True and fast_exp(True) is True
-    assert wide(False) is False  # each back to its own previous setting
-    assert fast_exp(False) is True
+    before = wide(False), fast_exp(True)
+    try:
+        with gpu_bench.switched((wide, True), (fast_exp, False)):
+            assert wide(True) is True and fast_exp(False) is False
+        assert wide(False) is False  # each back to its own previous setting
+        assert fast_exp(True) is True
+    finally:
+        wide(before[0]), fast_exp(before[1])

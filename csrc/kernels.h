@@ -247,24 +247,27 @@ const Kernels& kernels();
 bool select_kernels();
 }  // namespace cpu
 
-// Kernel variants chosen at run time, each off by default: a kernel that has
-// not yet run on a GPU does not replace one that has (fusedvae._C's
-// _set_cuda_wide_loads, _set_cuda_fast_log and _set_cuda_fast_exp switch them;
-// registration.cpp holds the state).
+// Kernel variants chosen at run time (fusedvae._C's _set_cuda_wide_loads,
+// _set_cuda_fast_log and _set_cuda_fast_exp switch them; registration.cpp holds
+// the state). A variant that has not yet run on a GPU is off by default: a
+// kernel that has not run on a GPU does not replace one that has. The fast
+// logarithm and exponential are on since an H200 run found them within every
+// accuracy bar, clean under compute-sanitizer and faster (benchmarks/README.md).
 struct KernelOptions {
   // The CUDA objective's kernels load 16 bytes of the narrower of recon and
   // target per access and thread (a uint8 target 16 pixels at a time, recon's
   // matching elements in 16-byte pieces, at most 64 bytes) instead of 16 bytes
   // of recon (a uint8 target then reads 4 bytes per access beside float32).
+  // Off: two H200 runs measured no gain.
   std::atomic<bool> cuda_wide_loads{false};
   // The CUDA discretized mixture's float32 kernels take their logs from the
   // hardware's approximate logarithm (math::FastLogOps) instead of logf.
-  std::atomic<bool> cuda_fast_log{false};
+  std::atomic<bool> cuda_fast_log{true};
   // The CUDA kernels with float accumulation of the objective's logits
   // likelihoods and of the discretized mixture take their exponentials of
   // non-positive arguments from the hardware's base-2 exponential
   // (math::WithFastExp) instead of expf.
-  std::atomic<bool> cuda_fast_exp{false};
+  std::atomic<bool> cuda_fast_exp{true};
 };
 KernelOptions& kernel_options();
 

@@ -139,19 +139,19 @@ FUSEDVAE_ALWAYS_INLINE V pixel_quotient(const V& k, const Fma& fma) {
   return fma(fma(q, V(-255.0f), k), inv, q);
 }
 
-// Opt-in policies for the CUDA kernels with float accumulation: a float policy
+// Policies for the CUDA kernels with float accumulation: a float policy
 // (ScalarOps<float> or another of these) with some of its functions taken from
-// the hardware's approximations, switched on by KernelOptions until a GPU run
-// shows them as accurate and faster. On the host each is its Base.
+// the hardware's approximations, chosen by KernelOptions (on by default since
+// a GPU run showed them as accurate and faster). On the host each is its Base.
 
 // The hardware's approximate logarithm for log_approx and log_product3
 // (MUFU.LG2: __logf, __log2f; KernelOptions::cuda_fast_log). The CUDA
 // Programming Guide's table of intrinsics bounds the error at about 2^-21
 // absolute on [0.5, 2] and a few ulps elsewhere: for the discretized mixture's
 // channel probabilities in (0, 1], well inside its bars, where logf takes some
-// thirty instructions. Subnormal arguments read as 0 (libdevice flushes them),
-// whose log is -inf: a bin of width below 2^-126, from a raw log-scale above
-// about 82.
+// thirty instructions. Built without -ftz, a subnormal argument is scaled by
+// 2^24 first (a compare, a multiply and an add around the MUFU.LG2), so a bin
+// narrower than 2^-126 (a raw log-scale above about 82) keeps a finite log.
 template <class Base>
 struct WithFastLog : Base {
   using V = typename Base::V;

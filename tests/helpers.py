@@ -351,20 +351,20 @@ def peak_step_bytes(fn, inputs):
     return peak
 
 
-# The opt-in CUDA kernel switches (csrc/kernels.h, KernelOptions), each off by
-# default and set by fusedvae._C._set_cuda_<name>.
-CUDA_KERNEL_SWITCHES = ("wide_loads", "fast_log", "fast_exp")
+# The CUDA kernel switches (csrc/kernels.h, KernelOptions), each with its
+# default, set by fusedvae._C._set_cuda_<name>.
+CUDA_KERNEL_SWITCHES = {"wide_loads": False, "fast_log": True, "fast_exp": True}
 
 
 @contextlib.contextmanager
-def cuda_kernel_switches(*names: str):
-    """The opt-in CUDA kernel switches ``names`` (of :data:`CUDA_KERNEL_SWITCHES`) on
-    inside the block and the others off, each restored after it. The CPU kernels
-    ignore them."""
-    unknown = set(names) - set(CUDA_KERNEL_SWITCHES)
+def cuda_kernel_switches(**settings: bool):
+    """The CUDA kernel switches named in ``settings`` (of :data:`CUDA_KERNEL_SWITCHES`)
+    set as given inside the block and the others at their defaults, each restored
+    after it. The CPU kernels ignore them."""
+    unknown = set(settings) - set(CUDA_KERNEL_SWITCHES)
     assert not unknown, unknown
     setters = {name: getattr(fusedvae._C, f"_set_cuda_{name}") for name in CUDA_KERNEL_SWITCHES}
-    previous = {name: setter(name in names) for name, setter in setters.items()}
+    previous = {name: setter(settings.get(name, CUDA_KERNEL_SWITCHES[name])) for name, setter in setters.items()}
     try:
         yield
     finally:

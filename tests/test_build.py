@@ -54,12 +54,13 @@ def test_every_op_has_a_cpu_kernel(op):
 
 
 @pytest.mark.parametrize("name", CUDA_KERNEL_SWITCHES)
-def test_cuda_kernel_switches_are_off_by_default_and_round_trip(name):
-    # KernelOptions: a kernel that has not yet run on a GPU stays opt-in.
-    setter = getattr(_C, f"_set_cuda_{name}")
-    assert setter(True) is False
-    assert setter(False) is True
-    assert setter(False) is False
+def test_cuda_kernel_switches_have_their_defaults_and_round_trip(name):
+    # KernelOptions: a kernel that has not yet run on a GPU stays off by default;
+    # the fast logarithm and exponential are on since a GPU run proved them.
+    setter, default = getattr(_C, f"_set_cuda_{name}"), CUDA_KERNEL_SWITCHES[name]
+    assert setter(not default) is default
+    assert setter(default) is (not default)
+    assert setter(default) is default
 
 
 @pytest.mark.parametrize("op", OPS)

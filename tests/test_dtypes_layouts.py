@@ -578,15 +578,16 @@ def test_unaligned_and_odd_sizes_use_the_scalar_path(device):
 def cuda_wide_loads():
     """The opt-in CUDA kernels that load 16 bytes of the narrower operand per access
     (csrc/kernels.h, KernelOptions), switched on for one test."""
-    with cuda_kernel_switches("wide_loads"):
+    with cuda_kernel_switches(wide_loads=True):
         yield
 
 
-@pytest.fixture(params=[(), ("fast_exp",)], ids=["expf", "fast_exp"])
+@pytest.fixture(params=[dict(fast_exp=False), {}], ids=["expf", "fast_exp"])
 def cuda_exp(request):
     """The CUDA objective's exponential for the logits likelihoods, for one test:
-    expf, then the opt-in approximate one (fusedvae._C._set_cuda_fast_exp)."""
-    with cuda_kernel_switches(*request.param):
+    expf, then the hardware's approximate one, the default
+    (fusedvae._C._set_cuda_fast_exp)."""
+    with cuda_kernel_switches(**request.param):
         yield
 
 
