@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_bench.py [--batch 64] [--size 256] [--latent 512] [--iters 50] [--repeats 5]
                                    [--warmup 3] [--beta 1] [--no-dmol] [--cuda-wide-loads]
-                                   [--cuda-accurate-exp] [--cuda-accurate-log]
+                                   [--cuda-fast-exp] [--cuda-accurate-mixture]
 
 The three methods are those of the CPU benchmark (``fusedvae.bench.METHODS``:
 ``eager_loss``, the same under ``torch.compile``, ``fusedvae.vae_loss``). After
@@ -15,12 +15,11 @@ and its gradient w.r.t. the parameters, for ``fusedvae.reference``'s
 other than the default ones are timed as ``fused_variant``, beside fused, in
 the same run, on the same inputs (:func:`switched`): in the VAE cases, with
 ``--cuda-wide-loads`` the opt-in kernels that load 16 bytes of the narrower
-operand per access and with ``--cuda-accurate-exp`` those that take the logits
-likelihoods' exponential from ``expf`` instead of the hardware's; in the
-discretized mixture's, with ``--cuda-accurate-log`` the kernels with ``logf``
-instead of the hardware's approximate logarithm and with
-``--cuda-accurate-exp`` those with ``expf``. Where a case has two switches
-given, they are set together.
+operand per access and with ``--cuda-fast-exp`` the opt-in kernels that take
+the logits likelihoods' exponential from the hardware's instead of ``expf``
+(both given: both on); in the discretized mixture's, with
+``--cuda-accurate-mixture`` the kernels with ``logf`` and ``expf`` instead of
+the hardware's approximations, the default.
 
 Per case it prints:
 
@@ -95,9 +94,9 @@ LATENT_DTYPE = torch.float32  # mu and logvar, as make_inputs makes them
 METHOD_NAMES = ("eager", "compiled", "fused")  # the table's order
 # fused with kernels other than the default ones: in the VAE cases the opt-in
 # wide loads under --cuda-wide-loads (fusedvae._C._set_cuda_wide_loads) and
-# expf under --cuda-accurate-exp (the approximate exponential off:
-# _set_cuda_fast_exp), in the mixture's logf under --cuda-accurate-log
-# (_set_cuda_fast_log) and expf under --cuda-accurate-exp.
+# approximate exponential under --cuda-fast-exp (_set_cuda_fast_exp), in the
+# mixture's logf and expf under --cuda-accurate-mixture
+# (_set_cuda_mixture_fast_math off).
 VARIANT = "fused_variant"
 
 
@@ -513,12 +512,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="also time fused with the opt-in kernels that load 16 bytes of the narrower operand "
                              "per access in the VAE cases (a fused_variant column, checked against the float64 "
                              "truth like the others)")
-    parser.add_argument("--cuda-accurate-exp", action="store_true",
-                        help="also time fused with expf instead of the hardware's approximate exponential: of the "
-                             "logits likelihoods in the VAE cases, of the discretized mixture in its cases (with "
-                             "another switch of those cases, both set in one fused_variant column)")
-    parser.add_argument("--cuda-accurate-log", action="store_true",
-                        help="also time fused with logf instead of the hardware's approximate logarithm in the "
+    parser.add_argument("--cuda-fast-exp", action="store_true",
+                        help="also time fused with the opt-in approximate exponential of the logits likelihoods in "
+                             "the VAE cases (with --cuda-wide-loads, both on in one fused_variant column)")
+    parser.add_argument("--cuda-accurate-mixture", action="store_true",
+                        help="also time fused with logf and expf instead of the hardware's approximations in the "
                              "discretized-mixture cases (a fused_variant column, checked like the others)")
     args = parser.parse_args(argv)
     for name in ("batch", "size", "latent", "iters", "repeats"):
@@ -550,7 +548,7 @@ Setting = Tuple[Callable[[bool], bool], bool]
 @contextlib.contextmanager
 def switched(*settings: Setting):
     """Kernel switches (``fusedvae._C._set_cuda_wide_loads``, ``_set_cuda_fast_exp``,
-    ``_set_cuda_fast_log``), each ``(setter, value)``, set inside the block, their
+    ``_set_cuda_mixture_fast_math``), each ``(setter, value)``, set inside the block, their
     previous settings restored after it."""
     with contextlib.ExitStack() as stack:
         for setter, value in settings:
@@ -568,8 +566,8 @@ def with_switches(step: Callable[[], object], *settings: Setting) -> Callable[[]
 
 # The kernel switches each kind of case can time (run_cases, run_dmol_cases):
 # argument name -> (switch, value), fusedvae._C._set_cuda_<switch> setting it.
-VAE_SWITCHES = {"cuda_wide_loads": ("wide_loads", True), "cuda_accurate_exp": ("fast_exp", False)}
-DMOL_SWITCHES = {"cuda_accurate_log": ("fast_log", False), "cuda_accurate_exp": ("fast_exp", False)}
+VAE_SWITCHES = {"cuda_wide_loads": ("wide_loads", True), "cuda_fast_exp": ("fast_exp", True)}
+DMOL_SWITCHES = {"cuda_accurate_mixture": ("mixture_fast_math", False)}
 
 
 def variant_settings(args: argparse.Namespace, switches: Dict[str, Tuple[str, bool]]) -> List[Setting]:
@@ -651,8 +649,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shape = (args.batch, 3, args.size, args.size)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {shape}  Z {args.latent}"
           f"  kernels timed beside fused: wide loads {'yes' if args.cuda_wide_loads else 'no'},"
-          f" expf {'yes' if args.cuda_accurate_exp else 'no'},"
-          f" logf {'yes' if args.cuda_accurate_log else 'no'}", flush=True)
+          f" fast exp {'yes' if args.cuda_fast_exp else 'no'},"
+          f" mixture with logf and expf {'yes' if args.cuda_accurate_mixture else 'no'}", flush=True)
     dmol_cases = [] if args.no_dmol else DMOL_CASES
     copy_nbytes = copy_bytes(*case_bytes(args).values(), *(c[3] for c in dmol_cases))
     copy_gbs = copy_bandwidth_gbs(copy_nbytes, max(1, args.iters // 5), args.repeats)

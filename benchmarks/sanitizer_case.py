@@ -64,14 +64,12 @@ for channels, k, dtype in ((3, 10, torch.float32), (1, 4, torch.bfloat16), (3, 2
     fusedvae.discretized_mix_logistic_nll(pl, img.float() / 127.5 - 1).sum().backward()
 # and with logf and expf instead of the hardware's approximate logarithm and
 # exponential, the default (float32: one pass; bfloat16: two)
-fast_log = fusedvae._C._set_cuda_fast_log(False)
-fast_exp = fusedvae._C._set_cuda_fast_exp(False)
+fast_math = fusedvae._C._set_cuda_mixture_fast_math(False)
 for dtype in (torch.float32, torch.bfloat16):
     p = torch.randn(2, 100, 17, 19, device=DEVICE, dtype=dtype, requires_grad=True)
     img = torch.randint(0, 256, (2, 3, 17, 19), device=DEVICE, dtype=torch.uint8)
     fusedvae.discretized_mix_logistic_nll(p, img).sum().backward()
-fusedvae._C._set_cuda_fast_log(fast_log)
-fusedvae._C._set_cuda_fast_exp(fast_exp)
+fusedvae._C._set_cuda_mixture_fast_math(fast_math)
 # the KL to learned priors over latent groups, a 16-bit group and free bits on it
 groups = [torch.randn(3, 5, device=DEVICE, requires_grad=True),
           torch.randn(3, 2, 4, 4, device=DEVICE, dtype=torch.half, requires_grad=True)]
@@ -85,9 +83,8 @@ for xr in (xa, xa.detach().bfloat16().requires_grad_()):
     for lik in ("bernoulli", "gaussian"):
         fusedvae.vae_loss(xr, ta, mu, mu.detach(), likelihood=lik).loss.backward()
 fusedvae._C._set_cuda_wide_loads(False)
-# the logits likelihoods with expf instead of the approximate exponential, the
-# default: packs and a tail
-fast_exp = fusedvae._C._set_cuda_fast_exp(False)
+# the opt-in approximate exponential of the logits likelihoods, packs and a tail
+fast_exp = fusedvae._C._set_cuda_fast_exp(True)
 for shape in ((3, 3, 16, 16), (3, 3, 5, 7)):
     ta = torch.randint(0, 256, shape, device=DEVICE, dtype=torch.uint8)
     xf = torch.randn(shape, device=DEVICE, requires_grad=True)

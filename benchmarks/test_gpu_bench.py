@@ -395,8 +395,8 @@ def test_parse_args():
     assert (args.batch, args.size, args.latent, args.iters, args.repeats, args.beta) == (64, 256, 512, 50, 5, 1.0)
     assert not args.no_dmol and gpu_bench.parse_args(["--no-dmol"]).no_dmol
     assert not args.cuda_wide_loads and gpu_bench.parse_args(["--cuda-wide-loads"]).cuda_wide_loads
-    assert not args.cuda_accurate_log and gpu_bench.parse_args(["--cuda-accurate-log"]).cuda_accurate_log
-    assert not args.cuda_accurate_exp and gpu_bench.parse_args(["--cuda-accurate-exp"]).cuda_accurate_exp
+    assert not args.cuda_fast_exp and gpu_bench.parse_args(["--cuda-fast-exp"]).cuda_fast_exp
+    assert not args.cuda_accurate_mixture and gpu_bench.parse_args(["--cuda-accurate-mixture"]).cuda_accurate_mixture
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--iters", "0"])
 
@@ -440,13 +440,13 @@ def test_dmol_cases_on_cuda(fresh_dynamo):
 
 
 def test_variant_kernels_are_timed_beside_fused(fresh_dynamo):
-    """--cuda-wide-loads and --cuda-accurate-exp add fused_variant to every VAE case, --cuda-accurate-log and
-    --cuda-accurate-exp to every mixture case: timed, checked, in their own columns."""
-    args = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-wide-loads", "--cuda-accurate-exp", "--cuda-accurate-log"])
+    """--cuda-wide-loads and --cuda-fast-exp add fused_variant to every VAE case, --cuda-accurate-mixture to
+    every mixture case: timed, checked, in their own columns."""
+    args = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-wide-loads", "--cuda-fast-exp", "--cuda-accurate-mixture"])
     assert gpu_bench.variant_settings(args, gpu_bench.VAE_SWITCHES) == [(fusedvae._C._set_cuda_wide_loads, True),
-                                                                       (fusedvae._C._set_cuda_fast_exp, False)]
-    assert gpu_bench.variant_settings(args, gpu_bench.DMOL_SWITCHES) == [(fusedvae._C._set_cuda_fast_log, False),
-                                                                        (fusedvae._C._set_cuda_fast_exp, False)]
+                                                                       (fusedvae._C._set_cuda_fast_exp, True)]
+    assert gpu_bench.variant_settings(args, gpu_bench.DMOL_SWITCHES) == [
+        (fusedvae._C._set_cuda_mixture_fast_math, False)]
     rows, accuracy_rows = gpu_bench.run_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]))
     cases = [("DMOL 2x3x8x8, K=10", 2, 8, gpu_bench.dmol_min_bytes(2, 8))]
     dmol_rows, dmol_accuracy = gpu_bench.run_dmol_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]),
@@ -469,7 +469,7 @@ def test_variant_kernels_are_timed_beside_fused(fresh_dynamo):
     assert any(line.startswith("| case |") and line.endswith("| fused_variant |") for line in lines)  # accuracy
 
 
-@pytest.mark.parametrize("setter", ["_set_cuda_wide_loads", "_set_cuda_fast_exp", "_set_cuda_fast_log"])
+@pytest.mark.parametrize("setter", ["_set_cuda_wide_loads", "_set_cuda_fast_exp", "_set_cuda_mixture_fast_math"])
 @pytest.mark.parametrize("value", [False, True])
 def test_switched_restores_the_switch(setter, value):
     switch = getattr(fusedvae._C, setter)
@@ -486,12 +486,12 @@ def test_switched_restores_the_switch(setter, value):
 
 
 def test_switched_sets_several_switches():
-    wide, fast_exp = fusedvae._C._set_cuda_wide_loads, fusedvae._C._set_cuda_fast_exp
-    before = wide(False), fast_exp(True)
+    wide, fast_math = fusedvae._C._set_cuda_wide_loads, fusedvae._C._set_cuda_mixture_fast_math
+    before = wide(False), fast_math(True)
     try:
-        with gpu_bench.switched((wide, True), (fast_exp, False)):
-            assert wide(True) is True and fast_exp(False) is False
+        with gpu_bench.switched((wide, True), (fast_math, False)):
+            assert wide(True) is True and fast_math(False) is False
         assert wide(False) is False  # each back to its own previous setting
-        assert fast_exp(True) is True
+        assert fast_math(True) is True
     finally:
-        wide(before[0]), fast_exp(before[1])
+        wide(before[0]), fast_math(before[1])

@@ -248,11 +248,10 @@ bool select_kernels();
 }  // namespace cpu
 
 // Kernel variants chosen at run time (fusedvae._C's _set_cuda_wide_loads,
-// _set_cuda_fast_log and _set_cuda_fast_exp switch them; registration.cpp holds
-// the state). A variant that has not yet run on a GPU is off by default: a
-// kernel that has not run on a GPU does not replace one that has. The fast
-// logarithm and exponential are on since an H200 run found them within every
-// accuracy bar, clean under compute-sanitizer and faster (benchmarks/README.md).
+// _set_cuda_fast_exp and _set_cuda_mixture_fast_math switch them;
+// registration.cpp holds the state). A variant that has not yet run on a GPU is
+// off by default: a kernel that has not run on a GPU does not replace one that
+// has.
 struct KernelOptions {
   // The CUDA objective's kernels load 16 bytes of the narrower of recon and
   // target per access and thread (a uint8 target 16 pixels at a time, recon's
@@ -260,14 +259,18 @@ struct KernelOptions {
   // of recon (a uint8 target then reads 4 bytes per access beside float32).
   // Off: two H200 runs measured no gain.
   std::atomic<bool> cuda_wide_loads{false};
-  // The CUDA discretized mixture's float32 kernels take their logs from the
-  // hardware's approximate logarithm (math::FastLogOps) instead of logf.
-  std::atomic<bool> cuda_fast_log{true};
-  // The CUDA kernels with float accumulation of the objective's logits
-  // likelihoods and of the discretized mixture take their exponentials of
-  // non-positive arguments from the hardware's base-2 exponential
-  // (math::WithFastExp) instead of expf.
-  std::atomic<bool> cuda_fast_exp{true};
+  // The CUDA objective's kernels with float accumulation of the logits
+  // likelihoods take e^-|x| from the hardware's base-2 exponential
+  // (math::FastExpOps) instead of expf. Off: 1-8 % faster on an H200, but its
+  // relative error grows with |x| (about 1e-5 at |x| = 80), where the loss and
+  // its gradient hold 6e-7 per element with expf (tests/test_fast_math.py).
+  std::atomic<bool> cuda_fast_exp{false};
+  // The CUDA discretized mixture's float32 kernels take their logarithms and
+  // their exponentials of non-positive arguments from the hardware's
+  // approximations (math::FastLogExpOps) instead of logf and expf. On: an H200
+  // run found them within the mixture's bars, clean under compute-sanitizer and
+  // 5-10 % faster (benchmarks/README.md).
+  std::atomic<bool> cuda_mixture_fast_math{true};
 };
 KernelOptions& kernel_options();
 

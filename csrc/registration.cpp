@@ -90,9 +90,10 @@ PyObject* set_cuda_wide_loads(PyObject*, PyObject* arg) {
   return exchange_option(fusedvae::kernel_options().cuda_wide_loads, arg);
 }
 
-// `fusedvae._C._set_cuda_fast_log(enabled) -> bool`: KernelOptions::cuda_fast_log.
-PyObject* set_cuda_fast_log(PyObject*, PyObject* arg) {
-  return exchange_option(fusedvae::kernel_options().cuda_fast_log, arg);
+// `fusedvae._C._set_cuda_mixture_fast_math(enabled) -> bool`:
+// KernelOptions::cuda_mixture_fast_math.
+PyObject* set_cuda_mixture_fast_math(PyObject*, PyObject* arg) {
+  return exchange_option(fusedvae::kernel_options().cuda_mixture_fast_math, arg);
 }
 
 // `fusedvae._C._set_cuda_fast_exp(enabled) -> bool`: KernelOptions::cuda_fast_exp.
@@ -103,13 +104,12 @@ PyObject* set_cuda_fast_exp(PyObject*, PyObject* arg) {
 PyMethodDef module_methods[] = {
     {"_set_cuda_wide_loads", set_cuda_wide_loads, METH_O,
      "Switch the CUDA objective's wide-load kernels on or off; returns the previous setting."},
-    {"_set_cuda_fast_log", set_cuda_fast_log, METH_O,
-     "Switch the CUDA discretized mixture's approximate logarithm on or off; returns the previous "
-     "setting."},
     {"_set_cuda_fast_exp", set_cuda_fast_exp, METH_O,
-     "Switch the approximate exponential of the CUDA kernels with float accumulation (the "
-     "objective's logits likelihoods, the discretized mixture) on or off; returns the previous "
-     "setting."},
+     "Switch the approximate exponential of the CUDA objective's logits likelihoods (float "
+     "accumulation) on or off; returns the previous setting."},
+    {"_set_cuda_mixture_fast_math", set_cuda_mixture_fast_math, METH_O,
+     "Switch the approximate logarithm and exponential of the CUDA discretized mixture's float32 "
+     "kernels on or off; returns the previous setting."},
     {"_cpu_float_math", cpu_float_math, METH_VARARGS,
      "The CPU kernels' float32 approximation `name` applied to the float32 values in `data`."},
     {nullptr, nullptr, 0, nullptr}};

@@ -141,11 +141,11 @@ FUSEDVAE_ALWAYS_INLINE V pixel_quotient(const V& k, const Fma& fma) {
 
 // Policies for the CUDA kernels with float accumulation: a float policy
 // (ScalarOps<float> or another of these) with some of its functions taken from
-// the hardware's approximations, chosen by KernelOptions (on by default since
-// a GPU run showed them as accurate and faster). On the host each is its Base.
+// the hardware's approximations, chosen by KernelOptions. On the host each is
+// its Base.
 
 // The hardware's approximate logarithm for log_approx and log_product3
-// (MUFU.LG2: __logf, __log2f; KernelOptions::cuda_fast_log). The CUDA
+// (MUFU.LG2: __logf, __log2f; KernelOptions::cuda_mixture_fast_math). The CUDA
 // Programming Guide's table of intrinsics bounds the error at about 2^-21
 // absolute on [0.5, 2] and a few ulps elsewhere: for the discretized mixture's
 // channel probabilities in (0, 1], well inside its bars, where logf takes some
@@ -193,9 +193,10 @@ struct WithFastExp : Base {
   }
 };
 
-using FastLogOps = WithFastLog<ScalarOps<float>>;
+// The objective's logits likelihoods under KernelOptions::cuda_fast_exp.
 using FastExpOps = WithFastExp<ScalarOps<float>>;
-using FastLogExpOps = WithFastExp<FastLogOps>;
+// The discretized mixture's float32 kernels under cuda_mixture_fast_math.
+using FastLogExpOps = WithFastExp<WithFastLog<ScalarOps<float>>>;
 
 // PyTorch's binary_cross_entropy clamps each log at -100 and divides its
 // gradient by max(p(1-p), 1e-12); the probability paths follow both conventions.

@@ -353,7 +353,7 @@ def peak_step_bytes(fn, inputs):
 
 # The CUDA kernel switches (csrc/kernels.h, KernelOptions), each with its
 # default, set by fusedvae._C._set_cuda_<name>.
-CUDA_KERNEL_SWITCHES = {"wide_loads": False, "fast_log": True, "fast_exp": True}
+CUDA_KERNEL_SWITCHES = {"wide_loads": False, "fast_exp": False, "mixture_fast_math": True}
 
 
 @contextlib.contextmanager

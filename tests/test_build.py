@@ -56,7 +56,8 @@ def test_every_op_has_a_cpu_kernel(op):
 @pytest.mark.parametrize("name", CUDA_KERNEL_SWITCHES)
 def test_cuda_kernel_switches_have_their_defaults_and_round_trip(name):
     # KernelOptions: a kernel that has not yet run on a GPU stays off by default;
-    # the fast logarithm and exponential are on since a GPU run proved them.
+    # the mixture's approximate logarithm and exponential are on since a GPU run
+    # proved them.
     setter, default = getattr(_C, f"_set_cuda_{name}"), CUDA_KERNEL_SWITCHES[name]
     assert setter(not default) is default
     assert setter(default) is (not default)

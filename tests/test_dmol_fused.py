@@ -27,12 +27,11 @@ def _case(channels, k, device, batch=3, height=5, width=6, seed=0, edges=True, *
     return params.to(device), target.to(device)
 
 
-@pytest.fixture(params=[dict(fast_log=False, fast_exp=False), dict(fast_exp=False), dict(fast_log=False), {}],
-                ids=["accurate", "fast_log", "fast_exp", "fast_log+fast_exp"])
+@pytest.fixture(params=[dict(mixture_fast_math=False), {}], ids=["logf-expf", "fast_math"])
 def cuda_math(request):
     """The CUDA kernels' logarithm and exponential for one test: logf and expf,
-    then the hardware's approximate ones, each alone and both (the default;
-    fusedvae._C._set_cuda_fast_log, _set_cuda_fast_exp)."""
+    then the hardware's approximate ones, the default
+    (fusedvae._C._set_cuda_mixture_fast_math)."""
     with cuda_kernel_switches(**request.param):
         yield
 

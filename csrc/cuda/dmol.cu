@@ -229,17 +229,15 @@ void with_split(int split, const F& f) {
 }
 
 // f(O{}) for the ops policy of T's kernels (load_pixel): with float
-// accumulation, the hardware's logarithm under KernelOptions::cuda_fast_log and
-// its exponential under cuda_fast_exp.
+// accumulation, the hardware's logarithm and exponential under
+// KernelOptions::cuda_mixture_fast_math.
 template <typename T, typename F>
 void with_ops(const F& f) {
   using Acc = acc_t<T>;
   if constexpr (std::is_same_v<Acc, float>) {
-    const bool fast_log = kernel_options().cuda_fast_log.load(std::memory_order_relaxed);
-    const bool fast_exp = kernel_options().cuda_fast_exp.load(std::memory_order_relaxed);
-    if (fast_log && fast_exp) return f(math::FastLogExpOps{});
-    if (fast_log) return f(math::FastLogOps{});
-    if (fast_exp) return f(math::FastExpOps{});
+    if (kernel_options().cuda_mixture_fast_math.load(std::memory_order_relaxed)) {
+      return f(math::FastLogExpOps{});
+    }
   }
   f(math::ScalarOps<Acc>{});
 }
