@@ -93,7 +93,7 @@ MIN_COPY_BYTES = GIB
 LATENT_DTYPE = torch.float32  # mu and logvar, as make_inputs makes them
 METHOD_NAMES = ("eager", "compiled", "fused")  # the table's order
 # fused with kernels other than the default ones: in the VAE cases the opt-in
-# wide loads under --cuda-wide-loads (fusedvae._C._set_cuda_wide_loads) and
+# wide loads under --cuda-wide-loads (fusedvae._C._set_cuda_wide_loads) and the
 # approximate exponential under --cuda-fast-exp (_set_cuda_fast_exp), in the
 # mixture's logf and expf under --cuda-accurate-mixture
 # (_set_cuda_mixture_fast_math off).
@@ -251,7 +251,7 @@ def format_table(rows: Sequence[Dict[str, object]], copy_gbs: float, copy_nbytes
         variant_cells = ""
         if variant:
             variant_cells = (f" {cells.pop()} | {r['percent_of_floor_variant']:.0f} % |" if VARIANT in r["ms"]
-                            else " - | - |")
+                             else " - | - |")
         lines.append(
             f"| {r['case']} | {r['min_bytes'] / 1e6:.4g} | {r['floor_ms']:.4g} | " + " | ".join(cells)
             + f" | {r['percent_of_floor']:.0f} % | {r['eager/fused']:.2f}x | {r['compiled/fused']:.2f}x |"
@@ -542,6 +542,7 @@ def time_case(name: str, steps: Dict[str, Callable[[], object]], nbytes: int, co
     return case_row(name, nbytes, copy_gbs, ms, host_ms, how, **memory)
 
 
+# A kernel switch's setter (fusedvae._C._set_cuda_<name>) and the value to give it.
 Setting = Tuple[Callable[[bool], bool], bool]
 
 
