@@ -172,7 +172,7 @@ kernel_profile() {
     return 1
   fi
   out=$(mktemp)
-  "$ncu" --kernel-name regex:"forward_partials|sum_chunks|objective_backward" \
+  "$ncu" --kernel-name regex:"forward_partials|dmol_backward_kernel|sum_chunks|objective_backward" \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section ComputeWorkloadAnalysis --section InstructionStats \
     python benchmarks/profile_case.py > "$out" 2>&1

@@ -1,16 +1,17 @@
 """The kernels the GPU goals are set for, once each, for Nsight Compute.
 
-    ncu --kernel-name regex:"forward_partials|sum_chunks|objective_backward" python benchmarks/profile_case.py [DEVICE]
+    ncu --kernel-name regex:"forward_partials|dmol_backward_kernel|sum_chunks|objective_backward" python benchmarks/profile_case.py [DEVICE]
 
 DEVICE is ``cuda`` unless given; ``benchmarks/test_gpu_check_cases.py`` runs it
 on the CPU, at small sizes, so that every line of it runs wherever the tests do.
 ``benchmarks/gpu_check.sh`` runs it under ncu (its kernel-profile step):
 
-- the discretized mixture at 32x3x32x32 and 4x3x256x256, K = 10: the one-pass
-  forward with the gradient, then the forward alone;
+- the discretized mixture at 32x3x32x32 and 4x3x256x256, K = 10: a training
+  step's forward (keeping each pixel's NLL) and backward, then the forward
+  alone;
 - the VAE objective at 32x3x512x512, Z = 512, a uint8 target beside a float32
   and a bfloat16 recon: the forward's reduction and the backward map;
-- the larger mixture's one pass with logf and expf instead of the hardware's
+- the larger mixture's step with logf and expf instead of the hardware's
   approximations (the default), and the objective with a float32 recon under
   the opt-in approximate exponential.
 """

@@ -317,31 +317,44 @@ Tensor cb_log_normalizer_autograd(const Tensor& logits) {
 }
 
 using DmolOp = Tensor(const Tensor&, const Tensor&, int64_t, double);
-using DmolWithGradOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, double);
-using DmolBackwardOp = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, double);
+using DmolPairOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, double);
+using DmolBackwardOp = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, double,
+                              const OptTensor&);
 
 // The target is data: the op has no gradient for it (the Python API refuses
 // a target that requires grad).
 //
-// With float32 or float64 params, the forward also computes the gradient for
-// an output gradient of 1, in the same pass over the pixels (dmol_nll_and_grad:
-// each pixel's mixture evaluated once instead of twice on the CPU, twice
-// instead of three times on CUDA), and the first backward scales it in place by the output's
-// gradient (where that is not 1 everywhere) and returns it. A later backward through the same graph
-// (retain_graph=True) and a backward that builds a graph (create_graph=True,
-// refused by dmol_nll_backward) run dmol_nll_backward. 16-bit params keep
-// the two passes: scaling a 16-bit gradient would round it twice.
+// On the CPU, with float32 or float64 params, the forward also computes the
+// gradient for an output gradient of 1, in the same pass over the pixels
+// (dmol_nll_and_grad: each pixel's mixture evaluated once instead of twice),
+// and the first backward scales it in place by the output's gradient (where
+// that is not 1 everywhere) and returns it. A later backward through the same
+// graph (retain_graph=True) and a backward that builds a graph
+// (create_graph=True, refused by dmol_nll_backward) run dmol_nll_backward.
+// 16-bit params keep the two passes: scaling a 16-bit gradient would round it
+// twice. On CUDA, where a thread keeps no cache of the components (the one
+// pass would be two) and scaling would read and write the gradient once more,
+// the forward keeps each pixel's NLL (dmol_nll_and_pixel_nll) and the
+// backward, given it, takes one pass over the components and writes the
+// scaled gradient: for every dtype, two passes per step and the gradient
+// written once.
 class DmolFunction : public torch::autograd::Function<DmolFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& params, const Tensor& target,
                                int64_t bits, double log_scale_min) {
     at::AutoDispatchBelowADInplaceOrView below;
-    ctx->save_for_backward({params, target});
     ctx->saved_data["bits"] = bits;
     ctx->saved_data["log_scale_min"] = log_scale_min;
+    if (params.is_cuda()) {
+      static const auto op = find_op<DmolPairOp>("fusedvae::dmol_nll_and_pixel_nll");
+      auto [nll, pixel_nll] = op.call(params, target, bits, log_scale_min);
+      ctx->save_for_backward({params, target, pixel_nll});
+      return {nll};
+    }
+    ctx->save_for_backward({params, target});
     const at::ScalarType dtype = params.scalar_type();
     if (dtype == at::kFloat || dtype == at::kDouble) {
-      static const auto op = find_op<DmolWithGradOp>("fusedvae::dmol_nll_and_grad");
+      static const auto op = find_op<DmolPairOp>("fusedvae::dmol_nll_and_grad");
       auto [nll, grad_params] = op.call(params, target, bits, log_scale_min);
       ctx->saved_data["grad_params"] = grad_params;
       return {nll};
@@ -363,7 +376,8 @@ class DmolFunction : public torch::autograd::Function<DmolFunction> {
     const variable_list saved = ctx->get_saved_variables();
     static const auto op = find_op<DmolBackwardOp>("fusedvae::dmol_nll_backward");
     return {op.call(grads[0], saved[0], saved[1], ctx->saved_data["bits"].toInt(),
-                    ctx->saved_data["log_scale_min"].toDouble()),
+                    ctx->saved_data["log_scale_min"].toDouble(),
+                    saved.size() > 2 ? OptTensor(saved[2]) : std::nullopt),
             Tensor(), Tensor(), Tensor()};
   }
 };
@@ -607,25 +621,29 @@ Tensor cb_log_normalizer_backward_autograd(const Tensor& grad, const Tensor& log
   return refuse_second_order("cb_log_normalizer_backward", {grad, logits}, {a})[0];
 }
 
-std::tuple<Tensor, Tensor> dmol_nll_and_grad_autograd(const Tensor& params, const Tensor& target,
-                                                      int64_t bits, double log_scale_min) {
+// The ops DmolFunction's forward runs, called directly: no derivative of their own.
+constexpr char kDmolNllAndGrad[] = "dmol_nll_and_grad";
+constexpr char kDmolNllAndPixelNll[] = "dmol_nll_and_pixel_nll";
+template <const char* kName>
+std::tuple<Tensor, Tensor> dmol_pair_autograd(const Tensor& params, const Tensor& target,
+                                              int64_t bits, double log_scale_min) {
   Tensor a, b;
   {
     at::AutoDispatchBelowADInplaceOrView below;
-    static const auto op = find_op<DmolWithGradOp>("fusedvae::dmol_nll_and_grad");
+    static const auto op = find_op<DmolPairOp>((std::string("fusedvae::") + kName).c_str());
     std::tie(a, b) = op.call(params, target, bits, log_scale_min);
   }
-  const variable_list out = refuse_second_order("dmol_nll_and_grad", {params}, {a, b});
+  const variable_list out = refuse_second_order(kName, {params}, {a, b});
   return {out[0], out[1]};
 }
 
 Tensor dmol_nll_backward_autograd(const Tensor& grad, const Tensor& params, const Tensor& target,
-                                  int64_t bits, double log_scale_min) {
+                                  int64_t bits, double log_scale_min, const OptTensor& pixel_nll) {
   Tensor a;
   {
     at::AutoDispatchBelowADInplaceOrView below;
     static const auto op = find_op<DmolBackwardOp>("fusedvae::dmol_nll_backward");
-    a = op.call(grad, params, target, bits, log_scale_min);
+    a = op.call(grad, params, target, bits, log_scale_min, pixel_nll);
   }
   return refuse_second_order("dmol_nll_backward", {grad, params}, {a})[0];
 }
@@ -645,6 +663,7 @@ TORCH_LIBRARY_IMPL(fusedvae, Autograd, m) {
   m.impl("cb_log_normalizer", &cb_log_normalizer_autograd);
   m.impl("cb_log_normalizer_backward", &cb_log_normalizer_backward_autograd);
   m.impl("dmol_nll", &dmol_nll_autograd);
-  m.impl("dmol_nll_and_grad", &dmol_nll_and_grad_autograd);
+  m.impl(kDmolNllAndGrad, &dmol_pair_autograd<kDmolNllAndGrad>);
+  m.impl(kDmolNllAndPixelNll, &dmol_pair_autograd<kDmolNllAndPixelNll>);
   m.impl("dmol_nll_backward", &dmol_nll_backward_autograd);
 }

@@ -418,14 +418,30 @@ FUSEDVAE_ALWAYS_INLINE void write_component_grad(const Pixel<O>& px, const Read&
                        O::exp_nonpositive(cg.log_joint - log_like), write);
 }
 
+// Writes the gradients of components first, first + step, ... (first < K),
+// given the logits' normaliser and log p(pixel): one evaluation of each.
+template <class O, typename Read, typename G, typename Write>
+FUSEDVAE_ALWAYS_INLINE void components_backward(const Pixel<O>& px, const Read& p,
+                                                typename O::V norm, typename O::V log_like,
+                                                int64_t first, int64_t step, const G& g,
+                                                const Write& write) {
+  for (int64_t k = first; k < px.k; k += step) {
+    ComponentGrad<O> cg;
+    component_grad(px, p, k, norm, &cg);
+    write_component_grad(px, p, k, norm, g, cg, log_like, write);
+  }
+}
+
 // Calls write(j, g · ∂(-log p(pixel))/∂p(j)) for every parameter j and returns
 // log p(pixel). With at most kCached components each is evaluated once and
 // kept until log p(pixel) is known; with more (or kCached = 0, where keeping
 // them costs more than evaluating twice, as in a GPU thread's registers) a
-// first pass forms log p(pixel) and a second the gradients.
+// first pass forms log p(pixel) and a second the gradients, unless `nll` (the
+// forward's -log p(pixel), bitwise what the first pass would give) is given.
 template <int kCached, class O, typename Read, typename G, typename Write>
 FUSEDVAE_HD typename O::V pixel_nll_backward(const Pixel<O>& px, const Read& p, const G& g,
-                                             const Write& write) {
+                                             const Write& write,
+                                             const typename O::V* nll = nullptr) {
   using V = typename O::V;
   if constexpr (kCached > 0) {
     if (px.k <= kCached) {
@@ -451,12 +467,8 @@ FUSEDVAE_HD typename O::V pixel_nll_backward(const Pixel<O>& px, const Read& p, 
     }
   }
   const V norm = logit_normalizer(px, p);
-  const V log_like = pixel_log_likelihood(px, p, norm);
-  for (int64_t k = 0; k < px.k; ++k) {
-    ComponentGrad<O> cg;
-    component_grad(px, p, k, norm, &cg);
-    write_component_grad(px, p, k, norm, g, cg, log_like, write);
-  }
+  const V log_like = nll != nullptr ? O::splat(0.0) - *nll : pixel_log_likelihood(px, p, norm);
+  components_backward(px, p, norm, log_like, 0, 1, g, write);
   return log_like;
 }
 

@@ -208,11 +208,13 @@ struct Kernels {
   void (*cb_log_normalizer_forward)(const CbProblem& p, void* out);
   void (*cb_log_normalizer_backward)(const CbProblem& p, const void* grad, void* grad_logits);
   // nll[b] = Σ over sample b's pixels of -log p(pixel) (accumulation type,
-  // [batch]); grad_params (params' dtype, through grad_strides: batch, channel,
-  // pixel) = grad[b] · ∂nll_b/∂params.
-  void (*dmol_forward)(const DmolProblem& p, void* nll);
-  void (*dmol_backward)(const DmolProblem& p, const void* grad, void* grad_params,
-                        const int64_t* grad_strides);
+  // [batch]), and where pixel_nll is not null pixel_nll[b · pixels + i] =
+  // -log p(pixel i); grad_params (params' dtype, through grad_strides: batch,
+  // channel, pixel) = grad[b] · ∂nll_b/∂params. The backward may take the
+  // forward's pixel_nll (or null) in place of a first pass that forms it.
+  void (*dmol_forward)(const DmolProblem& p, void* nll, void* pixel_nll);
+  void (*dmol_backward)(const DmolProblem& p, const void* grad, const void* pixel_nll,
+                        void* grad_params, const int64_t* grad_strides);
   // Both in one pass over the parameters: dmol_forward's nll and dmol_backward's
   // grad_params for grad[b] = 1 (the autograd node scales them by the output's
   // gradient), evaluating each pixel's mixture once instead of twice.
@@ -290,11 +292,11 @@ void gaussian_kl_sums(const KlProblem& p, void* kl, void* dim_mean, void* stream
 void cb_log_normalizer_forward(const CbProblem& p, void* out, void* stream);
 void cb_log_normalizer_backward(const CbProblem& p, const void* grad, void* grad_logits,
                                 void* stream);
-void dmol_forward(const DmolProblem& p, void* nll, void* workspace, void* stream);
+void dmol_forward(const DmolProblem& p, void* nll, void* pixel_nll, void* workspace, void* stream);
 // As cpu's Kernels::dmol_forward_with_grad; the workspace as dmol_forward's.
 void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
                             const int64_t* grad_strides, void* workspace, void* stream);
-void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
+void dmol_backward(const DmolProblem& p, const void* grad, const void* pixel_nll, void* grad_params,
                    const int64_t* grad_strides, void* stream);
 int64_t dmol_workspace_bytes(const DmolProblem& p);
 // Bytes of scratch objective_forward needs (per-block partial sums).

@@ -878,6 +878,11 @@ struct DmolInputs {
     return at::empty({problem.batch},
                      params.options().dtype(accumulate_type(params.scalar_type())));
   }
+  // The per-pixel NLL [B, H, W], in the accumulation type.
+  Tensor new_pixel_nll() const {
+    return at::empty({problem.batch, params.size(2), params.size(3)},
+                     params.options().dtype(accumulate_type(params.scalar_type())));
+  }
   // The gradient in the layout the kernel reads params in (NCHW or
   // channels-last), and its strides for the kernel.
   Tensor new_grad(int64_t (&strides)[3]) const {
@@ -889,13 +894,31 @@ struct DmolInputs {
 
 }  // namespace
 
-Tensor dmol_nll(const Backend& backend, const Tensor& params, const Tensor& target, int64_t bits,
-                double log_scale_min) {
+namespace {
+
+// The NLL and, where keep_pixels, each pixel's (undefined otherwise).
+std::tuple<Tensor, Tensor> dmol_forward(const Backend& backend, const Tensor& params,
+                                        const Tensor& target, int64_t bits, double log_scale_min,
+                                        bool keep_pixels) {
   const c10::OptionalDeviceGuard guard(params.device());
   DmolInputs in(params, target, bits, log_scale_min);
   Tensor nll = in.new_nll();
-  backend.dmol_forward(in.problem, nll.data_ptr());
-  return nll;
+  Tensor pixel_nll = keep_pixels ? in.new_pixel_nll() : Tensor();
+  backend.dmol_forward(in.problem, nll.data_ptr(), keep_pixels ? pixel_nll.data_ptr() : nullptr);
+  return {nll, pixel_nll};
+}
+
+}  // namespace
+
+Tensor dmol_nll(const Backend& backend, const Tensor& params, const Tensor& target, int64_t bits,
+                double log_scale_min) {
+  return std::get<0>(dmol_forward(backend, params, target, bits, log_scale_min, false));
+}
+
+std::tuple<Tensor, Tensor> dmol_nll_and_pixel_nll(const Backend& backend, const Tensor& params,
+                                                  const Tensor& target, int64_t bits,
+                                                  double log_scale_min) {
+  return dmol_forward(backend, params, target, bits, log_scale_min, true);
 }
 
 std::tuple<Tensor, Tensor> dmol_nll_and_grad(const Backend& backend, const Tensor& params,
@@ -911,17 +934,32 @@ std::tuple<Tensor, Tensor> dmol_nll_and_grad(const Backend& backend, const Tenso
 }
 
 Tensor dmol_nll_backward(const Backend& backend, const Tensor& grad, const Tensor& params,
-                         const Tensor& target, int64_t bits, double log_scale_min) {
+                         const Tensor& target, int64_t bits, double log_scale_min,
+                         const std::optional<Tensor>& pixel_nll) {
   const c10::OptionalDeviceGuard guard(params.device());
   DmolInputs in(params, target, bits, log_scale_min);
   check_same_device(grad, "grad", params, "params");
   TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == in.problem.batch,
                     "fusedvae: expected grad of shape [", in.problem.batch, "], got ",
                     grad.sizes());
-  const Tensor g = grad.to(accumulate_type(params.scalar_type())).contiguous();
+  const at::ScalarType acc = accumulate_type(params.scalar_type());
+  const Tensor g = grad.to(acc).contiguous();
+  Tensor given;
+  if (pixel_nll.has_value()) {
+    check_same_device(*pixel_nll, "pixel_nll", params, "params");
+    const std::vector<int64_t> shape = {in.problem.batch, params.size(2), params.size(3)};
+    TORCH_CHECK_VALUE(pixel_nll->sizes() == at::IntArrayRef(shape),
+                      "fusedvae: expected pixel_nll of shape ", at::IntArrayRef(shape),
+                      " (dmol_nll_and_pixel_nll's), got ", pixel_nll->sizes());
+    TORCH_CHECK_TYPE(pixel_nll->scalar_type() == acc, "fusedvae: expected pixel_nll of dtype ", acc,
+                     " (dmol_nll_and_pixel_nll's), got ", pixel_nll->scalar_type());
+    given = pixel_nll->contiguous();
+  }
   int64_t strides[3];
   Tensor grad_params = in.new_grad(strides);
-  backend.dmol_backward(in.problem, g.const_data_ptr(), grad_params.data_ptr(), strides);
+  backend.dmol_backward(in.problem, g.const_data_ptr(),
+                        given.defined() ? given.const_data_ptr() : nullptr, grad_params.data_ptr(),
+                        strides);
   return grad_params;
 }
 

@@ -36,9 +36,10 @@ class Backend {
                            const KlGrads& grads) const = 0;
   virtual void cb_forward(const CbProblem& p, void* out) const = 0;
   virtual void cb_backward(const CbProblem& p, const void* grad, void* grad_logits) const = 0;
-  virtual void dmol_forward(const DmolProblem& p, void* nll) const = 0;
-  virtual void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
-                             const int64_t* grad_strides) const = 0;
+  // cpu::Kernels::dmol_forward's and dmol_backward's contracts.
+  virtual void dmol_forward(const DmolProblem& p, void* nll, void* pixel_nll) const = 0;
+  virtual void dmol_backward(const DmolProblem& p, const void* grad, const void* pixel_nll,
+                             void* grad_params, const int64_t* grad_strides) const = 0;
   // dmol_forward's nll and dmol_backward's gradient for grad = 1, in one pass.
   virtual void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
                                       const int64_t* grad_strides) const = 0;
@@ -110,8 +111,12 @@ std::tuple<at::Tensor, at::Tensor> dmol_nll_and_grad(const Backend& backend,
                                                      const at::Tensor& params,
                                                      const at::Tensor& target, int64_t bits,
                                                      double log_scale_min);
+std::tuple<at::Tensor, at::Tensor> dmol_nll_and_pixel_nll(const Backend& backend,
+                                                          const at::Tensor& params,
+                                                          const at::Tensor& target, int64_t bits,
+                                                          double log_scale_min);
 at::Tensor dmol_nll_backward(const Backend& backend, const at::Tensor& grad,
                              const at::Tensor& params, const at::Tensor& target, int64_t bits,
-                             double log_scale_min);
+                             double log_scale_min, const std::optional<at::Tensor>& pixel_nll);
 
 }  // namespace fusedvae

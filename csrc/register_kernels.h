@@ -73,9 +73,13 @@ void register_kernels(torch::Library& m) {
          [](const Tensor& params, const Tensor& target, int64_t bits, double log_scale_min) {
            return dmol_nll_and_grad(BackendT{}, params, target, bits, log_scale_min);
          });
+  m.impl("dmol_nll_and_pixel_nll",
+         [](const Tensor& params, const Tensor& target, int64_t bits, double log_scale_min) {
+           return dmol_nll_and_pixel_nll(BackendT{}, params, target, bits, log_scale_min);
+         });
   m.impl("dmol_nll_backward", [](const Tensor& grad, const Tensor& params, const Tensor& target,
-                                 int64_t bits, double log_scale_min) {
-    return dmol_nll_backward(BackendT{}, grad, params, target, bits, log_scale_min);
+                                 int64_t bits, double log_scale_min, const OptTensor& pixel_nll) {
+    return dmol_nll_backward(BackendT{}, grad, params, target, bits, log_scale_min, pixel_nll);
   });
 }
 

@@ -209,7 +209,13 @@ TORCH_LIBRARY(fusedvae, m) {
   m.def(
       "dmol_nll_and_grad(Tensor params, Tensor target, int bits, float log_scale_min) "
       "-> (Tensor nll, Tensor grad_params)");
+  // dmol_nll and each pixel's NLL [B, H, W], which dmol_nll_backward takes
+  // (pixel_nll) in place of a first pass over the components: what dmol_nll's
+  // autograd node runs on CUDA, where a thread holds no cache of the components.
+  m.def(
+      "dmol_nll_and_pixel_nll(Tensor params, Tensor target, int bits, float log_scale_min) "
+      "-> (Tensor nll, Tensor pixel_nll)");
   m.def(
       "dmol_nll_backward(Tensor grad, Tensor params, Tensor target, int bits, "
-      "float log_scale_min) -> Tensor");
+      "float log_scale_min, Tensor? pixel_nll=None) -> Tensor");
 }

@@ -261,13 +261,35 @@ def _dmol_nll_and_grad_fake(params, target, bits, log_scale_min):
     return nll, torch.empty_like(params if _pixel_indexable(params) else params.contiguous())
 
 
+def _pixel_nll_shape(params):
+    return (params.shape[0], params.shape[2], params.shape[3])
+
+
+@torch.library.register_fake("fusedvae::dmol_nll_and_pixel_nll")
+def _dmol_nll_and_pixel_nll_fake(params, target, bits, log_scale_min):
+    _check_dmol_args(params, target)
+    acc = accumulate_dtype(params.dtype)
+    return params.new_empty((params.shape[0],), dtype=acc), params.new_empty(_pixel_nll_shape(params), dtype=acc)
+
+
 @torch.library.register_fake("fusedvae::dmol_nll_backward")
-def _dmol_nll_backward_fake(grad, params, target, bits, log_scale_min):
+def _dmol_nll_backward_fake(grad, params, target, bits, log_scale_min, pixel_nll=None):
     _check_dmol_args(params, target)
     torch._check(grad.device == params.device,
                  lambda: f"fusedvae: expected grad on the device of params ({params.device}), got {grad.device}")
     torch._check(grad.dim() == 1 and grad.shape[0] == params.shape[0],
                  lambda: f"fusedvae: expected grad of shape [{params.shape[0]}], got {tuple(grad.shape)}")
+    if pixel_nll is not None:
+        torch._check(pixel_nll.device == params.device,
+                     lambda: f"fusedvae: expected pixel_nll on the device of params ({params.device}), "
+                     f"got {pixel_nll.device}")
+        torch._check(tuple(pixel_nll.shape) == _pixel_nll_shape(params),
+                     lambda: f"fusedvae: expected pixel_nll of shape {list(_pixel_nll_shape(params))} "
+                     f"(dmol_nll_and_pixel_nll's), got {list(pixel_nll.shape)}")
+        acc = accumulate_dtype(params.dtype)
+        torch._check(pixel_nll.dtype == acc,
+                     lambda: f"fusedvae: expected pixel_nll of dtype {acc} (dmol_nll_and_pixel_nll's), "
+                     f"got {pixel_nll.dtype}")
     return torch.empty_like(params if _pixel_indexable(params) else params.contiguous())
 
 

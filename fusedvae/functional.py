@@ -469,12 +469,14 @@ def discretized_mix_logistic_nll(
     PixelCNN++ replaces a bin probability below 1e-5 by the mid-bin density, the
     difference of sigmoids is computed exactly in log space. One kernel reads each
     pixel's parameters once forward, once backward, and writes the gradient once
-    (the only full-size allocation). When float32 or float64 ``params`` require
-    grad, the forward computes the gradient in the same pass (allocating it then,
-    and holding it until the backward) and the backward scales it in place by the
-    output's gradient (on the CPU, not where that is 1 everywhere, as for
-    ``nll.sum()``), with bitwise the same result: one pass over the pixels per
-    step instead of two.
+    (the only full-size allocation). On the CPU, when float32 or float64
+    ``params`` require grad, the forward computes the gradient in the same pass
+    (allocating it then, and holding it until the backward) and the backward
+    scales it in place by the output's gradient (not where that is 1
+    everywhere, as for ``nll.sum()``), with bitwise the same result: one pass
+    over the pixels per step instead of two. On CUDA the forward keeps each
+    pixel's NLL (``[B, H, W]``), and the backward, given it, evaluates each
+    component once and writes the scaled gradient.
     :func:`fusedvae.reference.discretized_mix_logistic_nll` is the same function in
     plain PyTorch.
 

@@ -29,6 +29,7 @@ OPS = (
     "cb_log_normalizer_backward",
     "dmol_nll",
     "dmol_nll_and_grad",
+    "dmol_nll_and_pixel_nll",
     "dmol_nll_backward",
 )
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")

@@ -285,16 +285,19 @@ def test_no_grad_saves_nothing(device):
             fusedvae.discretized_mix_logistic_nll(params, target)
         assert saved == []
         fusedvae.discretized_mix_logistic_nll(params, target)
-    # params and target, nothing else (the node also holds the gradient its
-    # forward computed: test_one_pass_forward_gives_the_two_pass_results)
-    assert len(saved) == 2
+    # params and target, and on CUDA each pixel's NLL [B, H, W]; nothing else
+    # (on the CPU the node also holds the gradient its forward computed:
+    # test_one_pass_forward_gives_the_two_pass_results)
+    assert [tuple(t.shape) for t in saved[2:]] == ([] if device == "cpu" else [(3, 5, 6)])
+    assert saved[0] is params and saved[1] is target
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_one_pass_forward_gives_the_two_pass_results(device, dtype):
-    """float32 and float64 params get their gradient computed in the forward's
-    pass (dmol_nll_and_grad) and scaled by the first backward: the same NLL and
-    gradient as the separate ops, in either layout."""
+    """On the CPU float32 and float64 params get their gradient computed in the
+    forward's pass (dmol_nll_and_grad) and scaled by the first backward; on CUDA
+    the backward takes the forward's per-pixel NLL (dmol_nll_and_pixel_nll). The
+    same NLL and gradient as the separate ops either way, in either layout."""
     params, target = _case(3, 4, device)
     upstream = _upstream(params.shape[0], device, dtype)
     for p in (params.to(dtype), params.to(dtype).contiguous(memory_format=torch.channels_last)):
@@ -314,10 +317,10 @@ def test_one_pass_forward_gives_the_two_pass_results(device, dtype):
 
 
 def test_backward_of_the_sum_returns_the_forwards_gradient_unscaled(device):
-    """nll.sum().backward() (upstream 1 everywhere) takes the forward's gradient as
-    it is, with no pass over it, on the CPU, where the upstream values are read
-    in place; nll.mean() scales it in place. (On CUDA reading them would wait
-    for the device: the gradient is always scaled.)"""
+    """On the CPU nll.sum().backward() (upstream 1 everywhere) takes the forward's
+    gradient as it is, with no pass over it, where the upstream values are read
+    in place; nll.mean() scales it in place. On CUDA the backward writes the
+    scaled gradient itself: no pass over it either way."""
     params, target = _case(3, 4, device)
     p = params.float().requires_grad_()
     expected = ops.dmol_nll_backward(torch.ones(3, device=device), p.detach(), target, 8, -7.0)
@@ -326,10 +329,77 @@ def test_backward_of_the_sum_returns_the_forwards_gradient_unscaled(device):
         with profile() as prof:
             (grad,) = torch.autograd.grad(reduce(nll), p)
         scaled = "aten::mul_" in {e.name for e in prof.events()}
-        assert scaled == (device != "cpu" or reduce is torch.mean)
+        assert scaled == (device == "cpu" and reduce is torch.mean)
         torch.testing.assert_close(grad, expected * scale, rtol=2e-7, atol=0)
         if reduce is torch.sum:
             torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+def _pixels_as_samples(t):
+    """[B, P, H, W] -> [B·H·W, P, 1, 1]: each pixel a sample of its own."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1], 1, 1)
+
+
+@pytest.mark.parametrize("channels,k", [(3, 4), (3, 20), (1, 3)])
+def test_pixel_nll_is_each_pixels_nll(device, channels, k):
+    """dmol_nll_and_pixel_nll: dmol_nll's NLL (the same bits) and each pixel's,
+    against the reference on each pixel alone, in float64."""
+    params, target = _case(channels, k, device)
+    nll, pixel_nll = ops.dmol_nll_and_pixel_nll(params, target, 8, -7.0)
+    assert pixel_nll.shape == (3, 5, 6) and pixel_nll.dtype == F64
+    torch.testing.assert_close(nll, ops.dmol_nll(params, target, 8, -7.0), rtol=0, atol=0)
+    expected = reference.discretized_mix_logistic_nll(_pixels_as_samples(params), _pixels_as_samples(target))
+    torch.testing.assert_close(pixel_nll, expected.view(3, 5, 6), rtol=1e-12, atol=0)
+    torch.testing.assert_close(pixel_nll.sum((1, 2)), nll, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("k", [4, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.float16, torch.bfloat16])
+def test_backward_given_the_pixel_nll_gives_the_same_bits(device, dtype, k):
+    """dmol_nll_backward with the forward's per-pixel NLL skips the pass that
+    forms it (on CUDA always, on the CPU above 16 components) and writes the
+    same bits as without, in either layout."""
+    params, target = _case(3, k, device)
+    upstream = _upstream(params.shape[0], device, dtype)
+    for p in (params.to(dtype), params.to(dtype).contiguous(memory_format=torch.channels_last)):
+        nll, pixel_nll = ops.dmol_nll_and_pixel_nll(p, target, 8, -7.0)
+        torch.testing.assert_close(nll, ops.dmol_nll(p, target, 8, -7.0), rtol=0, atol=0)
+        given = ops.dmol_nll_backward(upstream, p, target, 8, -7.0, pixel_nll)
+        torch.testing.assert_close(given, ops.dmol_nll_backward(upstream, p, target, 8, -7.0), rtol=0, atol=0)
+        assert given.stride() == p.stride()
+        # The values are read where the pass is skipped: another likelihood,
+        # another gradient.
+        other = ops.dmol_nll_backward(upstream, p, target, 8, -7.0, pixel_nll + 1)
+        assert torch.equal(other, given) == (device == "cpu" and k <= 16)
+
+
+def _fusedvae_ops_run(fn):
+    with profile() as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("fusedvae::") or e.name == "aten::mul_"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+def test_autograd_runs_the_devices_passes(device, dtype):
+    """What a training step runs: on the CPU, float32 and float64 params get
+    their gradient in the forward's one pass and the backward scales it (16-bit:
+    a forward, then a backward of its own); on CUDA the forward keeps each
+    pixel's NLL and the backward, given it, writes the scaled gradient."""
+    params, target = _case(3, 4, device)
+    p = params.to(dtype).requires_grad_()
+    nll = None
+
+    def forward():
+        nonlocal nll
+        nll = fusedvae.discretized_mix_logistic_nll(p, target)
+
+    one_pass = device == "cpu" and dtype in (torch.float32, F64)
+    expected_forward = {"cpu": "fusedvae::dmol_nll_and_grad" if one_pass else "fusedvae::dmol_nll",
+                        "cuda": "fusedvae::dmol_nll_and_pixel_nll"}[torch.device(device).type]
+    assert _fusedvae_ops_run(forward) == {"fusedvae::dmol_nll", expected_forward}
+    upstream = _upstream(params.shape[0], device, nll.dtype)
+    backward = _fusedvae_ops_run(lambda: torch.autograd.grad(nll, p, upstream))
+    assert backward == ({"aten::mul_"} if one_pass else {"fusedvae::dmol_nll_backward"})
 
 
 def test_retained_graph_gives_the_gradient_every_time(device):
@@ -363,6 +433,9 @@ def test_opcheck(device):
     grad = torch.randn(2, device=device)
     torch.library.opcheck(ops.dmol_nll_backward.default, (grad, params.detach(), target, 8, -7.0))
     torch.library.opcheck(ops.dmol_nll_and_grad.default, (params.detach(), target, 8, -7.0))
+    torch.library.opcheck(ops.dmol_nll_and_pixel_nll.default, (params.detach(), target, 8, -7.0))
+    _, pixel_nll = ops.dmol_nll_and_pixel_nll(params.detach(), target, 8, -7.0)
+    torch.library.opcheck(ops.dmol_nll_backward.default, (grad, params.detach(), target, 8, -7.0, pixel_nll))
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

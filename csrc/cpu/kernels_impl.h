@@ -589,9 +589,11 @@ dmol::Pixel<VecOps<Acc>> load_pixels(const DmolProblem& p, int64_t b, int64_t fi
 
 // Work items, per-sample sums and their order are the per-element kernels'
 // (sum_per_sample, for_each_vector) with a pixel in place of an element.
+// The pixels' NLLs also go to pixel_nll where it is not null.
 template <typename T>
-void dmol_forward_typed(const DmolProblem& p, acc_t<T>* nll) {
+void dmol_forward_typed(const DmolProblem& p, acc_t<T>* nll, acc_t<T>* pixel_nll) {
   using Acc = acc_t<T>;
+  using Vec = at::vec::Vectorized<Acc>;
   const T* params = static_cast<const T*>(p.params);
   sum_per_sample<Acc>(
       p.batch, p.pixels, nll,
@@ -602,24 +604,30 @@ void dmol_forward_typed(const DmolProblem& p, acc_t<T>* nll) {
                                       p.param_strides[1], p.param_strides[2], count};
         prefetch_params_ahead(p, read, i);
         const dmol::Pixel<VecOps<Acc>> px = load_pixels<Acc>(p, b, i, count);
-        if constexpr (kWholePixelVectors) {
-          if (whole_vector(read)) {
-            return dmol::pixel_nll<kCachedComponents>(
-                px, WholePixelLanes<Acc, T>{read.base, read.channel_stride});
+        const Vec v = [&] {
+          if constexpr (kWholePixelVectors) {
+            if (whole_vector(read)) {
+              return dmol::pixel_nll<kCachedComponents>(
+                  px, WholePixelLanes<Acc, T>{read.base, read.channel_stride});
+            }
           }
-        }
-        return dmol::pixel_nll<kCachedComponents>(px, read);
+          return dmol::pixel_nll<kCachedComponents>(px, read);
+        }();
+        if (pixel_nll != nullptr) store(pixel_nll + offset, v, count);
+        return v;
       },
       kPixelChunk);
 }
 
 // pixel_nll_backward over `count` pixels of sample b from pixel i, the
 // gradient scaled by g (a vector, or dmol::UnitScale) and written through
-// out_strides; returns log p of each.
+// out_strides, given their NLLs where `nll` (pixel i's) is not null; returns
+// log p of each.
 template <typename T, typename G, typename Acc = acc_t<T>>
 at::vec::Vectorized<Acc> dmol_pixels_backward(const DmolProblem& p, int64_t b, int64_t i,
                                               int64_t count, const G& g, T* out,
-                                              const int64_t* out_strides) {
+                                              const int64_t* out_strides,
+                                              const Acc* nll = nullptr) {
   const T* params = static_cast<const T*>(p.params);
   const PixelLanes<Acc, T> read{params + b * p.param_strides[0] + i * p.param_strides[2],
                                 p.param_strides[1], p.param_strides[2], count};
@@ -627,25 +635,29 @@ at::vec::Vectorized<Acc> dmol_pixels_backward(const DmolProblem& p, int64_t b, i
                                        out_strides[1], out_strides[2], count};
   prefetch_params_ahead(p, read, i);
   const dmol::Pixel<VecOps<Acc>> px = load_pixels<Acc>(p, b, i, count);
+  const at::vec::Vectorized<Acc> given =
+      nll != nullptr ? load<Acc>(nll, count) : at::vec::Vectorized<Acc>(Acc(0));
+  const at::vec::Vectorized<Acc>* given_nll = nll != nullptr ? &given : nullptr;
   if constexpr (kWholePixelVectors) {
     if (whole_vector(read) && write.pixel_stride == 1) {
       return dmol::pixel_nll_backward<kCachedComponents>(
           px, WholePixelLanes<Acc, T>{read.base, read.channel_stride}, g,
-          WholePixelLanesWriter<Acc, T>{write.base, write.channel_stride});
+          WholePixelLanesWriter<Acc, T>{write.base, write.channel_stride}, given_nll);
     }
   }
-  return dmol::pixel_nll_backward<kCachedComponents>(px, read, g, write);
+  return dmol::pixel_nll_backward<kCachedComponents>(px, read, g, write, given_nll);
 }
 
 template <typename T>
-void dmol_backward_typed(const DmolProblem& p, const acc_t<T>* grad, T* out,
-                         const int64_t* out_strides) {
+void dmol_backward_typed(const DmolProblem& p, const acc_t<T>* grad, const acc_t<T>* pixel_nll,
+                         T* out, const int64_t* out_strides) {
   using Acc = acc_t<T>;
   for_each_vector<Acc>(
       p.batch, p.pixels,
       [&](int64_t b, int64_t offset, int64_t count) {
         dmol_pixels_backward<T>(p, b, offset - b * p.pixels, count,
-                                at::vec::Vectorized<Acc>(grad[b]), out, out_strides);
+                                at::vec::Vectorized<Acc>(grad[b]), out, out_strides,
+                                pixel_nll != nullptr ? pixel_nll + offset : nullptr);
       },
       kPixelChunk);
 }
@@ -667,18 +679,19 @@ void dmol_forward_with_grad_typed(const DmolProblem& p, acc_t<T>* nll, T* out,
       kPixelChunk);
 }
 
-void dmol_forward(const DmolProblem& p, void* nll) {
+void dmol_forward(const DmolProblem& p, void* nll, void* pixel_nll) {
   dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dmol_forward_typed<T>(p, static_cast<acc_t<T>*>(nll));
+    dmol_forward_typed<T>(p, static_cast<acc_t<T>*>(nll), static_cast<acc_t<T>*>(pixel_nll));
   });
 }
 
-void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
+void dmol_backward(const DmolProblem& p, const void* grad, const void* pixel_nll, void* grad_params,
                    const int64_t* grad_strides) {
   dispatch_dtype<c10::Half, c10::BFloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dmol_backward_typed<T>(p, static_cast<const acc_t<T>*>(grad), static_cast<T*>(grad_params),
+    dmol_backward_typed<T>(p, static_cast<const acc_t<T>*>(grad),
+                           static_cast<const acc_t<T>*>(pixel_nll), static_cast<T*>(grad_params),
                            grad_strides);
   });
 }

@@ -32,12 +32,12 @@ class CpuBackend final : public Backend {
   void cb_backward(const CbProblem& p, const void* grad, void* grad_logits) const override {
     cpu::kernels().cb_log_normalizer_backward(p, grad, grad_logits);
   }
-  void dmol_forward(const DmolProblem& p, void* nll) const override {
-    cpu::kernels().dmol_forward(p, nll);
+  void dmol_forward(const DmolProblem& p, void* nll, void* pixel_nll) const override {
+    cpu::kernels().dmol_forward(p, nll, pixel_nll);
   }
-  void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
-                     const int64_t* grad_strides) const override {
-    cpu::kernels().dmol_backward(p, grad, grad_params, grad_strides);
+  void dmol_backward(const DmolProblem& p, const void* grad, const void* pixel_nll,
+                     void* grad_params, const int64_t* grad_strides) const override {
+    cpu::kernels().dmol_backward(p, grad, pixel_nll, grad_params, grad_strides);
   }
   void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
                               const int64_t* grad_strides) const override {

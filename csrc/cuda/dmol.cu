@@ -7,10 +7,12 @@
 // dependent transcendental functions. The forward writes one partial sum per
 // block (a fixed-order block tree over its pixels) and a second kernel adds
 // each sample's partials in a fixed order: reproducible run to run, no atomics,
-// no host synchronisation. The forward with the gradient
-// (dmol_forward_with_grad) sums the same log-likelihoods while it writes the
-// gradient for an output gradient of 1: two passes over a pixel's components
-// instead of the three of a forward followed by a backward.
+// no host synchronisation. The forward can also keep each pixel's NLL, which
+// lets the backward take one pass over a pixel's components instead of two:
+// what dmol_nll's autograd does on CUDA (csrc/autograd.cpp), two passes per
+// training step and no pass over the gradient to scale it. The forward with
+// the gradient (dmol_forward_with_grad) sums the same log-likelihoods while it
+// writes the gradient for an output gradient of 1, in two passes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -150,27 +152,28 @@ __device__ typename O::V split_log_likelihood(const dmol::Pixel<O>& px, const Re
 }
 
 // Writes g times the gradient of this thread's components; returns log p(pixel).
+// Given the forward's -log p(pixel) (`nll`, not null), one pass over the
+// components; otherwise a first pass forms log p(pixel).
 template <int kSplit, class O, typename Read, typename G, typename Write>
 __device__ typename O::V split_backward(const dmol::Pixel<O>& px, const Read& p, int r, const G& g,
-                                        const Write& write) {
+                                        const Write& write, const typename O::V* nll) {
   const typename O::V norm = dmol::logit_normalizer(px, p);
-  const typename O::V log_like = split_log_likelihood<kSplit>(px, p, norm, r);
-  for (int64_t k = r; k < px.k; k += kSplit) {
-    dmol::ComponentGrad<O> cg;
-    dmol::component_grad(px, p, k, norm, &cg);
-    dmol::write_component_grad(px, p, k, norm, g, cg, log_like, write);
-  }
+  const typename O::V log_like =
+      nll != nullptr ? O::splat(0.0) - *nll : split_log_likelihood<kSplit>(px, p, norm, r);
+  dmol::components_backward(px, p, norm, log_like, r, kSplit, g, write);
   return log_like;
 }
 
-// partial[b · blocks + block] = Σ over the block's pixels of -log p(pixel).
+// partial[b · blocks + block] = Σ over the block's pixels of -log p(pixel),
+// and pixel_nll[b · pixels + i] = -log p(pixel i) where pixel_nll is not null.
 // Block `item` covers items [chunk·kThreads, (chunk + 1)·kThreads) of sample b,
 // item = b · blocks + chunk (a one-dimensional grid: any batch size). With
 // kWithGrad the same sums, and the gradient for an output gradient of 1 written
-// as backward_kernel writes it.
+// as dmol_backward_kernel writes it.
 template <int kSplit, bool kWithGrad, typename T, class O>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
-    forward_partials(DmolProblem p, int64_t blocks, double* partial, T* out, GradStrides strides) {
+    forward_partials(DmolProblem p, int64_t blocks, double* partial, acc_t<T>* pixel_nll, T* out,
+                     GradStrides strides) {
   using Acc = acc_t<T>;
   const Place<kSplit> at(blocks);
   double v = 0.0;
@@ -180,11 +183,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     Acc log_like;
     if constexpr (kWithGrad) {
       log_like = split_backward<kSplit>(px, read, at.r, dmol::UnitScale{},
-                                        pixel_grad(out, strides, at.b, at.i));
+                                        pixel_grad(out, strides, at.b, at.i), nullptr);
     } else {
       log_like = split_log_likelihood<kSplit>(px, read, dmol::logit_normalizer(px, read), at.r);
     }
-    if (at.r == 0) v = static_cast<double>(Acc(0) - log_like);
+    if (at.r == 0) {
+      const Acc nll = Acc(0) - log_like;
+      if (pixel_nll != nullptr) pixel_nll[at.b * p.pixels + at.i] = nll;
+      v = static_cast<double>(nll);
+    }
   }
   v = block_sum(v);
   if (threadIdx.x == 0) partial[blockIdx.x] = v;
@@ -205,15 +212,17 @@ __global__ void __launch_bounds__(kSumWarps * 32)
   if (lane == 0) nll[b] = static_cast<Acc>(sum);
 }
 
+// Without pixel_nll, two passes over the components rather than a per-thread
+// cache of them; with it, one.
 template <int kSplit, typename T, class O>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
-    backward_kernel(DmolProblem p, int64_t blocks, const acc_t<T>* grad, T* out,
-                    GradStrides strides) {
+    dmol_backward_kernel(DmolProblem p, int64_t blocks, const acc_t<T>* grad,
+                         const acc_t<T>* pixel_nll, T* out, GradStrides strides) {
   const Place<kSplit> at(blocks);
   if (at.i >= p.pixels) return;
-  // Two passes over the components rather than a per-thread cache of them.
   split_backward<kSplit>(load_pixel<O>(p, at.b, at.i), pixel_params<T>(p, at.b, at.i), at.r,
-                         grad[at.b], pixel_grad(out, strides, at.b, at.i));
+                         grad[at.b], pixel_grad(out, strides, at.b, at.i),
+                         pixel_nll != nullptr ? pixel_nll + at.b * p.pixels + at.i : nullptr);
 }
 
 // f(std::integral_constant<int, split>{}) for the problem's split.
@@ -243,7 +252,7 @@ void with_ops(const F& f) {
 }
 
 // dmol_forward's launches, and with grad_params dmol_forward_with_grad's.
-void forward_launches(const DmolProblem& p, void* nll, void* grad_params,
+void forward_launches(const DmolProblem& p, void* nll, void* pixel_nll, void* grad_params,
                       const int64_t* grad_strides, void* workspace, void* stream) {
   if (p.batch == 0) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -255,6 +264,7 @@ void forward_launches(const DmolProblem& p, void* nll, void* grad_params,
                                   : GradStrides{{0, 0, 0}};
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    using Acc = acc_t<T>;
     T* out = static_cast<T*>(grad_params);
     if (blocks > 0) {
       with_ops<T>([&](auto ops) {
@@ -263,12 +273,11 @@ void forward_launches(const DmolProblem& p, void* nll, void* grad_params,
           constexpr int kSplit = decltype(n)::value;
           const auto kernel = grad_params != nullptr ? forward_partials<kSplit, true, T, O>
                                                      : forward_partials<kSplit, false, T, O>;
-          kernel<<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(p, blocks, partial,
-                                                                              out, strides);
+          kernel<<<static_cast<unsigned>(p.batch * blocks), kThreads, 0, s>>>(
+              p, blocks, partial, static_cast<Acc*>(pixel_nll), out, strides);
         });
       });
     }
-    using Acc = acc_t<T>;
     add_partials<Acc>
         <<<static_cast<unsigned>((p.batch + kSumWarps - 1) / kSumWarps), kSumWarps * 32, 0, s>>>(
             partial, p.batch, blocks, static_cast<Acc*>(nll));
@@ -281,16 +290,16 @@ int64_t dmol_workspace_bytes(const DmolProblem& p) {
   return p.batch * blocks_per_sample(p, pixel_split(p)) * static_cast<int64_t>(sizeof(double));
 }
 
-void dmol_forward(const DmolProblem& p, void* nll, void* workspace, void* stream) {
-  forward_launches(p, nll, nullptr, nullptr, workspace, stream);
+void dmol_forward(const DmolProblem& p, void* nll, void* pixel_nll, void* workspace, void* stream) {
+  forward_launches(p, nll, pixel_nll, nullptr, nullptr, workspace, stream);
 }
 
 void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
                             const int64_t* grad_strides, void* workspace, void* stream) {
-  forward_launches(p, nll, grad_params, grad_strides, workspace, stream);
+  forward_launches(p, nll, nullptr, grad_params, grad_strides, workspace, stream);
 }
 
-void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
+void dmol_backward(const DmolProblem& p, const void* grad, const void* pixel_nll, void* grad_params,
                    const int64_t* grad_strides, void* stream) {
   const int split = pixel_split(p);
   const int64_t blocks = blocks_per_sample(p, split);
@@ -300,9 +309,10 @@ void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
     using T = typename decltype(tag)::type;
     with_ops<T>([&](auto ops) {
       with_split(split, [&](auto n) {
-        backward_kernel<decltype(n)::value, T, decltype(ops)>
+        dmol_backward_kernel<decltype(n)::value, T, decltype(ops)>
             <<<static_cast<unsigned>(p.batch * blocks), kThreads, 0,
                static_cast<cudaStream_t>(stream)>>>(p, blocks, static_cast<const acc_t<T>*>(grad),
+                                                    static_cast<const acc_t<T>*>(pixel_nll),
                                                     static_cast<T*>(grad_params), strides);
       });
     });

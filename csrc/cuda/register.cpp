@@ -57,14 +57,14 @@ class CudaBackend final : public Backend {
     cuda::cb_log_normalizer_backward(p, grad, grad_logits, stream());
     check_launch();
   }
-  void dmol_forward(const DmolProblem& p, void* nll) const override {
+  void dmol_forward(const DmolProblem& p, void* nll, void* pixel_nll) const override {
     at::Tensor scratch = workspace(cuda::dmol_workspace_bytes(p));
-    cuda::dmol_forward(p, nll, scratch.data_ptr(), stream());
+    cuda::dmol_forward(p, nll, pixel_nll, scratch.data_ptr(), stream());
     check_launch();
   }
-  void dmol_backward(const DmolProblem& p, const void* grad, void* grad_params,
-                     const int64_t* grad_strides) const override {
-    cuda::dmol_backward(p, grad, grad_params, grad_strides, stream());
+  void dmol_backward(const DmolProblem& p, const void* grad, const void* pixel_nll,
+                     void* grad_params, const int64_t* grad_strides) const override {
+    cuda::dmol_backward(p, grad, pixel_nll, grad_params, grad_strides, stream());
     check_launch();
   }
   void dmol_forward_with_grad(const DmolProblem& p, void* nll, void* grad_params,
