@@ -3,6 +3,7 @@
     python benchmarks/gpu_bench.py [--batch 64] [--size 256] [--latent 512] [--iters 50] [--repeats 5]
                                    [--warmup 3] [--beta 1] [--no-dmol] [--cuda-wide-loads]
                                    [--cuda-fast-exp] [--cuda-accurate-mixture]
+                                   [--cuda-mixture-fast-scale]
 
 The three methods are those of the CPU benchmark (``fusedvae.bench.METHODS``:
 ``eager_loss``, the same under ``torch.compile``, ``fusedvae.vae_loss``). After
@@ -19,7 +20,9 @@ operand per access and with ``--cuda-fast-exp`` the opt-in kernels that take
 the logits likelihoods' exponential from the hardware's instead of ``expf``
 (both given: both on); in the discretized mixture's, with
 ``--cuda-accurate-mixture`` the kernels with ``logf`` and ``expf`` instead of
-the hardware's approximations, the default.
+the hardware's approximations, the default, and with
+``--cuda-mixture-fast-scale`` the opt-in kernels that also take the inverse
+scales and the bin widths' ``expm1`` from the hardware's exponential.
 
 Per case it prints:
 
@@ -96,7 +99,8 @@ METHOD_NAMES = ("eager", "compiled", "fused")  # the table's order
 # wide loads under --cuda-wide-loads (fusedvae._C._set_cuda_wide_loads) and the
 # approximate exponential under --cuda-fast-exp (_set_cuda_fast_exp), in the
 # mixture's logf and expf under --cuda-accurate-mixture
-# (_set_cuda_mixture_fast_math off).
+# (_set_cuda_mixture_fast_math off) and its approximate inverse scales and bin
+# widths under --cuda-mixture-fast-scale (_set_cuda_mixture_fast_scale).
 VARIANT = "fused_variant"
 
 
@@ -518,6 +522,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cuda-accurate-mixture", action="store_true",
                         help="also time fused with logf and expf instead of the hardware's approximations in the "
                              "discretized-mixture cases (a fused_variant column, checked like the others)")
+    parser.add_argument("--cuda-mixture-fast-scale", action="store_true",
+                        help="also time fused with the opt-in approximate inverse scales and bin widths in the "
+                             "discretized-mixture cases (a fused_variant column, checked like the others)")
     args = parser.parse_args(argv)
     for name in ("batch", "size", "latent", "iters", "repeats"):
         if getattr(args, name) < 1:
@@ -568,7 +575,8 @@ def with_switches(step: Callable[[], object], *settings: Setting) -> Callable[[]
 # The kernel switches each kind of case can time (run_cases, run_dmol_cases):
 # argument name -> (switch, value), fusedvae._C._set_cuda_<switch> setting it.
 VAE_SWITCHES = {"cuda_wide_loads": ("wide_loads", True), "cuda_fast_exp": ("fast_exp", True)}
-DMOL_SWITCHES = {"cuda_accurate_mixture": ("mixture_fast_math", False)}
+DMOL_SWITCHES = {"cuda_accurate_mixture": ("mixture_fast_math", False),
+                 "cuda_mixture_fast_scale": ("mixture_fast_scale", True)}
 
 
 def variant_settings(args: argparse.Namespace, switches: Dict[str, Tuple[str, bool]]) -> List[Setting]:
@@ -651,7 +659,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  shape {shape}  Z {args.latent}"
           f"  kernels timed beside fused: wide loads {'yes' if args.cuda_wide_loads else 'no'},"
           f" fast exp {'yes' if args.cuda_fast_exp else 'no'},"
-          f" mixture with logf and expf {'yes' if args.cuda_accurate_mixture else 'no'}", flush=True)
+          f" mixture with logf and expf {'yes' if args.cuda_accurate_mixture else 'no'},"
+          f" mixture fast scale {'yes' if args.cuda_mixture_fast_scale else 'no'}", flush=True)
     dmol_cases = [] if args.no_dmol else DMOL_CASES
     copy_nbytes = copy_bytes(*case_bytes(args).values(), *(c[3] for c in dmol_cases))
     copy_gbs = copy_bandwidth_gbs(copy_nbytes, max(1, args.iters // 5), args.repeats)

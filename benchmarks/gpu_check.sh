@@ -196,7 +196,7 @@ if [ "$status" -eq 0 ]; then
   # The other kernels, in the same run, at the size the kernels' goals are set
   # for: the objective's opt-in approximate exponential, the mixture with logf
   # and expf. The wide loads, measured twice without gain, are left out.
-  step benchmark python benchmarks/gpu_bench.py --batch 32 --size 512 --cuda-fast-exp --cuda-accurate-mixture
+  step benchmark python benchmarks/gpu_bench.py --batch 32 --size 512 --cuda-fast-exp --cuda-mixture-fast-scale
   step dmol-benchmark python benchmarks/dmol_bench.py --device cuda
   step train-step train_steps
   step kernel-profile kernel_profile

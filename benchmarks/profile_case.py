@@ -12,8 +12,9 @@ on the CPU, at small sizes, so that every line of it runs wherever the tests do.
 - the VAE objective at 32x3x512x512, Z = 512, a uint8 target beside a float32
   and a bfloat16 recon: the forward's reduction and the backward map;
 - the larger mixture's step with logf and expf instead of the hardware's
-  approximations (the default), and the objective with a float32 recon under
-  the opt-in approximate exponential.
+  approximations (the default), then with the opt-in approximate inverse
+  scales and bin widths, and the objective with a float32 recon under the
+  opt-in approximate exponential.
 """
 import sys
 
@@ -41,8 +42,9 @@ for dtype in (torch.float32, torch.bfloat16):
     recon = recon.detach().to(DEVICE, dtype).requires_grad_()
     mu, logvar = (t.detach().to(DEVICE).requires_grad_() for t in (mu, logvar))
     fusedvae.vae_loss(recon, target.to(DEVICE), mu, logvar).loss.backward()
-# Beside the default kernels: the larger mixture's one pass with logf and expf,
-# the float32 objective with the opt-in approximate exponential.
+# Beside the default kernels: the larger mixture's step with logf and expf,
+# the float32 objective with the opt-in approximate exponential, then the
+# mixture's step with the opt-in approximate inverse scales and bin widths.
 fast_exp = fusedvae._C._set_cuda_fast_exp(True)
 fast_math = fusedvae._C._set_cuda_mixture_fast_math(False)
 image = target.to(DEVICE)
@@ -51,6 +53,9 @@ fusedvae.discretized_mix_logistic_nll(params.detach().requires_grad_(), pixels).
 fusedvae.vae_loss(recon.detach().float().requires_grad_(), image, mu, logvar).loss.backward()
 fusedvae._C._set_cuda_mixture_fast_math(fast_math)
 fusedvae._C._set_cuda_fast_exp(fast_exp)
+fast_scale = fusedvae._C._set_cuda_mixture_fast_scale(True)
+fusedvae.discretized_mix_logistic_nll(params.detach().requires_grad_(), pixels).sum().backward()
+fusedvae._C._set_cuda_mixture_fast_scale(fast_scale)
 if DEVICE == "cuda":
     torch.cuda.synchronize()
 print("ok")

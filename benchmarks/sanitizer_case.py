@@ -67,13 +67,16 @@ for channels, k, dtype in ((3, 10, torch.float32), (1, 4, torch.bfloat16), (3, 2
     torch.ops.fusedvae.dmol_nll_and_grad(pl.detach(), img, 8, -7.0)
     torch.ops.fusedvae.dmol_nll_backward(torch.ones(2, device=DEVICE), pl.detach(), img, 8, -7.0)
 # and with logf and expf instead of the hardware's approximate logarithm and
-# exponential, the default
-fast_math = fusedvae._C._set_cuda_mixture_fast_math(False)
-for dtype in (torch.float32, torch.bfloat16):
-    p = torch.randn(2, 100, 17, 19, device=DEVICE, dtype=dtype, requires_grad=True)
-    img = torch.randint(0, 256, (2, 3, 17, 19), device=DEVICE, dtype=torch.uint8)
-    fusedvae.discretized_mix_logistic_nll(p, img).sum().backward()
-fusedvae._C._set_cuda_mixture_fast_math(fast_math)
+# exponential (the default), then with the opt-in approximate inverse scales
+# and bin widths as well
+for switch, value in ((fusedvae._C._set_cuda_mixture_fast_math, False),
+                      (fusedvae._C._set_cuda_mixture_fast_scale, True)):
+    before = switch(value)
+    for dtype in (torch.float32, torch.bfloat16):
+        p = torch.randn(2, 100, 17, 19, device=DEVICE, dtype=dtype, requires_grad=True)
+        img = torch.randint(0, 256, (2, 3, 17, 19), device=DEVICE, dtype=torch.uint8)
+        fusedvae.discretized_mix_logistic_nll(p, img).sum().backward()
+    switch(before)
 # the KL to learned priors over latent groups, a 16-bit group and free bits on it
 groups = [torch.randn(3, 5, device=DEVICE, requires_grad=True),
           torch.randn(3, 2, 4, 4, device=DEVICE, dtype=torch.half, requires_grad=True)]

@@ -397,6 +397,8 @@ def test_parse_args():
     assert not args.cuda_wide_loads and gpu_bench.parse_args(["--cuda-wide-loads"]).cuda_wide_loads
     assert not args.cuda_fast_exp and gpu_bench.parse_args(["--cuda-fast-exp"]).cuda_fast_exp
     assert not args.cuda_accurate_mixture and gpu_bench.parse_args(["--cuda-accurate-mixture"]).cuda_accurate_mixture
+    assert not args.cuda_mixture_fast_scale
+    assert gpu_bench.parse_args(["--cuda-mixture-fast-scale"]).cuda_mixture_fast_scale
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--iters", "0"])
 
@@ -440,13 +442,16 @@ def test_dmol_cases_on_cuda(fresh_dynamo):
 
 
 def test_variant_kernels_are_timed_beside_fused(fresh_dynamo):
-    """--cuda-wide-loads and --cuda-fast-exp add fused_variant to every VAE case, --cuda-accurate-mixture to
-    every mixture case: timed, checked, in their own columns."""
+    """--cuda-wide-loads and --cuda-fast-exp add fused_variant to every VAE case, --cuda-accurate-mixture
+    (or --cuda-mixture-fast-scale) to every mixture case: timed, checked, in their own columns."""
     args = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-wide-loads", "--cuda-fast-exp", "--cuda-accurate-mixture"])
     assert gpu_bench.variant_settings(args, gpu_bench.VAE_SWITCHES) == [(fusedvae._C._set_cuda_wide_loads, True),
                                                                        (fusedvae._C._set_cuda_fast_exp, True)]
     assert gpu_bench.variant_settings(args, gpu_bench.DMOL_SWITCHES) == [
         (fusedvae._C._set_cuda_mixture_fast_math, False)]
+    fast_scale = gpu_bench.parse_args(SMALL_ARGS + ["--cuda-mixture-fast-scale"])
+    assert gpu_bench.variant_settings(fast_scale, gpu_bench.DMOL_SWITCHES) == [
+        (fusedvae._C._set_cuda_mixture_fast_scale, True)]
     rows, accuracy_rows = gpu_bench.run_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]))
     cases = [("DMOL 2x3x8x8, K=10", 2, 8, gpu_bench.dmol_min_bytes(2, 8))]
     dmol_rows, dmol_accuracy = gpu_bench.run_dmol_cases(args, 3000.0, device="cpu", timers=_cpu_timers([]),
@@ -469,7 +474,8 @@ def test_variant_kernels_are_timed_beside_fused(fresh_dynamo):
     assert any(line.startswith("| case |") and line.endswith("| fused_variant |") for line in lines)  # accuracy
 
 
-@pytest.mark.parametrize("setter", ["_set_cuda_wide_loads", "_set_cuda_fast_exp", "_set_cuda_mixture_fast_math"])
+@pytest.mark.parametrize("setter", ["_set_cuda_wide_loads", "_set_cuda_fast_exp", "_set_cuda_mixture_fast_math",
+                                    "_set_cuda_mixture_fast_scale"])
 @pytest.mark.parametrize("value", [False, True])
 def test_switched_restores_the_switch(setter, value):
     switch = getattr(fusedvae._C, setter)

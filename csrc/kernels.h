@@ -250,7 +250,8 @@ bool select_kernels();
 }  // namespace cpu
 
 // Kernel variants chosen at run time (fusedvae._C's _set_cuda_wide_loads,
-// _set_cuda_fast_exp and _set_cuda_mixture_fast_math switch them;
+// _set_cuda_fast_exp, _set_cuda_mixture_fast_math and
+// _set_cuda_mixture_fast_scale switch them;
 // registration.cpp holds the state). A variant that has not yet run on a GPU is
 // off by default: a kernel that has not run on a GPU does not replace one that
 // has.
@@ -273,6 +274,11 @@ struct KernelOptions {
   // run found them within the mixture's bars, clean under compute-sanitizer and
   // 5-10 % faster (benchmarks/README.md).
   std::atomic<bool> cuda_mixture_fast_math{true};
+  // With cuda_mixture_fast_math, the mixture's inverse scales and the expm1 of
+  // its bin widths from the hardware's exponential as well
+  // (math::FastScaleOps): a sixth fewer SASS instructions in the float32
+  // kernels' loops over components. Off: not yet run on a GPU.
+  std::atomic<bool> cuda_mixture_fast_scale{false};
 };
 KernelOptions& kernel_options();
 

@@ -96,6 +96,12 @@ PyObject* set_cuda_mixture_fast_math(PyObject*, PyObject* arg) {
   return exchange_option(fusedvae::kernel_options().cuda_mixture_fast_math, arg);
 }
 
+// `fusedvae._C._set_cuda_mixture_fast_scale(enabled) -> bool`:
+// KernelOptions::cuda_mixture_fast_scale.
+PyObject* set_cuda_mixture_fast_scale(PyObject*, PyObject* arg) {
+  return exchange_option(fusedvae::kernel_options().cuda_mixture_fast_scale, arg);
+}
+
 // `fusedvae._C._set_cuda_fast_exp(enabled) -> bool`: KernelOptions::cuda_fast_exp.
 PyObject* set_cuda_fast_exp(PyObject*, PyObject* arg) {
   return exchange_option(fusedvae::kernel_options().cuda_fast_exp, arg);
@@ -110,6 +116,10 @@ PyMethodDef module_methods[] = {
     {"_set_cuda_mixture_fast_math", set_cuda_mixture_fast_math, METH_O,
      "Switch the approximate logarithm and exponential of the CUDA discretized mixture's float32 "
      "kernels on or off; returns the previous setting."},
+    {"_set_cuda_mixture_fast_scale", set_cuda_mixture_fast_scale, METH_O,
+     "Switch the approximate inverse scales and bin widths of the CUDA discretized mixture's "
+     "float32 kernels (with _set_cuda_mixture_fast_math) on or off; returns the previous "
+     "setting."},
     {"_cpu_float_math", cpu_float_math, METH_VARARGS,
      "The CPU kernels' float32 approximation `name` applied to the float32 values in `data`."},
     {nullptr, nullptr, 0, nullptr}};

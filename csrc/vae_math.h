@@ -144,6 +144,22 @@ FUSEDVAE_ALWAYS_INLINE V pixel_quotient(const V& k, const Fma& fma) {
 // the hardware's approximations, chosen by KernelOptions. On the host each is
 // its Base.
 
+#if defined(__CUDA_ARCH__)
+// e^x as the hardware's base-2 exponential of x·log2 e (one FMUL and one
+// MUFU.EX2): ex2.approx.ftz flushes results below 2^-126 to 0, ex2.approx
+// keeps them (a few more instructions).
+template <bool kFlush>
+__device__ __forceinline__ float hardware_exp(float x) {
+  float r;
+  if constexpr (kFlush) {
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504088896341f));
+  } else {
+    asm("ex2.approx.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504088896341f));
+  }
+  return r;
+}
+#endif
+
 // The hardware's approximate logarithm for log_approx and log_product3
 // (MUFU.LG2: __logf, __log2f; KernelOptions::cuda_mixture_fast_math). The CUDA
 // Programming Guide's table of intrinsics bounds the error at about 2^-21
@@ -184,19 +200,58 @@ struct WithFastExp : Base {
   using V = typename Base::V;
   static FUSEDVAE_HD V exp_nonpositive(V x) {
 #if defined(__CUDA_ARCH__)
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.44269504088896341f));
-    return r;
+    return hardware_exp<true>(x);
 #else
     return Base::exp_nonpositive(x);
 #endif
   }
 };
 
+// The discretized mixture's inverse scale and the expm1 of its bin width from
+// the hardware's base-2 exponential (KernelOptions::cuda_mixture_fast_scale),
+// where expf and expm1f take about ten and thirty-five instructions:
+// - exp_approx(x) = e^x as ex2.approx.f32(x·log2 e), which is __expf: within
+//   2 + 1.173·|x| ulps, 1.3e-6 relative for |x| <= 7 (s = e^{-log_scale} at
+//   the default clamp). Not .ftz: the inverse scale of a log-scale above 87.3
+//   is a subnormal float, and flushed to 0 it would give a bin of width 0 and
+//   an NLL of inf.
+// - expm1_nonpositive(x) = e^x - 1 for x <= 0: above -ln(2)/2 the Taylor
+//   polynomial of degree 7 (within 1e-7 relative there, its rounding
+//   included), below it ex2.approx.ftz(x·log2 e) - 1, a result in [-1, -0.29]
+//   whose error is a few ulps of e^x: below 6e-7 relative. NaN gives NaN.
+template <class Base>
+struct WithFastScale : Base {
+  using V = typename Base::V;
+  static FUSEDVAE_HD V exp_approx(V x) {
+#if defined(__CUDA_ARCH__)
+    return hardware_exp<false>(x);
+#else
+    return Base::exp_approx(x);
+#endif
+  }
+  static FUSEDVAE_HD V expm1_nonpositive(V x) {
+#if defined(__CUDA_ARCH__)
+    const float e = hardware_exp<true>(x);
+    float p = 1.0f / 5040.0f;
+    p = fmaf(p, x, 1.0f / 720.0f);
+    p = fmaf(p, x, 1.0f / 120.0f);
+    p = fmaf(p, x, 1.0f / 24.0f);
+    p = fmaf(p, x, 1.0f / 6.0f);
+    p = fmaf(p, x, 0.5f);
+    p = fmaf(p, x, 1.0f);
+    return x > -0.346573590279972655f ? p * x : e - 1.0f;
+#else
+    return Base::expm1_nonpositive(x);
+#endif
+  }
+};
+
 // The objective's logits likelihoods under KernelOptions::cuda_fast_exp.
 using FastExpOps = WithFastExp<ScalarOps<float>>;
-// The discretized mixture's float32 kernels under cuda_mixture_fast_math.
+// The discretized mixture's float32 kernels under cuda_mixture_fast_math, and
+// with cuda_mixture_fast_scale as well.
 using FastLogExpOps = WithFastExp<WithFastLog<ScalarOps<float>>>;
+using FastScaleOps = WithFastScale<FastLogExpOps>;
 
 // PyTorch's binary_cross_entropy clamps each log at -100 and divides its
 // gradient by max(p(1-p), 1e-12); the probability paths follow both conventions.

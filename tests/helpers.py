@@ -353,7 +353,8 @@ def peak_step_bytes(fn, inputs):
 
 # The CUDA kernel switches (csrc/kernels.h, KernelOptions), each with its
 # default, set by fusedvae._C._set_cuda_<name>.
-CUDA_KERNEL_SWITCHES = {"wide_loads": False, "fast_exp": False, "mixture_fast_math": True}
+CUDA_KERNEL_SWITCHES = {"wide_loads": False, "fast_exp": False, "mixture_fast_math": True,
+                        "mixture_fast_scale": False}
 
 
 @contextlib.contextmanager

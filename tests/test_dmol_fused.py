@@ -27,11 +27,13 @@ def _case(channels, k, device, batch=3, height=5, width=6, seed=0, edges=True, *
     return params.to(device), target.to(device)
 
 
-@pytest.fixture(params=[dict(mixture_fast_math=False), {}], ids=["logf-expf", "fast_math"])
+@pytest.fixture(params=[dict(mixture_fast_math=False), {}, dict(mixture_fast_scale=True)],
+                ids=["logf-expf", "fast_math", "fast_scale"])
 def cuda_math(request):
     """The CUDA kernels' logarithm and exponential for one test: logf and expf,
     then the hardware's approximate ones, the default
-    (fusedvae._C._set_cuda_mixture_fast_math)."""
+    (fusedvae._C._set_cuda_mixture_fast_math), then with the opt-in approximate
+    inverse scales and bin widths as well (_set_cuda_mixture_fast_scale)."""
     with cuda_kernel_switches(**request.param):
         yield
 

@@ -239,12 +239,17 @@ void with_split(int split, const F& f) {
 
 // f(O{}) for the ops policy of T's kernels (load_pixel): with float
 // accumulation, the hardware's logarithm and exponential under
-// KernelOptions::cuda_mixture_fast_math.
+// KernelOptions::cuda_mixture_fast_math, and its inverse scales and bin
+// widths under cuda_mixture_fast_scale as well.
 template <typename T, typename F>
 void with_ops(const F& f) {
   using Acc = acc_t<T>;
   if constexpr (std::is_same_v<Acc, float>) {
-    if (kernel_options().cuda_mixture_fast_math.load(std::memory_order_relaxed)) {
+    const KernelOptions& options = kernel_options();
+    if (options.cuda_mixture_fast_math.load(std::memory_order_relaxed)) {
+      if (options.cuda_mixture_fast_scale.load(std::memory_order_relaxed)) {
+        return f(math::FastScaleOps{});
+      }
       return f(math::FastLogExpOps{});
     }
   }
