@@ -62,8 +62,8 @@ for channels, k, dtype in ((3, 10, torch.float32), (1, 4, torch.bfloat16), (3, 2
     fusedvae.discretized_mix_logistic_nll(p, img).sum().backward()
     pl = p.detach().to(memory_format=torch.channels_last).requires_grad_()
     fusedvae.discretized_mix_logistic_nll(pl, img.float() / 127.5 - 1).sum().backward()
-    # the ops autograd does not run on this device: the forward with the
-    # gradient, the backward that forms the likelihood itself
+    # the ops autograd does not run on CUDA: the forward with the gradient,
+    # the backward that forms the likelihood itself
     torch.ops.fusedvae.dmol_nll_and_grad(pl.detach(), img, 8, -7.0)
     torch.ops.fusedvae.dmol_nll_backward(torch.ones(2, device=DEVICE), pl.detach(), img, 8, -7.0)
 # and with logf and expf instead of the hardware's approximate logarithm and

@@ -874,14 +874,13 @@ struct DmolInputs {
   }
 
   // The per-sample NLL [B], in the accumulation type.
-  Tensor new_nll() const {
-    return at::empty({problem.batch},
-                     params.options().dtype(accumulate_type(params.scalar_type())));
-  }
+  Tensor new_nll() const { return at::empty({problem.batch}, accumulate_options()); }
   // The per-pixel NLL [B, H, W], in the accumulation type.
   Tensor new_pixel_nll() const {
-    return at::empty({problem.batch, params.size(2), params.size(3)},
-                     params.options().dtype(accumulate_type(params.scalar_type())));
+    return at::empty({problem.batch, params.size(2), params.size(3)}, accumulate_options());
+  }
+  at::TensorOptions accumulate_options() const {
+    return params.options().dtype(accumulate_type(params.scalar_type()));
   }
   // The gradient in the layout the kernel reads params in (NCHW or
   // channels-last), and its strides for the kernel.
@@ -891,10 +890,6 @@ struct DmolInputs {
     return grad;
   }
 };
-
-}  // namespace
-
-namespace {
 
 // The NLL and, where keep_pixels, each pixel's (undefined otherwise).
 std::tuple<Tensor, Tensor> dmol_forward(const Backend& backend, const Tensor& params,
