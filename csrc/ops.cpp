@@ -876,8 +876,9 @@ struct DmolInputs {
   // The per-sample NLL [B], in the accumulation type.
   Tensor new_nll() const { return at::empty({problem.batch}, accumulate_options()); }
   // The per-pixel NLL [B, H, W], in the accumulation type.
-  Tensor new_pixel_nll() const {
-    return at::empty({problem.batch, params.size(2), params.size(3)}, accumulate_options());
+  Tensor new_pixel_nll() const { return at::empty(pixel_nll_sizes(), accumulate_options()); }
+  std::array<int64_t, 3> pixel_nll_sizes() const {
+    return {problem.batch, params.size(2), params.size(3)};
   }
   at::TensorOptions accumulate_options() const {
     return params.options().dtype(accumulate_type(params.scalar_type()));
@@ -942,7 +943,7 @@ Tensor dmol_nll_backward(const Backend& backend, const Tensor& grad, const Tenso
   Tensor given;
   if (pixel_nll.has_value()) {
     check_same_device(*pixel_nll, "pixel_nll", params, "params");
-    const std::vector<int64_t> shape = {in.problem.batch, params.size(2), params.size(3)};
+    const std::array<int64_t, 3> shape = in.pixel_nll_sizes();
     TORCH_CHECK_VALUE(pixel_nll->sizes() == at::IntArrayRef(shape),
                       "fusedvae: expected pixel_nll of shape ", at::IntArrayRef(shape),
                       " (dmol_nll_and_pixel_nll's), got ", pixel_nll->sizes());
